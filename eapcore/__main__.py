@@ -1,0 +1,5 @@
+import sys
+
+from eapcore.cli import main
+
+sys.exit(main())

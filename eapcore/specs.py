@@ -1,0 +1,142 @@
+"""Frozen, hashable settings for every stage. A run is fully described by a `RunSpec`.
+
+Every dataclass here is immutable and JSON-serialisable through `to_dict`; `spec_key` hashes the
+canonical JSON, so two specs share a key exactly when every setting is equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Bump when the maths of the attribution or the metrics changes: cached scores then never serve.
+SCORING_VERSION = "1"
+
+Granularity = Literal["layer", "head"]
+Ablation = Literal["zero", "corrupted"]
+Group = Literal["both_correct", "both_wrong", "base_only", "tuned_only"]
+GROUPS: tuple[str, ...] = ("both_correct", "both_wrong", "base_only", "tuned_only")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One checkpoint: a hub id or a local folder."""
+
+    name_or_path: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """A base (SFT) model and its RL-tuned version, of one architecture family."""
+
+    name: str
+    base: ModelSpec
+    tuned: ModelSpec
+    template: str = "deepseek-math"  # prompt template name (eapcore.data.TEMPLATES)
+    max_new_tokens: int = 4096
+    algorithm: str = ""  # label only: GRPO, PPO, DPO, ...
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset: a registered name, or a local jsonl file (harness format or question+answer)."""
+
+    name: str
+    source: str = ""  # hub id, URL or local path; empty for built-in resolution by name
+    split: str = "test"
+    limit: int | None = None  # first `limit` problems only (None: all)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int | None = None  # None: the pair's own
+    batch_size: int = 8
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Paper Eq. 10-12. T_cut = max(floor(alpha * T_ref), 1)."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    low: float = 0.5  # keep if mean length >= floor(low * T_ref)
+    high: float = 1.5  # keep if mean length <= floor(high * T_ref)
+    n: int = 100
+    seed: int = 42
+    group: Group = "both_correct"
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """How edges are scored.
+
+    Sign convention (all modes): score(u->v) = < a_u(ablated) - a_u(clean), dL/d(input of v) >,
+    the first-order change of the loss when the edge is ablated. For zero ablation this is
+    -< dL/d(input of v), a_u >: positive means removing the edge raises the loss.
+    """
+
+    granularity: Granularity = "layer"
+    ablation: Ablation = "zero"
+    ig_steps: int = 0  # 0: plain EAP at the clean input; m >= 1: EAP-IG over input embeddings
+    loss: Literal["self_ce"] = "self_ce"  # truncated self-cross-entropy (METHOD.md)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_tokens: int = 0  # 0: choose from free memory; otherwise pack samples up to this
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    entropy: Literal["pooled", "per_sample", "histogram"] = "pooled"
+    kurtosis: Literal["fisher", "pearson"] = "fisher"
+    kurtosis_of: Literal["signed", "absolute"] = "signed"
+    histogram_bins: int = 100
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    pair: PairSpec
+    dataset: DatasetSpec
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    scoring_version: str = SCORING_VERSION
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def spec_key(spec: Any, length: int = 16) -> str:
+    """Content hash of a spec (or any JSON-able value): equal settings <=> equal key."""
+    if dataclasses.is_dataclass(spec):
+        spec = {"__type__": type(spec).__name__, **to_dict(spec)}
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from `to_dict` output; unknown keys are an error."""
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+_DATACLASSES = {
+    c.__name__: c
+    for c in (ModelSpec, PairSpec, DatasetSpec, GenerationSettings, SelectionSettings,
+              AttributionSettings, MetricSettings, RunSpec)
+}
