@@ -1,0 +1,544 @@
+"""The Edge Attribution Patching engine: one forward/backward loop for every method.
+
+Score of edge u -> v (all modes), accumulated in float32:
+
+    s(u->v) = sum over positions t and width d of  delta_a_u[t] * gbar_v[t]
+
+    delta_a_u = a_u(ablated) - a_u(clean): -a_u(clean) for zero ablation (the paper's setting), or
+                a_u(corrupted prompt) - a_u(clean) for classic clean/corrupted EAP;
+    gbar_v    = dL/d(input of v) at the clean input (plain EAP), or its mean over the m points
+                e_base + k/m (e_clean - e_base), k = 1..m, of EAP-IG over input embeddings
+                (e_base = the corrupted prompt's embeddings, or zeros for zero ablation).
+
+So s is the first-order change of the loss L when the edge is ablated: positive means ablating
+(removing) the edge raises L. The loss is per sample; the built-in one is the truncated
+self-cross-entropy of METHOD.md: input = prompt + first T_cut - 1 answer tokens, L = mean CE of the
+first T_cut answer tokens. A user metric (logits -> per-sample value) can replace it.
+
+The loop, per batch of right-padded samples:
+  1. forward without autograd, layer by layer, keeping the residual stream before each layer and
+     the sources (input embedding, attention outputs or per-head attention values z, MLP outputs);
+  2. the loss gradient at the final residual stream, in chunks of positions;
+  3. backward layer by layer, recomputing one layer at a time with autograd on activations only
+     (weights are frozen): the q, k and v inputs are separate autograd leaves, so their gradients
+     are the q/k/v-path gradients without per-head copies of the residual stream; each layer's
+     destination gradients are contracted at once with the stored sources that precede them
+     (one batched matmul per layer, float32 accumulation) and then freed.
+Memory is the model, the stored residual streams and sources (about (3L+1) x T x d values per
+sample) and one layer's working set; nothing grows with T^2 (fused attention).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from eapcore.graph import Graph
+from eapcore.harness import Sample
+from eapcore.models import Adapter, LoadedModel
+from eapcore.specs import SCORING_VERSION, AttributionSettings
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """Right-padded token batch. ids/targets/corrupt_ids: [B, T]; lengths: [B].
+
+    targets[b, t] is the token that position t must predict for the loss, IGNORE elsewhere.
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+    corrupt_ids: torch.Tensor | None = None
+
+    @property
+    def position_mask(self) -> torch.Tensor:  # bool [B, T], real (non-pad) positions
+        return torch.arange(self.ids.shape[1], device=self.ids.device)[None] < self.lengths[:, None]
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.ids), move(self.lengths), move(self.targets), move(self.corrupt_ids))
+
+
+class AttributionError(ValueError):
+    """Bad input to the engine; the message says what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches from samples
+# ---------------------------------------------------------------------------------------------
+
+def sample_tokens(sample: Sample, cut_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, target ids) of one sample: prompt + first cut_len-1 answer tokens, and the
+    first cut_len answer tokens, which positions P-1 .. P+cut_len-2 predict."""
+    if cut_len < 1:
+        raise AttributionError(f"T_cut must be at least 1, got {cut_len}")
+    if len(sample.answer_ids) < cut_len:
+        raise AttributionError(f"sample idx {sample.idx}: its answer has {len(sample.answer_ids)} tokens, "
+                               f"fewer than T_cut={cut_len}; lower --cut-len or drop the sample")
+    return sample.prompt_ids + sample.answer_ids[: cut_len - 1], sample.answer_ids[:cut_len]
+
+
+def make_batch(samples: Sequence[Sample], cut_len: int, vocab_size: int, pad_id: int = 0,
+               corrupt: Sequence[Sample] | None = None) -> Batch:
+    rows, targets, corr = [], [], []
+    for i, s in enumerate(samples):
+        ids, tgt = sample_tokens(s, cut_len)
+        bad = [t for t in ids + tgt if not 0 <= t < vocab_size]
+        if bad:
+            raise AttributionError(f"sample idx {s.idx}: token id {bad[0]} is outside the model's vocabulary "
+                                   f"(size {vocab_size}); were the samples tokenised for another model?")
+        rows.append(ids)
+        targets.append(tgt)
+        if corrupt is not None:
+            c_ids, _ = sample_tokens(corrupt[i], cut_len)
+            if len(c_ids) != len(ids):
+                raise AttributionError(f"sample idx {s.idx}: the corrupted input has {len(c_ids)} tokens, the clean "
+                                       f"one {len(ids)}; clean/corrupted EAP needs token-aligned pairs")
+            corr.append(c_ids)
+    T = max(map(len, rows))
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt = torch.full((B, T), IGNORE, dtype=torch.long)
+    cids = torch.full((B, T), pad_id, dtype=torch.long) if corrupt is not None else None
+    for b, (r, t) in enumerate(zip(rows, targets)):
+        ids[b, : len(r)] = torch.tensor(r)
+        P = len(r) - (cut_len - 1)
+        tgt[b, P - 1: P - 1 + cut_len] = torch.tensor(t)
+        if cids is not None:
+            cids[b, : len(r)] = torch.tensor(corr[b])
+    return Batch(ids, torch.tensor([len(r) for r in rows]), tgt, cids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: (adapter, final residual [B,T,d], batch) -> (loss [B] float32, dL/dresid [B,T,d])
+# ---------------------------------------------------------------------------------------------
+
+LossFn = Callable[[Adapter, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def self_ce_loss(adapter: Adapter, x: torch.Tensor, batch: Batch, chunk: int = 1024):
+    """Mean cross-entropy of each sample's target tokens, computed on target positions only and in
+    chunks of `chunk` positions, so the [positions, vocab] logits never exist all at once."""
+    B = x.shape[0]
+    pos = (batch.targets != IGNORE).nonzero(as_tuple=False)  # [n, 2] (b, t)
+    counts = torch.bincount(pos[:, 0], minlength=B).clamp(min=1).to(torch.float32)
+    loss = torch.zeros(B, dtype=torch.float32, device=x.device)
+    grad = torch.zeros_like(x)
+    norm = adapter.ln_final()
+    for i in range(0, len(pos), chunk):
+        b, t = pos[i: i + chunk].unbind(1)
+        xs = x[b, t].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = adapter.unembed(norm(xs)).float()
+            ce = torch.nn.functional.cross_entropy(logits, batch.targets[b, t], reduction="none") / counts[b]
+            (g,) = torch.autograd.grad(ce.sum(), xs)
+        loss.index_add_(0, b, ce.detach())
+        grad[b, t] = g
+    return loss, grad
+
+
+def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn:
+    """Wrap a user metric `metric(logits [B,T,V], batch) -> [B]` as a loss (full logits: small models)."""
+
+    def loss_fn(adapter: Adapter, x: torch.Tensor, batch: Batch):
+        xs = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = metric(adapter.unembed(adapter.ln_final()(xs)), batch)
+            (g,) = torch.autograd.grad(value.sum(), xs)
+        return value.detach().float(), g
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+
+def contract(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """[B,U,T,d] x [B,V,T,d] -> [B,U,V] float32: sums over positions and width.
+
+    Half-precision inputs on a GPU go through one batched matmul that accumulates and writes in
+    float32; elsewhere the inputs are upcast to float32 first."""
+    B, U = src.shape[:2]
+    V = dst.shape[1]
+    a = src.reshape(B, U, -1)
+    b = dst.reshape(B, V, -1).transpose(1, 2)
+    if a.dtype != torch.float32 and a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+class _Sources:
+    """What each source node wrote into the residual stream, per sample and position.
+
+    Layer granularity: `resid` [B, 2L+1, T, d] in forward-node order.
+    Head granularity:  `resid` [B, L+1, T, d] (input, m0 .. m{L-1}) and `z` [B, L, T, H*dh], the
+    per-head attention values; head h of layer l writes z_h @ W_O[h] (materialised on demand)."""
+
+    def __init__(self, graph: Graph, adapter: Adapter, B: int, T: int, dtype, device):
+        self.graph, self.adapter = graph, adapter
+        L, d = graph.n_layers, adapter.d_model
+        n_resid = graph.n_forward if graph.granularity == "layer" else L + 1
+        self.resid = torch.zeros(B, n_resid, T, d, dtype=dtype, device=device)
+        self.z = None if graph.granularity == "layer" else \
+            torch.zeros(B, L, T, adapter.n_heads * adapter.d_head, dtype=dtype, device=device)
+        self._w_o: dict[int, torch.Tensor] = {}
+
+    def put(self, node: str, layer: int | None, value: torch.Tensor):
+        g = self.graph
+        if node == "input":
+            self.resid[:, 0] = value
+        elif g.granularity == "layer":
+            self.resid[:, g.mlp_source(layer) if node == "mlp" else g.attn_sources(layer).start] = value
+        elif node == "mlp":
+            self.resid[:, 1 + layer] = value
+        else:
+            self.z[:, layer] = value
+
+    def block(self, n: int, t0: int, t1: int) -> torch.Tensor:
+        """The first `n` forward nodes' contributions at positions [t0, t1): [B, n, c, d]."""
+        if self.graph.granularity == "layer":
+            return self.resid[:, :n, t0:t1]
+        g, ad = self.graph, self.adapter
+        parts = [self.resid[:, :1, t0:t1]]
+        for l in range(g.n_layers):
+            if g.attn_sources(l).start >= n:
+                break
+            if l not in self._w_o:
+                self._w_o[l] = ad.head_out_weight(l)
+            z = self.z[:, l, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))
+            parts.append(torch.einsum("bthk,hkd->bhtd", z, self._w_o[l]))
+            if g.mlp_source(l) < n:
+                parts.append(self.resid[:, 1 + l: 2 + l, t0:t1])
+        return torch.cat(parts, dim=1)[:, :n]
+
+    def scale_(self, factor: float, mask: torch.Tensor):
+        """Multiply by `factor` and zero padded positions (mask [B, T])."""
+        m = mask[:, None, :, None].to(self.resid.dtype) * factor
+        self.resid.mul_(m)
+        if self.z is not None:
+            self.z.mul_(m)
+
+    def sub_(self, other: "_Sources"):
+        self.resid.sub_(other.resid)
+        if self.z is not None:
+            self.z.sub_(other.z)
+
+
+@dataclass
+class EngineOptions:
+    """Engine knobs that do not change the scores (beyond float rounding)."""
+
+    position_chunk: int = 0  # positions per contraction block at head granularity (0: auto)
+    loss_chunk: int = 1024  # positions per chunk of the loss's logits
+
+
+def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources | None) -> list[torch.Tensor]:
+    """Run the layers from embeddings e [B,T,d] without autograd.
+
+    Returns the residual stream before each layer and after the last ([L+1] x [B,T,d]); fills
+    `sources` if given."""
+    resid = [e]
+    x = e
+    if sources is not None:
+        sources.put("input", None, e)
+    with torch.no_grad():
+        for l in range(graph.n_layers):
+            h = adapter.ln1(l)(x)
+            q, k, v = adapter.qkv(l, h, h, h)
+            z = adapter.attend(l, q, k, v)
+            a = adapter.attn_out(l, z)
+            x = x + a
+            m = adapter.mlp(l, adapter.ln2(l)(x))
+            x = x + m
+            resid.append(x)
+            if sources is not None:
+                sources.put("attn", l, a if graph.granularity == "layer" else z)
+                sources.put("mlp", l, m)
+    return resid
+
+
+def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, t0: int, t1: int) -> torch.Tensor:
+    """Residual-space gradients of each head's q, k and v inputs at positions [t0, t1):
+    [B, H+2G, c, d]: the layer norm's vector-Jacobian product of dq_h @ W_q[h] (likewise k, v)."""
+    cot = []
+    for which, dproj in (("q", dq), ("k", dk), ("v", dv)):
+        w = adapter.head_in_weight(layer, which)  # [heads, dh, d]
+        dh = dproj[:, t0:t1].unflatten(-1, (w.shape[0], adapter.d_head))  # [B, c, heads, dh]
+        cot.append(torch.einsum("bchk,hkd->hbcd", dh, w))
+    cot = torch.cat(cot, dim=0)  # [V, B, c, d]
+    _, vjp = torch.func.vjp(adapter.ln1(layer), x[:, t0:t1])
+    (g,) = torch.func.vmap(vjp)(cot)
+    return g.transpose(0, 1)  # [B, V, c, d]
+
+
+def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], g_final: torch.Tensor,
+              sources: _Sources, scores: torch.Tensor, weight: float, opts: EngineOptions):
+    """Walk the layers from last to first, adding weight * <sources, destination grads> to
+    scores [B, F, Bk] (float32)."""
+    dtype = resid[0].dtype
+    B, T, d = g_final.shape
+    head = graph.granularity == "head"
+    chunk = opts.position_chunk or max(1, min(T, int(2 ** 28 // max(1, graph.n_forward * B * d))))
+
+    def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
+        if callable(dst):  # computed per position chunk
+            for t0 in range(0, T, chunk):
+                t1 = min(T, t0 + chunk)
+                scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), dst(t0, t1))
+        else:
+            scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, 0, T), dst)
+
+    g = g_final.float()
+    add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[:, None])
+    for l in reversed(range(graph.n_layers)):
+        x = resid[l]
+        cols = graph.layer_destinations(l)
+        with torch.enable_grad():
+            if head:
+                xs = (x.detach().requires_grad_(True),)
+                h = adapter.ln1(l)(xs[0])
+                q, k, v = adapter.qkv(l, h, h, h)
+                a = adapter.attn_out(l, adapter.attend(l, q, k, v))
+            else:
+                xs = tuple(x.detach().requires_grad_(True) for _ in range(3))
+                a, _ = adapter.attention_block(l, *xs)
+            xm = (x + a.detach()).requires_grad_(True)
+            m = adapter.mlp(l, adapter.ln2(l)(xm))
+            (g_m,) = torch.autograd.grad(m, xm, g.to(dtype))
+            g_mid = g + g_m.float()
+            wrt = xs + ((q, k, v) if head else ())
+            grads = torch.autograd.grad(a, wrt, g_mid.to(dtype))
+        del m, a
+        n_attn, n_mlp = graph.n_sources_before_attn(l), graph.n_sources_before_mlp(l)
+        add(n_mlp, slice(cols.stop - 1, cols.stop), g_m[:, None])
+        if head:
+            dq, dk, dv = grads[1:]
+            add(n_attn, slice(cols.start, cols.stop - 1),
+                lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, t0, t1))
+            g = g_mid + grads[0].float()
+        else:
+            add(n_attn, slice(cols.start, cols.stop - 1), torch.stack(grads, dim=1))
+            g = g_mid + sum(gi.float() for gi in grads)
+
+
+def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, loss_fn: LossFn = self_ce_loss,
+                    ablation: str = "zero", ig_steps: int = 0, opts: EngineOptions | None = None):
+    """Scores of one batch: ([B, F, Bk] float32 with non-edges zeroed, clean loss [B] float32)."""
+    adapter = model.adapter if isinstance(model, LoadedModel) else model
+    opts = opts or EngineOptions()
+    if ablation not in ("zero", "corrupted"):
+        raise AttributionError(f"ablation must be 'zero' or 'corrupted', not {ablation!r}")
+    if ablation == "corrupted" and batch.corrupt_ids is None:
+        raise AttributionError("clean/corrupted EAP needs corrupted inputs (corrupt_ids)")
+    dev = adapter.hf.device if hasattr(adapter.hf, "device") else next(adapter.hf.parameters()).device
+    batch = batch.to(dev)
+    dtype = next(adapter.hf.parameters()).dtype
+    B, T = batch.ids.shape
+    mask = batch.position_mask
+    loss_of = lambda x: loss_fn(adapter, x, batch) if loss_fn is not self_ce_loss \
+        else self_ce_loss(adapter, x, batch, opts.loss_chunk)  # noqa: E731
+    scores = torch.zeros(B, graph.n_forward, graph.n_backward, dtype=torch.float32, device=dev)
+
+    with torch.no_grad():
+        e_clean = adapter.embed(batch.ids)
+    if ablation == "zero" and ig_steps == 0:  # the paper's setting: one pass does it all
+        sources = _Sources(graph, adapter, B, T, dtype, dev)
+        resid = _forward(adapter, graph, e_clean, sources)
+        sources.scale_(-1.0, mask)
+        loss, g_final = loss_of(resid[-1])
+        _backward(adapter, graph, resid, g_final, sources, scores, 1.0, opts)
+    else:
+        sources = _Sources(graph, adapter, B, T, dtype, dev)
+        _forward(adapter, graph, e_clean, sources)
+        if ablation == "corrupted":
+            with torch.no_grad():
+                e_base = adapter.embed(batch.corrupt_ids)
+            corrupted = _Sources(graph, adapter, B, T, dtype, dev)
+            _forward(adapter, graph, e_base, corrupted)
+            corrupted.sub_(sources)  # a_corrupted - a_clean
+            sources = corrupted
+            sources.scale_(1.0, mask)
+        else:
+            e_base = torch.zeros_like(e_clean)
+            sources.scale_(-1.0, mask)
+        steps = max(ig_steps, 1)
+        for k in range(1, steps + 1):
+            e = e_clean if k == steps else e_base + (k / steps) * (e_clean - e_base)
+            resid = _forward(adapter, graph, e, None)
+            loss, g_final = loss_of(resid[-1])
+            _backward(adapter, graph, resid, g_final, sources, scores, 1.0 / steps, opts)
+            del resid
+    scores *= graph.real_edge_mask.to(dev)
+    return scores, loss
+
+
+def graph_of(adapter: Adapter, granularity: str) -> Graph:
+    return Graph(adapter.n_layers, adapter.n_heads, adapter.n_kv_heads, granularity)
+
+
+def pack_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sample indices (longest first) into batches of at most max_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def bytes_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> int:
+    """Rough activation memory per token of one sample: stored residuals and sources plus one
+    layer's working set (see module docstring); used to size batches."""
+    d, L = adapter.d_model, adapter.n_layers
+    d_ff = getattr(adapter.config, "intermediate_size", None) or 4 * d
+    stored = (L + 1) * d + (graph.n_forward if graph.granularity == "layer" else 2 * L + 1) * d
+    working = 12 * d + 4 * d_ff
+    return dtype_bytes * (stored + working) + 8 * d  # + fp32 residual gradient
+
+
+@dataclass
+class AttributionResult:
+    scores: torch.Tensor  # [N, F, Bk] float32, non-edges zero
+    loss: torch.Tensor  # [N] float32
+    graph: Graph
+    manifest: dict = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"scores": self.scores.contiguous(), "real_edge_mask": self.graph.real_edge_mask.contiguous(),
+                   "loss": self.loss.contiguous()}, str(out / "scores.safetensors"))
+        self.graph.save(out / "graph.json")
+        with open(out / "manifest.json", "w") as fh:
+            json.dump(self.manifest, fh, indent=1)
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "AttributionResult":
+        from safetensors.torch import load_file
+
+        out = Path(out_dir)
+        t = load_file(str(out / "scores.safetensors"))
+        graph = Graph.from_json(json.loads((out / "graph.json").read_text()))
+        manifest = json.loads((out / "manifest.json").read_text())
+        return cls(t["scores"], t["loss"], graph, manifest)
+
+
+def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
+              settings: AttributionSettings = AttributionSettings(), loss_fn: LossFn = self_ce_loss,
+              corrupt: Sequence[Sample] | None = None, opts: EngineOptions | None = None,
+              on_batch: Callable[[list[int], torch.Tensor, torch.Tensor], None] | None = None,
+              progress: bool = False) -> AttributionResult:
+    """Score every sample; per-sample matrices in the order of `samples`.
+
+    on_batch(indices, scores [b,F,Bk], loss [b]) is called after each batch (for caching)."""
+    if not samples:
+        raise AttributionError("no samples to attribute")
+    graph = graph_of(model.adapter, settings.granularity)
+    vocab = model.hf.get_input_embeddings().num_embeddings
+    pad = (model.tokenizer.pad_token_id if model.tokenizer is not None else None) or 0
+    lengths = [len(sample_tokens(s, cut_len)[0]) for s in samples]
+    max_tokens = settings.max_batch_tokens or default_batch_tokens(model, graph)
+    batches = pack_batches(lengths, max_tokens)
+    scores = torch.zeros(len(samples), graph.n_forward, graph.n_backward)
+    loss = torch.zeros(len(samples))
+    bar = _progress(len(samples), progress)
+    for idx in batches:
+        batch = make_batch([samples[i] for i in idx], cut_len, vocab, pad,
+                           None if corrupt is None else [corrupt[i] for i in idx])
+        s, l_ = attribute_batch(model, batch, graph, loss_fn, settings.ablation, settings.ig_steps, opts)
+        s, l_ = s.cpu(), l_.cpu()
+        scores[idx], loss[idx] = s, l_
+        if on_batch is not None:
+            on_batch(idx, s, l_)
+        bar.update(len(idx))
+    bar.close()
+    manifest = {"model": model.name, "sample_ids": [s.idx for s in samples], "cut_len": cut_len,
+                "settings": asdict(settings), "scoring_version": SCORING_VERSION, "versions": library_versions(),
+                "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
+    return AttributionResult(scores, loss, graph, manifest)
+
+
+def default_batch_tokens(model: LoadedModel, graph: Graph) -> int:
+    """Tokens per batch: from free GPU memory (60% of it) on CUDA, 2048 on CPU."""
+    if model.device.type != "cuda":
+        return 2048
+    free, _ = torch.cuda.mem_get_info(model.device)
+    per_tok = bytes_per_token(model.adapter, graph, torch.finfo(model.dtype).bits // 8)
+    return max(1, int(0.6 * free // per_tok))
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="attribute", unit="sample", disable=not enabled, file=sys.stderr)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def command(argv: list[str]) -> int:
+    from eapcore.harness import read_samples
+    from eapcore.models import ModelLoadError, load_model
+
+    p = argparse.ArgumentParser(prog="python -m eapcore attribute", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
+    p.add_argument("--samples", required=True, help="answers jsonl (harness format)")
+    p.add_argument("--cut-len", type=int, required=True, help="T_cut: answer tokens scored")
+    p.add_argument("--granularity", choices=["layer", "head"], default="layer")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--ablation", choices=["zero"], default="zero",
+                   help="zero ablation (the paper's); clean/corrupted EAP is available from Python")
+    p.add_argument("--ig-steps", type=int, default=0, help="EAP-IG steps over input embeddings (0: plain EAP)")
+    p.add_argument("--max-batch-tokens", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        samples, report = read_samples(args.samples)
+        if report.problems:
+            print(report.summary(), file=sys.stderr)
+        if not samples:
+            raise AttributionError(f"{args.samples}: no readable samples")
+        model = load_model(args.model, args.dtype, args.device, trust_remote_code=args.trust_remote_code)
+        settings = AttributionSettings(granularity=args.granularity, ablation=args.ablation,
+                                       ig_steps=args.ig_steps, dtype=args.dtype,
+                                       device=args.device if args.device in ("cpu", "cuda") else "auto",
+                                       max_batch_tokens=args.max_batch_tokens)
+        start = time.perf_counter()
+        result = attribute(model, samples, args.cut_len, settings, progress=True)
+    except (AttributionError, ModelLoadError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result.manifest["seconds"] = round(time.perf_counter() - start, 3)
+    result.save(args.out)
+    print(f"wrote {args.out}: scores {tuple(result.scores.shape)}, mean loss {result.loss.mean():.4f}")
+    return 0
