@@ -143,7 +143,8 @@ def paired_comparison(base: np.ndarray, tuned: np.ndarray, settings: MetricSetti
                       seed: int = 0) -> dict[str, dict[str, Any]]:
     """Base vs tuned real-edge scores [N, E] of the same N questions in the same order.
 
-    Returns {metric: {base, tuned, relative_change, p_value (Wilcoxon on per-sample values),
+    Returns {metric: {base, tuned, relative_change, difference (tuned - base; read it when |base|
+    is near 0 and the relative change explodes), p_value (Wilcoxon on per-sample values),
     p_value_permutation, ci_low, ci_high (bootstrap of the relative change; NaN if n_bootstrap is
     0), confidence, effect_size_dz, rank_biserial, per_sample_base_mean, per_sample_tuned_mean,
     n (pairs with finite per-sample values, used by the tests), n_samples}}.
@@ -164,6 +165,7 @@ def paired_comparison(base: np.ndarray, tuned: np.ndarray, settings: MetricSetti
         out[m] = {
             "base": pooled_b[m], "tuned": pooled_t[m],
             "relative_change": relative_change(pooled_b[m], pooled_t[m]),
+            "difference": pooled_t[m] - pooled_b[m],
             "p_value": wilcoxon_p(b, t),
             "p_value_permutation": paired_permutation_p(b, t, n_permutations, seed),
             "ci_low": low, "ci_high": high, "confidence": confidence,
@@ -180,7 +182,8 @@ def group_comparison(a: np.ndarray, b: np.ndarray, settings: MetricSettings = Me
                      seed: int = 0) -> dict[str, dict[str, Any]]:
     """Two independent groups of real-edge scores a [N_a, E], b [N_b, E] (e.g. wrong vs correct).
 
-    Returns {metric: {a, b (pooled metrics), relative_change (b vs a), p_value (Mann-Whitney U on
+    Returns {metric: {a, b (pooled metrics), relative_change (b vs a), difference (b - a),
+    p_value (Mann-Whitney U on
     per-sample values), p_value_permutation, ci_low, ci_high, confidence, cohen_d, rank_biserial,
     per_sample_a_mean, per_sample_b_mean, n_a, n_b}}.
     """
@@ -203,6 +206,7 @@ def group_comparison(a: np.ndarray, b: np.ndarray, settings: MetricSettings = Me
         out[m] = {
             "a": pooled_a[m], "b": pooled_b[m],
             "relative_change": relative_change(pooled_a[m], pooled_b[m]),
+            "difference": pooled_b[m] - pooled_a[m],
             "p_value": p, "p_value_permutation": independent_permutation_p(xa, xb, n_permutations, seed),
             "ci_low": low, "ci_high": high, "confidence": confidence,
             "cohen_d": cohens_d(xa, xb), "rank_biserial": rank_biserial(xa, xb),
@@ -302,17 +306,20 @@ def layer_tables(edges, by: str = "dst_type", value: str = "relative_change") ->
     mlp, logits) or per source type (by="src_type": input, attention, mlp).
 
     value: base | tuned (mean of per-edge values in the cell) | relative_change (of the cell's
-    summed values: 100 (sum tuned - sum base) / sum base) | n_edges. Rows: src_layer (-1 = input),
-    columns: dst_layer (n_layers = logits). Cells without real edges are NaN.
+    summed values: 100 (sum tuned - sum base) / sum base) | n_edges. Every table has the same axes:
+    rows src_layer -1 (input) .. L-1, columns dst_layer 0 .. L (L = logits); cells without real
+    edges are NaN.
     """
     if by not in ("dst_type", "src_type"):
         raise ValueError(f"by must be 'dst_type' or 'src_type', not {by!r}")
     if value not in ("base", "tuned", "relative_change", "n_edges"):
         raise ValueError(f"unknown value {value!r}")
     agg = _aggregate(edges, [by, "src_layer", "dst_layer"])[value]
+    rows, cols = sorted(edges["src_layer"].unique()), sorted(edges["dst_layer"].unique())
     order = DEST_TYPES if by == "dst_type" else SOURCE_TYPES
     present = set(agg.index.get_level_values(0))
-    return {kind: agg.loc[kind].unstack("dst_layer") for kind in order if kind in present}
+    return {kind: agg.loc[kind].unstack("dst_layer").reindex(index=rows, columns=cols)
+            for kind in order if kind in present}
 
 
 def head_tables(edges, value: str = "relative_change") -> dict[str, Any]:

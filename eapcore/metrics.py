@@ -215,10 +215,11 @@ def long_rows(result: dict[str, Any], **labels: Any) -> list[dict[str, Any]]:
     """Rows of the long-format table from one `metrics` result (CLI JSON / paired comparison).
 
     labels (e.g. pair=, dataset=, alpha=) are copied into every row; one row per metric with
-    base, tuned, relative_change, p_value, ci_low, ci_high, n (missing fields -> None).
+    base, tuned, relative_change, difference, p_value, p_value_permutation, ci_low, ci_high, n
+    (missing fields -> None).
     """
-    fields = ("base", "tuned", "relative_change", "p_value", "p_value_permutation", "ci_low",
-              "ci_high", "n")
+    fields = ("base", "tuned", "relative_change", "difference", "p_value", "p_value_permutation",
+              "ci_low", "ci_high", "n")
     return [{**labels, "metric": m, **{f: result[m].get(f) for f in fields}}
             for m in METRICS if m in result]
 
