@@ -434,18 +434,17 @@ def cross_pair_correlation(rows: Any, by: Sequence[str] = ()):
         n = len(sub)
         row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         row.update(n_pairs=n, pearson_r=np.nan, pearson_p=np.nan, spearman_rho=np.nan, spearman_p=np.nan)
+        small = f"only {n} pairs: " if n < SMALL_N_PAIRS else ""
         if n < 3:
-            row["caveat"] = f"only {n} pairs: too few for a correlation"
+            row["caveat"] = small + "too few for a correlation"
         elif np.ptp(x) == 0 or np.ptp(y) == 0:
-            row["caveat"] = f"only {n} pairs with a constant value: correlation undefined" if n < SMALL_N_PAIRS \
-                else "a constant value: correlation undefined"
+            row["caveat"] = small + "a constant value: correlation undefined"
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 pr, sr = stats.pearsonr(x, y), stats.spearmanr(x, y)
             row.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
                        spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
-            row["caveat"] = (f"only {n} pairs: the correlation is descriptive and its p-values are "
-                             "unreliable" if n < SMALL_N_PAIRS else "")
+            row["caveat"] = small + "the correlation is descriptive and its p-values are unreliable" if small else ""
         out.append(row)
     return pd.DataFrame(out)

@@ -131,6 +131,15 @@ def _histogram_entropy_rows(hist: np.ndarray, top: np.ndarray) -> np.ndarray:
     return np.where(top > 0, _entropy_rows(hist), np.nan)
 
 
+def _check_settings(settings: MetricSettings) -> None:
+    if settings.entropy not in ("pooled", "per_sample", "histogram"):
+        raise ValueError(f"unknown entropy option {settings.entropy!r}")
+    if settings.kurtosis not in ("fisher", "pearson") or settings.kurtosis_of not in ("signed", "absolute"):
+        raise ValueError(f"unknown kurtosis option {settings.kurtosis!r} / {settings.kurtosis_of!r}")
+    if settings.histogram_bins < 1:
+        raise ValueError(f"histogram_bins must be >= 1, not {settings.histogram_bins}")
+
+
 def per_sample_metrics(s: np.ndarray, settings: MetricSettings = MetricSettings()) -> dict[str, np.ndarray]:
     """Each metric on each sample alone: {metric: float64 [N]} for paired / group tests.
 
@@ -139,6 +148,7 @@ def per_sample_metrics(s: np.ndarray, settings: MetricSettings = MetricSettings(
     kurtosis: the per-sample kurtosis the pooled K averages.
     """
     s = _check(s)
+    _check_settings(settings)
     x = np.abs(s)
     if settings.entropy == "histogram":
         top = x.max(axis=1)
@@ -176,12 +186,8 @@ def resampled_metrics(s: np.ndarray, counts: np.ndarray,
             entropy = np.log(total) - (counts @ xlogy(x, x).sum(axis=1)) / total
     elif settings.entropy == "per_sample":
         entropy = counts @ per["information_complexity"] / weight
-    elif settings.entropy == "histogram":
-        entropy = _histogram_entropy(x, counts, settings.histogram_bins)
     else:
-        raise ValueError(f"unknown entropy option {settings.entropy!r}")
-    if settings.kurtosis not in ("fisher", "pearson") or settings.kurtosis_of not in ("signed", "absolute"):
-        raise ValueError(f"unknown kurtosis option {settings.kurtosis!r} / {settings.kurtosis_of!r}")
+        entropy = _histogram_entropy(x, counts, settings.histogram_bins)
     return {
         "activation_intensity": counts @ per["activation_intensity"] / weight,
         "information_complexity": entropy,
@@ -280,10 +286,34 @@ def check_paired(base: ScoreFile, tuned: ScoreFile) -> None:
                          "the comparison is paired by question")
 
 
+def metrics_result(base: ScoreFile, tuned: ScoreFile, settings: MetricSettings = MetricSettings(),
+                   n_bootstrap: int = 1000, n_permutations: int = 9999, confidence: float = 0.95,
+                   seed: int = 0) -> dict[str, Any]:
+    """The `metrics` command's JSON-ready result for two loaded score files (paired by question).
+
+    Checks pairing (`check_paired`), then one object per metric as `analysis.paired_comparison`
+    returns it, plus provenance; NaN becomes None.
+    """
+    from eapcore.analysis import paired_comparison  # analysis builds on metrics
+
+    check_paired(base, tuned)
+    result = paired_comparison(real_edge_scores(base.scores, base.mask),
+                               real_edge_scores(tuned.scores, tuned.mask), settings,
+                               n_bootstrap=n_bootstrap, n_permutations=n_permutations,
+                               confidence=confidence, seed=seed)
+    return _jsonable({
+        "base_model": base.manifest.get("model"), "tuned_model": tuned.manifest.get("model"),
+        "granularity": base.graph.get("granularity"), "n_real_edges": int(base.mask.sum()),
+        "sample_ids": list(base.manifest["sample_ids"]),
+        "settings": {"entropy": settings.entropy, "kurtosis": settings.kurtosis,
+                     "kurtosis_of": settings.kurtosis_of, "histogram_bins": settings.histogram_bins},
+        "bootstrap": n_bootstrap, "permutations": n_permutations, "confidence": confidence,
+        "seed": seed, **result,
+    })
+
+
 def command(argv: list[str]) -> int:
     """`python -m eapcore metrics --base DIR --tuned DIR --out FILE.json [options]`."""
-    from eapcore.analysis import paired_comparison  # analysis builds on metrics; CLI only
-
     defaults = MetricSettings()
     p = argparse.ArgumentParser(prog="python -m eapcore metrics",
                                 description="The paper's three metrics of base vs tuned EAP scores "
@@ -302,34 +332,27 @@ def command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.histogram_bins < 1:
         p.error("--histogram-bins must be >= 1")
+    if args.bootstrap < 0 or args.permutations < 1 or not 0 < args.confidence < 1:
+        p.error("need --bootstrap >= 0, --permutations >= 1 and 0 < --confidence < 1")
     settings = MetricSettings(entropy=args.entropy, kurtosis=args.kurtosis,
                               kurtosis_of=args.kurtosis_of, histogram_bins=args.histogram_bins)
     try:
-        base, tuned = load_scores(args.base), load_scores(args.tuned)
-        check_paired(base, tuned)
+        result = metrics_result(load_scores(args.base), load_scores(args.tuned), settings,
+                                n_bootstrap=args.bootstrap, n_permutations=args.permutations,
+                                confidence=args.confidence, seed=args.seed)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", flush=True)
         return 2
-    result = paired_comparison(real_edge_scores(base.scores, base.mask),
-                               real_edge_scores(tuned.scores, tuned.mask), settings,
-                               n_bootstrap=args.bootstrap, n_permutations=args.permutations,
-                               confidence=args.confidence, seed=args.seed)
-    out = {
-        "base_dir": str(args.base), "tuned_dir": str(args.tuned),
-        "base_model": base.manifest.get("model"), "tuned_model": tuned.manifest.get("model"),
-        "granularity": base.graph.get("granularity"), "n_real_edges": int(base.mask.sum()),
-        "sample_ids": list(base.manifest["sample_ids"]),
-        "settings": {"entropy": settings.entropy, "kurtosis": settings.kurtosis,
-                     "kurtosis_of": settings.kurtosis_of, "histogram_bins": settings.histogram_bins},
-        "bootstrap": args.bootstrap, "permutations": args.permutations,
-        "confidence": args.confidence, "seed": args.seed,
-        **result,
-    }
+    out = {"base_dir": str(args.base), "tuned_dir": str(args.tuned), **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_jsonable(out), indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for m in METRICS:
         r = result[m]
-        print(f"{m:<24} base {r['base']:.6g}  tuned {r['tuned']:.6g}  change {r['relative_change']:+.2f}%  "
-              f"p {r['p_value']:.3g}  n {r['n']}")
+        print(f"{m:<24} base {_fmt(r['base'])}  tuned {_fmt(r['tuned'])}  "
+              f"change {_fmt(r['relative_change'], '+.2f')}%  p {_fmt(r['p_value'], '.3g')}  n {r['n']}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _fmt(value: float | None, spec: str = ".6g") -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -229,6 +229,14 @@ def test_resampled_metrics_equal_metrics_of_the_resampled_data():
                 assert got[name][r] == pytest.approx(want[name], rel=1e-9), (name, settings)
 
 
+def test_unknown_options_are_rejected():
+    s = np.ones((2, 3))
+    for bad in (MetricSettings(entropy="renyi"), MetricSettings(kurtosis="excess"),
+                MetricSettings(kurtosis_of="squared"), MetricSettings(entropy="histogram", histogram_bins=0)):
+        with pytest.raises(ValueError, match="entropy|kurtosis|histogram_bins"):
+            M.compute_metrics(s, bad)
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\[N, E\]"):
         M.compute_metrics(np.zeros((3,)))
@@ -343,3 +351,24 @@ def test_paper_sized_metrics_are_fast():
     for settings in OPTIONS:
         M.compute_metrics(s, settings)
     assert time.perf_counter() - start < 1.0
+
+
+def test_undefined_values_are_null_in_strict_json(tmp_path, capsys):
+    """Constant score rows have no kurtosis: the JSON says null (never NaN) and the CLI says n/a."""
+    graph = make_graph(2)
+    mask = make_mask(graph)
+    const = np.ones((6, *mask.shape), np.float32) * mask
+    write_result(tmp_path / "base", const, graph, range(6))
+    write_result(tmp_path / "tuned", 2 * const, graph, range(6))
+    out = tmp_path / "m.json"
+    rc = M.command(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--out", str(out),
+                    "--bootstrap", "50"])
+    assert rc == 0 and "n/a" in capsys.readouterr().out
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    result = json.loads(out.read_text(), parse_constant=no_constants)
+    assert result["kurtosis"]["base"] is None and result["kurtosis"]["n"] == 0
+    assert result["activation_intensity"]["relative_change"] == pytest.approx(100.0)
+    assert result["information_complexity"]["relative_change"] == pytest.approx(0.0, abs=1e-9)
