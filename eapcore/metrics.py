@@ -11,7 +11,7 @@ Conventions (all maths in float64):
                 spanning [0, max_{n,e} |s|] (last bin closed, as numpy.histogram)  (max log bins)
 - Distribution Kurtosis K = mean_n kurt(x_n), x_n = s_{n,.} (kurtosis_of="signed") or |s_{n,.}|
   ("absolute"); population moments m4 / m2^2, minus 3 for kurtosis="fisher" (excess), as
-  scipy.stats.kurtosis(bias=True). A constant row has undefined kurtosis (NaN).
+  scipy.stats.kurtosis(bias=True). A constant row has undefined kurtosis (NaN), and so has K.
 - Relative change = 100 (M_tuned - M_base) / |M_base|: positive when tuned is larger; NaN when
   M_base == 0.
 
