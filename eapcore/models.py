@@ -320,3 +320,39 @@ class GPT2Adapter(Adapter):
 
     def unembed(self, x):
         return self.hf.lm_head(x)
+
+
+TL_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "gpt2": "GPT2LMHeadModel"}
+
+
+def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
+    """The same weights as a TransformerLens HookedTransformer (3.x), for hook-based tools.
+
+    The config is built from the checkpoint's own config (never guessed from the folder name) and
+    the weights converted with TransformerLens' converters, with no weight processing (no folded
+    layer norms, no centring), so its outputs equal the model's. Needs `transformer-lens`."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained import weight_conversions as wc
+
+    c, ad = model.hf.config, model.adapter
+    cfg = dict(d_model=ad.d_model, d_head=ad.d_head, n_heads=ad.n_heads, n_layers=ad.n_layers,
+               d_vocab=model.hf.get_input_embeddings().num_embeddings, dtype=model.dtype,
+               device=str(model.device), original_architecture=TL_ARCHITECTURES[model.arch])
+    if model.arch == "gpt2":
+        cfg.update(d_mlp=c.n_inner or 4 * ad.d_model, n_ctx=c.n_positions, eps=c.layer_norm_epsilon,
+                   act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard")
+    else:
+        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        cfg.update(d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
+                   act_fn=c.hidden_act, n_key_value_heads=ad.n_kv_heads if ad.n_kv_heads != ad.n_heads else None,
+                   normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=ad.d_head,
+                   rotary_base=rope, rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True)
+    cfg.update(cfg_overrides)
+    tl_cfg = HookedTransformerConfig(**cfg)
+    convert = getattr(wc, f"convert_{'llama' if model.arch == 'llama' else model.arch}_weights")
+    tl = HookedTransformer(tl_cfg, tokenizer=model.tokenizer)
+    tl.load_and_process_state_dict(convert(model.hf, tl_cfg), fold_ln=False, center_writing_weights=False,
+                                   center_unembed=False, fold_value_biases=False,
+                                   refactor_factored_attn_matrices=False)
+    return tl.eval()

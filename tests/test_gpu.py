@@ -1,0 +1,51 @@
+"""GPU path: bf16 scores on CUDA equal the float32 CPU path on the same weights (bf16 tolerance).
+
+Skipped without a CUDA device (CI has none); run on the GPU machine:
+    python -m pytest tests/test_gpu.py
+"""
+import pytest
+import torch
+
+from eapcore.attribution import attribute_batch, graph_of, make_batch
+from eapcore.harness import Sample
+from eapcore.models import LoadedModel, make_adapter
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def small_model(arch: str, dtype, device) -> LoadedModel:
+    import transformers as tf
+
+    cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[arch]
+    cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    hf = hf.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(arch, hf, None, make_adapter(hf, arch), arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_bf16_cuda_matches_fp32_cpu(arch, granularity):
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(i, torch.randint(0, 1000, (200 + 50 * i,), generator=g).tolist(),
+                      torch.randint(0, 1000, (300,), generator=g).tolist()) for i in range(3)]
+    batch = make_batch(samples, 256, 1000)
+    cpu = small_model(arch, torch.float32, "cpu")
+    gpu = small_model(arch, torch.bfloat16, "cuda")
+    graph = graph_of(cpu.adapter, granularity)
+    ref, ref_loss = attribute_batch(cpu, batch, graph)
+    out, loss = attribute_batch(gpu, batch, graph)
+    assert out.dtype == torch.float32
+    out = out.cpu()
+    mask = graph.real_edge_mask
+    rel = (out - ref)[:, mask].norm() / ref[:, mask].norm()
+    corr = torch.corrcoef(torch.stack([out[:, mask].flatten(), ref[:, mask].flatten()]))[0, 1]
+    assert rel < 0.05, f"relative error {rel:.3g}"
+    assert corr > 0.998
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
