@@ -1,0 +1,173 @@
+"""The paper's sample selection and truncation (Eq. 10-12), on a base/tuned pair of answers files.
+
+On the chosen group (idx graded in both files, by correctness), with |y| = a model's own answer
+length in tokens (`generate_token_ids` as stored, EOS included when generated):
+    T_ref = min(mean |y_base|, mean |y_tuned|) over the group
+    T_cut = max(floor(alpha * T_ref), 1)
+Rules, applied in this order (`counts["removed"]` counts each question at the first rule it fails;
+`counts["failing"]` counts every question failing each rule on its own):
+    prompt_length:  both prompts have the same token length
+    min_length:     both answers have at least T_cut tokens
+    mean_range:     floor(low * T_ref) <= (len_base + len_tuned) / 2 <= floor(high * T_ref)
+    length_ratio:   |len_base - len_tuned| / mean <= beta
+Draw: the kept idx are sorted (integers numerically, then strings); if more than n remain,
+`numpy.random.default_rng(seed).choice(len(kept), size=n, replace=False)` picks positions, and the
+drawn idx are returned in sorted order. n <= 0, or n >= len(kept), keeps all of them.
+The same idx serve both models; the written samples keep their full answers (the attribute step
+truncates them to T_cut, stored in selection.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eapcore.grading import groups, scores_of, sort_idx
+from eapcore.harness import Sample, read_samples, write_samples
+from eapcore.specs import GROUPS, SelectionSettings
+
+RULES = ("prompt_length", "min_length", "mean_range", "length_ratio")
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths of one question: prompts and answers of base and tuned."""
+
+    prompt_base: int
+    prompt_tuned: int
+    answer_base: int
+    answer_tuned: int
+
+
+@dataclass
+class Selection:
+    t_ref: float
+    t_cut: int
+    idx: list[Any]  # drawn, sorted
+    counts: dict[str, Any]
+    settings: dict[str, Any]
+
+
+def failed_rules(lengths: Lengths, t_ref: float, t_cut: int, s: SelectionSettings) -> list[str]:
+    """The rules (RULES order) that one question fails."""
+    lb, lt = lengths.answer_base, lengths.answer_tuned
+    mean = (lb + lt) / 2
+    failed = []
+    if lengths.prompt_base != lengths.prompt_tuned:
+        failed.append("prompt_length")
+    if min(lb, lt) < t_cut:
+        failed.append("min_length")
+    if not math.floor(s.low * t_ref) <= mean <= math.floor(s.high * t_ref):
+        failed.append("mean_range")
+    if mean > 0 and abs(lb - lt) / mean > s.beta:
+        failed.append("length_ratio")
+    return failed
+
+
+def select(lengths: Mapping[Any, Lengths], settings: SelectionSettings) -> Selection:
+    """Apply Eq. 10-12 to the group's questions {idx: Lengths}; see the module docstring."""
+    if not lengths:
+        raise ValueError(f"group {settings.group!r} is empty: no question to select from")
+    members = sort_idx(lengths)
+    t_ref = min(sum(lengths[i].answer_base for i in members) / len(members),
+                sum(lengths[i].answer_tuned for i in members) / len(members))
+    t_cut = max(math.floor(settings.alpha * t_ref), 1)
+    removed = dict.fromkeys(RULES, 0)
+    failing = dict.fromkeys(RULES, 0)
+    kept = []
+    for idx in members:
+        failed = failed_rules(lengths[idx], t_ref, t_cut, settings)
+        for rule in failed:
+            failing[rule] += 1
+        if failed:
+            removed[failed[0]] += 1
+        else:
+            kept.append(idx)
+    if 0 < settings.n < len(kept):
+        rng = np.random.default_rng(settings.seed)
+        drawn = sort_idx(kept[i] for i in rng.choice(len(kept), size=settings.n, replace=False))
+    else:
+        drawn = list(kept)
+    counts = {"group": len(members), "removed": removed, "failing": failing,
+              "kept": len(kept), "drawn": len(drawn)}
+    return Selection(t_ref, t_cut, drawn, counts, asdict(settings))
+
+
+def group_lengths(base: list[Sample], tuned: list[Sample], group: str) -> tuple[dict[Any, Lengths], list[str]]:
+    """{idx: Lengths} of the questions of `group`, plus messages about ungradable or duplicate samples."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; one of {', '.join(GROUPS)}")
+    messages = []
+    by_model = []
+    for name, samples in (("base", base), ("tuned", tuned)):
+        scores, problems = scores_of(samples)
+        messages += [f"{name}: {m}" for m in problems]
+        by_idx: dict[Any, Sample] = {}
+        for s in samples:
+            if s.idx in by_idx:
+                messages.append(f"{name}: duplicate idx {s.idx!r} (first one kept)")
+            by_idx.setdefault(s.idx, s)
+        by_model.append((scores, by_idx))
+    (bscores, bsamples), (tscores, tsamples) = by_model
+    members = groups(bscores, tscores)[group]
+    return {i: Lengths(len(bsamples[i].prompt_ids), len(tsamples[i].prompt_ids),
+                       len(bsamples[i].answer_ids), len(tsamples[i].answer_ids)) for i in members}, messages
+
+
+def write_selection(out_dir: str | Path, base: list[Sample], tuned: list[Sample], selection: Selection,
+                    sources: Mapping[str, str] | None = None) -> None:
+    """<out_dir>/base.jsonl, tuned.jsonl (drawn samples, same idx order) and selection.json."""
+    out_dir = Path(out_dir)
+    for name, samples in (("base", base), ("tuned", tuned)):
+        by_idx: dict[Any, Sample] = {}
+        for s in samples:
+            by_idx.setdefault(s.idx, s)
+        write_samples(out_dir / f"{name}.jsonl", [by_idx[i] for i in selection.idx])
+    meta = {**asdict(selection), "sources": dict(sources or {})}
+    tmp = out_dir / ".selection.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / "selection.json")
+
+
+def command(argv: list[str]) -> int:
+    """`python -m eapcore select --base A --tuned B --alpha X --out DIR [...]`."""
+    d = SelectionSettings()
+    ap = argparse.ArgumentParser(prog="python -m eapcore select",
+                                 description="Pick and truncate samples of a base/tuned pair (paper Eq. 10-12).")
+    ap.add_argument("--base", required=True, help="base model answers jsonl")
+    ap.add_argument("--tuned", required=True, help="tuned model answers jsonl")
+    ap.add_argument("--alpha", type=float, required=True, help="T_cut = max(floor(alpha * T_ref), 1)")
+    ap.add_argument("--beta", type=float, default=d.beta, help="max |len_b - len_t| / mean")
+    ap.add_argument("--low", type=float, default=d.low, help="mean length >= floor(low * T_ref)")
+    ap.add_argument("--high", type=float, default=d.high, help="mean length <= floor(high * T_ref)")
+    ap.add_argument("--n", type=int, default=d.n, help="questions to draw (<= 0: all kept)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--group", choices=GROUPS, default=d.group)
+    ap.add_argument("--out", required=True, help="output folder")
+    args = ap.parse_args(argv)
+    if args.alpha <= 0:
+        ap.error("--alpha must be > 0")
+    settings = SelectionSettings(args.alpha, args.beta, args.low, args.high, args.n, args.seed, args.group)
+    try:
+        (base, rb), (tuned, rt) = read_samples(args.base), read_samples(args.tuned)
+        for report in (rb, rt):
+            if report.problems:
+                print(f"warning: {report.summary()}", file=sys.stderr)
+        lengths, messages = group_lengths(base, tuned, settings.group)
+        for msg in messages:
+            print(f"warning: {msg}", file=sys.stderr)
+        selection = select(lengths, settings)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_selection(args.out, base, tuned, selection, {"base": args.base, "tuned": args.tuned})
+    print(json.dumps({k: v for k, v in asdict(selection).items() if k != "idx"} | {"n_idx": len(selection.idx)},
+                     indent=2, default=str))
+    return 0
