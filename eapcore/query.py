@@ -1,0 +1,651 @@
+"""The read-only layer the dashboard pages use over the cache (no Streamlit in here).
+
+A finished run is the folder `runs/<key>/` of DESIGN.md ("A finished run in the cache"). This
+module lists runs, loads one (scores, graph, selection, metrics.json, answers) and turns it into
+the tables the pages draw. Every number comes from the stored scores through eapcore.metrics /
+eapcore.analysis; nothing here computes attributions or writes to the cache.
+
+Loaded runs are memoised in a small LRU keyed by the run folder and the mtimes and sizes of its
+files (`RunInfo.signature`), so a page render after the first only slices cached arrays.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from eapcore import analysis, metrics
+from eapcore.graph import Graph
+from eapcore.specs import GROUPS, MetricSettings, RunSpec, from_dict
+
+PROJECT = Path(__file__).resolve().parents[1]
+METRICS = metrics.METRICS
+METRIC_LABELS = {"activation_intensity": "Activation intensity",
+                 "information_complexity": "Information complexity",
+                 "kurtosis": "Distribution kurtosis"}
+METRIC_UNITS = {"activation_intensity": "mean |s| (loss units)", "information_complexity": "entropy (nats)",
+                "kurtosis": "excess kurtosis"}
+GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
+                "base_only": "base right, tuned wrong", "tuned_only": "base wrong, tuned right"}
+_RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
+              "answers_tuned.jsonl", "base/scores.safetensors", "base/graph.json", "base/manifest.json",
+              "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json")
+
+
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """The cache folder: `root`, else $EAP_CACHE_DIR, else <project>/cache."""
+    return Path(root or os.environ.get("EAP_CACHE_DIR") or PROJECT / "cache")
+
+
+# ---- listing runs --------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run folder: its spec (as stored), status and the signature of its files."""
+
+    key: str
+    path: Path
+    spec_dict: dict = field(compare=False, hash=False)
+    status: dict = field(compare=False, hash=False)
+    signature: tuple = ()
+
+    @cached_property
+    def spec(self) -> RunSpec | None:
+        try:
+            return from_dict(RunSpec, self.spec_dict)
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def _get(self, *path: str, default: Any = None) -> Any:
+        value: Any = self.spec_dict
+        for p in path:
+            if not isinstance(value, dict) or p not in value:
+                return default
+            value = value[p]
+        return value
+
+    @property
+    def stage(self) -> str:
+        return str(self.status.get("stage", "unknown"))
+
+    @property
+    def finished(self) -> bool:
+        """Done and every file a page reads is there."""
+        return self.stage == "done" and all((self.path / f).is_file() for f in _RUN_FILES)
+
+    @property
+    def pair(self) -> str:
+        return str(self._get("pair", "name", default="?"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self._get("dataset", "name", default="?"))
+
+    @property
+    def alpha(self) -> float:
+        return float(self._get("selection", "alpha", default=float("nan")))
+
+    @property
+    def group(self) -> str:
+        return str(self._get("selection", "group", default="both_correct"))
+
+    @property
+    def granularity(self) -> str:
+        return str(self._get("attribution", "granularity", default="layer"))
+
+    @property
+    def n_requested(self) -> int:
+        return int(self._get("selection", "n", default=0))
+
+    @property
+    def updated(self) -> float:
+        return float(self.status.get("updated") or 0.0)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.pair} · {self.dataset} · α={self.alpha:g} · {GROUP_LABELS.get(self.group, self.group)}"
+                f" · {self.granularity} · N={self.n_requested} · {self.key[:8]}")
+
+    def settings_without(self, *dropped: tuple[str, str]) -> str:
+        """Canonical JSON of the spec minus the (section, name) settings given: runs equal here
+        differ only in those settings."""
+        spec = json.loads(json.dumps(self.spec_dict))
+        for section, name in dropped:
+            if isinstance(spec.get(section), dict):
+                spec[section].pop(name, None)
+        return json.dumps(spec, sort_keys=True)
+
+
+def _signature(path: Path) -> tuple:
+    out = []
+    for name in _RUN_FILES:
+        try:
+            st = (path / name).stat()
+            out.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+def read_run(path: Path) -> RunInfo | None:
+    spec = _read_json(path / "spec.json")
+    if not isinstance(spec, dict):
+        return None
+    status = _read_json(path / "status.json")
+    return RunInfo(str(spec.get("key") or path.name), path, spec.get("spec") or {},
+                   status if isinstance(status, dict) else {"stage": "unknown"}, _signature(path))
+
+
+def list_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
+    """Every run folder with a readable spec.json, most recently updated first."""
+    runs_dir = cache_root(root) / "runs"
+    if not runs_dir.is_dir():
+        return []
+    runs = [r for p in sorted(runs_dir.iterdir()) if p.is_dir() and (r := read_run(p)) is not None]
+    return sorted(runs, key=lambda r: -r.updated)
+
+
+def finished_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
+    return [r for r in list_runs(root) if r.finished]
+
+
+def get_run(key: str, root: str | os.PathLike | None = None) -> RunInfo | None:
+    path = cache_root(root) / "runs" / key
+    return read_run(path) if path.is_dir() else None
+
+
+def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
+    """One row per run for tables: pair, dataset, alpha, group, granularity, N, stage, updated, key."""
+    rows = [{"pair": r.pair, "dataset": r.dataset, "alpha": r.alpha, "group": r.group,
+             "granularity": r.granularity, "N": r.n_requested, "stage": r.stage,
+             "updated": pd.Timestamp(r.updated, unit="s").floor("s") if r.updated else pd.NaT,
+             "key": r.key} for r in runs]
+    cols = ["pair", "dataset", "alpha", "group", "granularity", "N", "stage", "updated", "key"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---- registry (pairs and datasets known to the tool) -------------------------------------------
+
+def registered(kind: str) -> list[Any]:
+    """Registered pairs (kind="pairs") or datasets ("datasets") from eapcore.registry, [] if the
+    registry is not available. Items are PairSpec / DatasetSpec (or whatever the registry returns)."""
+    try:
+        from eapcore import registry
+    except ImportError:
+        return []
+    for name in (kind, f"list_{kind}", f"all_{kind}", kind.upper()):
+        obj = getattr(registry, name, None)
+        if obj is None:
+            continue
+        try:
+            value = obj() if callable(obj) else obj
+        except Exception:  # noqa: BLE001  (a broken registry file must not break the page)
+            return []
+        return list(value.values()) if isinstance(value, dict) else list(value)
+    return []
+
+
+# ---- loading one run -------------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    """A finished run in memory. Arrays are read-only."""
+
+    info: RunInfo
+    base: metrics.ScoreFile
+    tuned: metrics.ScoreFile
+    selection: dict
+    metrics: dict
+    answers: dict  # {"base"|"tuned": {idx: row dict}}
+    loss: dict = field(default_factory=dict)  # {"base"|"tuned": float32 [N] clean loss} if stored
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    @cached_property
+    def graph(self) -> Graph:
+        return Graph.from_json(self.base.graph)
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.base.mask
+
+    @property
+    def sample_ids(self) -> list:
+        return list(self.base.manifest["sample_ids"])
+
+    @property
+    def t_cut(self) -> int:
+        return int(self.selection.get("t_cut") or self.base.manifest.get("cut_len") or 0)
+
+    @cached_property
+    def metric_settings(self) -> MetricSettings:
+        s = self.metrics.get("settings") or {}
+        known = {k: s[k] for k in ("entropy", "kurtosis", "kurtosis_of", "histogram_bins") if k in s}
+        return MetricSettings(**known)
+
+    @cached_property
+    def real_edges(self) -> dict[str, np.ndarray]:
+        """{"base"|"tuned": float64 [N, E]} real-edge scores."""
+        return {"base": metrics.real_edge_scores(self.base.scores, self.mask),
+                "tuned": metrics.real_edge_scores(self.tuned.scores, self.mask)}
+
+
+def _read_answers(path: Path) -> dict:
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "idx" in row:
+                    out[row["idx"]] = row
+    return out
+
+
+def _read_loss(path: Path) -> np.ndarray | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            return fh.get_tensor("loss") if "loss" in fh.keys() else None
+    except (OSError, ValueError):
+        return None
+
+
+class RunNotReady(RuntimeError):
+    """The run folder is not a finished run (still running, failed or incomplete)."""
+
+
+_LOCK = threading.Lock()
+_MEMO: "OrderedDict[tuple, RunData]" = OrderedDict()
+MEMO_SIZE = 4
+
+
+def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunData:
+    """Load a finished run (memoised by folder + file signature, at most MEMO_SIZE runs)."""
+    if isinstance(info, str):
+        found = get_run(info, root)
+        if found is None:
+            raise KeyError(f"no run {info!r} in {cache_root(root) / 'runs'}")
+        info = found
+    if not info.finished:
+        missing = [f for f in _RUN_FILES if not (info.path / f).is_file()]
+        raise RunNotReady(f"run {info.key} is not finished (stage {info.stage}; missing {missing or 'nothing'})")
+    memo_key = (str(info.path), info.signature)
+    with _LOCK:
+        if memo_key in _MEMO:
+            _MEMO.move_to_end(memo_key)
+            return _MEMO[memo_key]
+    base, tuned = metrics.load_scores(info.path / "base"), metrics.load_scores(info.path / "tuned")
+    metrics.check_paired(base, tuned)
+    for sf in (base, tuned):
+        sf.scores.setflags(write=False)
+    data = RunData(info, base, tuned, _read_json(info.path / "selection.json") or {},
+                   _read_json(info.path / "metrics.json") or {},
+                   {w: _read_answers(info.path / f"answers_{w}.jsonl") for w in ("base", "tuned")},
+                   {w: _read_loss(info.path / w / "scores.safetensors") for w in ("base", "tuned")})
+    with _LOCK:
+        _MEMO[memo_key] = data
+        while len(_MEMO) > MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return data
+
+
+# ---- where in the network --------------------------------------------------------------------------
+
+def edge_means(data: RunData, sample: int | None = None) -> dict[str, np.ndarray]:
+    """Per-edge mean |s| over samples (or of one sample, by position) for base and tuned, and the
+    per-edge relative change (%): {"base", "tuned", "relative_change"} float64 [F, B], NaN off-mask."""
+    b, t = data.base.scores, data.tuned.scores
+    if sample is not None:
+        b, t = b[sample:sample + 1], t[sample:sample + 1]
+    base, tuned = analysis.edge_mean_abs(b, data.mask), analysis.edge_mean_abs(t, data.mask)
+    return {"base": base, "tuned": tuned, "relative_change": metrics.relative_change(base, tuned)}
+
+
+def edge_table(data: RunData, sample: int | None = None) -> pd.DataFrame:
+    """One row per real edge (analysis.edge_table) with base / tuned mean |s| and relative change."""
+    m = edge_means(data, sample)
+    return analysis.edge_table(data.base.graph, data.mask, m["base"], m["tuned"])
+
+
+def _grid(edges: pd.DataFrame, layer_col: str, type_col: str, types: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Layer x type grids: base / tuned = mean over the cell's edges, relative_change of the cell's
+    summed values (the convention of analysis.layer_tables), n_edges."""
+    g = edges.groupby([layer_col, type_col], sort=True)
+    mean = g[["base", "tuned"]].mean()
+    total = g[["base", "tuned"]].sum()
+    cells = pd.DataFrame({"base": mean["base"], "tuned": mean["tuned"],
+                          "relative_change": metrics.relative_change(total["base"].to_numpy(),
+                                                                     total["tuned"].to_numpy()),
+                          "n_edges": g.size()})
+    layers = sorted(edges[layer_col].unique())
+    present = [t for t in types if t in set(edges[type_col])]
+    return {v: cells[v].unstack(type_col).reindex(index=layers, columns=present) for v in cells.columns}
+
+
+def module_grid(data: RunData, side: str = "dst", sample: int | None = None) -> dict[str, pd.DataFrame]:
+    """The layer-by-module view. side="dst": rows destination layer (n_layers = logits), columns
+    q, k, v, mlp, logits; side="src": rows source layer (-1 = input), columns input, attention, mlp.
+    Returns {"base", "tuned", "relative_change", "n_edges": DataFrame}."""
+    edges = edge_table(data, sample)
+    if side == "dst":
+        return _grid(edges, "dst_layer", "dst_type", analysis.DEST_TYPES)
+    if side == "src":
+        return _grid(edges, "src_layer", "src_type", analysis.SOURCE_TYPES)
+    raise ValueError(f"side must be 'dst' or 'src', not {side!r}")
+
+
+def layer_grid(data: RunData, kind: str, by: str = "dst_type") -> dict[str, pd.DataFrame]:
+    """Source layer x destination layer for one destination type (by="dst_type": q, k, v, mlp,
+    logits) or source type (by="src_type"): {"base", "tuned", "relative_change", "n_edges"}."""
+    edges = edge_table(data)
+    out = {}
+    for value in ("base", "tuned", "relative_change", "n_edges"):
+        tables = analysis.layer_tables(edges, by=by, value=value)
+        if kind not in tables:
+            raise KeyError(f"no {kind!r} tables (have {sorted(tables)})")
+        out[value] = tables[kind]
+    return out
+
+
+def layer_grid_kinds(by: str = "dst_type") -> tuple[str, ...]:
+    return analysis.DEST_TYPES if by == "dst_type" else analysis.SOURCE_TYPES
+
+
+def head_grid(data: RunData, which: str = "source") -> dict[str, pd.DataFrame]:
+    """Head granularity: layer x head tables (analysis.head_tables) for which in source, q, k, v."""
+    edges = edge_table(data)
+    return {value: analysis.head_tables(edges, value=value)[which]
+            for value in ("base", "tuned", "relative_change", "n_edges")}
+
+
+def full_matrix(data: RunData) -> dict[str, Any]:
+    """The full source x destination matrices with node names: {"base", "tuned",
+    "relative_change": [F, B], "forward": [...], "backward": [...]}."""
+    return {**edge_means(data), "forward": list(data.base.graph["forward"]),
+            "backward": list(data.base.graph["backward"])}
+
+
+def node_entropy(data: RunData) -> pd.DataFrame:
+    """Entropy of each source node's outgoing edges (paper Fig. 3b), base and tuned side by side."""
+    b = analysis.node_entropy(data.base.scores, data.mask, data.base.graph)
+    t = analysis.node_entropy(data.tuned.scores, data.mask, data.base.graph)
+    out = b[["node", "layer", "type", "head", "n_edges"]].copy()
+    out["base"], out["tuned"] = b["entropy"].to_numpy(), t["entropy"].to_numpy()
+    out["relative_change"] = metrics.relative_change(out["base"].to_numpy(), out["tuned"].to_numpy())
+    return out
+
+
+# ---- distributions ------------------------------------------------------------------------------------
+
+def per_sample(data: RunData) -> pd.DataFrame:
+    """Per-sample metric values (metrics.per_sample_metrics with the run's settings), long format:
+    idx, model (base|tuned), metric, value; plus the clean loss as metric "loss"."""
+    rows = []
+    for model in ("base", "tuned"):
+        values = metrics.per_sample_metrics(data.real_edges[model], data.metric_settings)
+        for m in METRICS:
+            rows.append(pd.DataFrame({"idx": data.sample_ids, "model": model, "metric": m, "value": values[m]}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def paired_stats(data: RunData) -> pd.DataFrame:
+    """The stored paired comparison (metrics.json) as one row per metric."""
+    rows = []
+    for m in METRICS:
+        r = data.metrics.get(m) or {}
+        rows.append({"metric": m, "base": r.get("base"), "tuned": r.get("tuned"),
+                     "relative_change": r.get("relative_change"), "difference": r.get("difference"),
+                     "ci_low": r.get("ci_low"), "ci_high": r.get("ci_high"),
+                     "confidence": r.get("confidence", data.metrics.get("confidence")),
+                     "p_value": r.get("p_value"), "p_value_permutation": r.get("p_value_permutation"),
+                     "effect_size_dz": r.get("effect_size_dz"), "rank_biserial": r.get("rank_biserial"),
+                     "n": r.get("n")})
+    return pd.DataFrame(rows).astype({c: float for c in ("base", "tuned", "relative_change", "difference",
+                                                          "ci_low", "ci_high", "p_value",
+                                                          "p_value_permutation", "effect_size_dz",
+                                                          "rank_biserial")})
+
+
+def abs_score_histogram(data: RunData, bins: int = 80) -> pd.DataFrame:
+    """Pooled distribution of |s| over all samples and real edges, on log-spaced bins shared by
+    both models: left, right, centre (geometric), base, tuned (fraction of values per bin); zeros
+    are counted in `zeros` of the returned frame's attrs."""
+    x = {m: np.abs(data.real_edges[m]).ravel() for m in ("base", "tuned")}
+    nonzero = np.concatenate([v[v > 0] for v in x.values()])
+    if nonzero.size == 0:
+        return pd.DataFrame(columns=["left", "right", "centre", "base", "tuned"])
+    lo, hi = np.log10(nonzero.min()), np.log10(nonzero.max())
+    lo = max(lo, hi - 8)  # at most 8 decades: tinier values fall in the first bin
+    edges = np.logspace(lo, hi, bins + 1)
+    out = {"left": edges[:-1], "right": edges[1:], "centre": np.sqrt(edges[:-1] * edges[1:])}
+    for m, v in x.items():
+        counts, _ = np.histogram(np.clip(v[v > 0], edges[0], edges[-1]), bins=edges)
+        out[m] = counts / max(v.size, 1)
+    frame = pd.DataFrame(out)
+    frame.attrs["zeros"] = {m: int((v == 0).sum()) for m, v in x.items()}
+    frame.attrs["n_values"] = {m: int(v.size) for m, v in x.items()}
+    return frame
+
+
+# ---- answer groups -------------------------------------------------------------------------------
+
+def group_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> dict[str, RunInfo]:
+    """Finished runs that differ from `info` only in the answer group: {group: RunInfo} (the
+    latest run per group)."""
+    want = info.settings_without(("selection", "group"))
+    out: dict[str, RunInfo] = {}
+    for r in sorted(runs, key=lambda r: r.updated):
+        if r.finished and r.settings_without(("selection", "group")) == want:
+            out[r.group] = r
+    return {g: out[g] for g in GROUPS if g in out}
+
+
+def group_overview(datas: dict[str, RunData]) -> pd.DataFrame:
+    """Per answer group and metric: n, T_cut, base, tuned, relative change, CI, p (metrics.json)."""
+    rows = []
+    for group, data in datas.items():
+        stats = paired_stats(data)
+        for _, r in stats.iterrows():
+            rows.append({"group": group, "n": int(r["n"]) if pd.notna(r["n"]) else len(data.sample_ids),
+                         "t_cut": data.t_cut, **{k: r[k] for k in ("metric", "base", "tuned", "relative_change",
+                                                                     "ci_low", "ci_high", "p_value")}})
+    return pd.DataFrame(rows)
+
+
+def compare_groups(a: RunData, b: RunData, model: str = "tuned", n_bootstrap: int = 500,
+                   n_permutations: int = 1999, seed: int = 0) -> pd.DataFrame:
+    """One model's scores in two answer groups (independent samples): analysis.group_comparison of
+    group b against group a, one row per metric."""
+    res = analysis.group_comparison(a.real_edges[model], b.real_edges[model], a.metric_settings,
+                                    n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed)
+    return pd.DataFrame([{"metric": m, **res[m]} for m in METRICS])
+
+
+# ---- across runs: Table 1, accuracy, correlation ------------------------------------------------
+
+def summary_rows(runs: Iterable[RunInfo]) -> pd.DataFrame:
+    """Long rows (metrics.long_rows) of every finished run: pair, dataset, alpha, group,
+    granularity, N, key, updated, metric, base, tuned, relative_change, difference, p_value,
+    p_value_permutation, ci_low, ci_high, n."""
+    rows = []
+    for r in runs:
+        if not r.finished:
+            continue
+        result = _read_json(r.path / "metrics.json") or {}
+        rows += metrics.long_rows(result, pair=r.pair, dataset=r.dataset, alpha=r.alpha, group=r.group,
+                                  granularity=r.granularity, N=r.n_requested, key=r.key, updated=r.updated)
+    cols = ["pair", "dataset", "alpha", "group", "granularity", "N", "key", "updated", "metric", "base", "tuned",
+            "relative_change", "difference", "p_value", "p_value_permutation", "ci_low", "ci_high", "n"]
+    df = pd.DataFrame(rows, columns=cols)
+    for c in cols[9:-1]:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def table1(rows: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """One metric's Table 1: rows pair, columns (dataset, alpha); cells relative change (%) and the
+    matching p-values. Several runs for one cell: the latest is kept (count returned)."""
+    sub = rows[rows["metric"] == metric].sort_values("updated")
+    keys = ["pair", "dataset", "alpha"]
+    dropped = int(sub.duplicated(keys, keep="last").sum())
+    sub = sub.drop_duplicates(keys, keep="last")
+    if sub.empty:
+        return pd.DataFrame(), pd.DataFrame(), dropped
+    change = metrics.summary_table(sub, "relative_change", index=("pair",), columns=("dataset", "alpha"))
+    pvals = metrics.summary_table(sub, "p_value", index=("pair",), columns=("dataset", "alpha"))
+    return change, pvals, dropped
+
+
+def _scores_of(answers: dict) -> dict:
+    from eapcore.grading import score_fields
+
+    out = {}
+    for idx, row in answers.items():
+        score, _ = score_fields(row)
+        if score is not None:
+            out[idx] = bool(score)
+    return out
+
+
+def accuracy_table(runs: Iterable[RunInfo]) -> pd.DataFrame:
+    """Per pair and dataset (answers of its latest run): graded questions, base and tuned accuracy
+    (%), gain (percentage points) and the size of each answer group."""
+    from eapcore.grading import accuracy, groups
+
+    latest: dict[tuple[str, str], RunInfo] = {}
+    for r in sorted(runs, key=lambda r: r.updated):
+        if (r.path / "answers_base.jsonl").is_file() and (r.path / "answers_tuned.jsonl").is_file():
+            latest[(r.pair, r.dataset)] = r
+    rows = []
+    for (pair, dataset), r in sorted(latest.items()):
+        sb = _scores_of(_read_answers(r.path / "answers_base.jsonl"))
+        st = _scores_of(_read_answers(r.path / "answers_tuned.jsonl"))
+        ab, at = accuracy(sb), accuracy(st)
+        g = groups(sb, st)
+        rows.append({"pair": pair, "dataset": dataset, "n": min(ab["n"], at["n"]),
+                     "base_accuracy": 100 * ab["accuracy"], "tuned_accuracy": 100 * at["accuracy"],
+                     "accuracy_gain": 100 * (at["accuracy"] - ab["accuracy"]),
+                     **{f"n_{k}": len(v) for k, v in g.items()}})
+    cols = ["pair", "dataset", "n", "base_accuracy", "tuned_accuracy", "accuracy_gain",
+            *(f"n_{g}" for g in GROUPS)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def change_vs_gain(rows: pd.DataFrame, acc: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join each metric's relative change with the pair's accuracy gain on that dataset and
+    correlate across pairs (analysis.cross_pair_correlation, by dataset and alpha).
+    Returns (points, correlation table)."""
+    sub = rows.sort_values("updated").drop_duplicates(["pair", "dataset", "alpha", "metric"], keep="last")
+    pts = sub.merge(acc[["pair", "dataset", "accuracy_gain"]], on=["pair", "dataset"], how="inner")
+    if pts.empty:
+        return pts, pd.DataFrame()
+    corr = analysis.cross_pair_correlation(pts[["pair", "metric", "dataset", "alpha", "relative_change",
+                                                "accuracy_gain"]], by=("dataset", "alpha"))
+    return pts, corr
+
+
+# ---- one sample ----------------------------------------------------------------------------------
+
+_TOKENIZERS: "OrderedDict[str, Any]" = OrderedDict()
+
+
+def load_tokenizer(name_or_path: str) -> Any | None:
+    """A `tokenizers.Tokenizer` for a local model folder or a hub id already in the local Hugging
+    Face cache (never downloads); None if there is none."""
+    if name_or_path in _TOKENIZERS:
+        return _TOKENIZERS[name_or_path]
+    tok = None
+    try:
+        from tokenizers import Tokenizer
+
+        path = Path(name_or_path) / "tokenizer.json"
+        if not path.is_file() and not Path(name_or_path).exists():
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name_or_path, "tokenizer.json")
+            path = Path(found) if isinstance(found, str) else path
+        if path.is_file():
+            tok = Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001  (no tokenizer: the page shows token ids)
+        tok = None
+    _TOKENIZERS[name_or_path] = tok
+    while len(_TOKENIZERS) > 8:
+        _TOKENIZERS.popitem(last=False)
+    return tok
+
+
+def _first(value: Any) -> Any:
+    """The harness stores pred / score / code as one-element lists (one per sampled answer)."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def sample_view(data: RunData, idx: Any) -> dict[str, Any]:
+    """Everything the Samples page shows for question `idx` of the run: question, gt, and per model
+    (base, tuned): answer ids, the scored part (first T_cut tokens) and the rest (decoded text if
+    a tokenizer is found, else None), pred, correct, per-sample metrics, clean loss."""
+    pos = data.sample_ids.index(idx)
+    out: dict[str, Any] = {"idx": idx, "position": pos, "t_cut": data.t_cut}
+    models = {"base": data.info._get("pair", "base", "name_or_path", default=""),
+              "tuned": data.info._get("pair", "tuned", "name_or_path", default="")}
+    per = {m: metrics.per_sample_metrics(data.real_edges[m][pos:pos + 1], data.metric_settings) for m in models}
+    for model, name in models.items():
+        row = data.answers[model].get(idx, {})
+        ids = row.get("generate_token_ids") or []
+        ids = ids[0] if ids and isinstance(ids[0], list) else ids
+        tok = load_tokenizer(name) if name else None
+        cut = data.t_cut
+
+        def decode(part: list[int]) -> str | None:
+            return None if tok is None else tok.decode(part, skip_special_tokens=False)
+
+        score = _first(row.get("score"))
+        manifest = data.base.manifest if model == "base" else data.tuned.manifest
+        loss_pos = list(manifest["sample_ids"]).index(idx)
+        out[model] = {"model": name, "answer_ids": ids, "scored_ids": ids[:cut], "rest_ids": ids[cut:],
+                      "scored_text": decode(ids[:cut]), "rest_text": decode(ids[cut:]),
+                      "n_tokens": len(ids), "n_prompt_tokens": len(row.get("prompt_token_ids") or []),
+                      "pred": _first(row.get("pred")), "correct": score if isinstance(score, bool) else None,
+                      "code": _first(row.get("code")), "tokenizer": tok is not None,
+                      "metrics": {m: float(per[model][m][0]) for m in METRICS},
+                      "loss": _loss(data, model, loss_pos)}
+        out.setdefault("question", row.get("question"))
+        out.setdefault("gt", row.get("gt"))
+    return out
+
+
+def _loss(data: RunData, model: str, pos: int) -> float | None:
+    loss = data.loss.get(model)
+    return None if loss is None or pos >= len(loss) else float(loss[pos])
+
+
+def fmt_p(p: Any) -> str:
+    """p-value for tables: '<1e-4' style below 1e-4, else 3 significant digits; '' when missing."""
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(p):
+        return ""
+    return "< 1e-4" if p < 1e-4 else f"{p:.3g}"
