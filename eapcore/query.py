@@ -515,6 +515,7 @@ def table1(rows: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame,
         return pd.DataFrame(), pd.DataFrame(), dropped
     change = metrics.summary_table(sub, "relative_change", index=("pair",), columns=("dataset", "alpha"))
     pvals = metrics.summary_table(sub, "p_value", index=("pair",), columns=("dataset", "alpha"))
+    change, pvals = change.sort_index(axis=1), pvals.sort_index(axis=1)
     return change, pvals, dropped
 
 

@@ -1,0 +1,373 @@
+"""Pure Plotly figure builders and table formatting / export helpers for the dashboard.
+
+Nothing here reads the cache or imports Streamlit: inputs are the DataFrames and arrays of
+eapcore.query. Colour conventions (all pages):
+- base / tuned magnitudes share one sequential scale (Viridis) from 0 (or the log floor) to the
+  larger maximum of the two;
+- relative change uses a diverging scale (RdBu reversed: red = tuned larger, blue = tuned
+  smaller) symmetric about 0, clipped at the 98th percentile of |change| so a few cells with a
+  near-zero base do not wash the map out (the hover always shows the exact value);
+- base is grey-blue, tuned orange in every chart that shows both models.
+Exports: PNG / SVG through kaleido (a persistent headless Chromium, started on first use), CSV,
+LaTeX through pandas' Styler.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MODEL_COLORS = {"base": "#4C78A8", "tuned": "#F58518"}
+SEQ_SCALE = "Viridis"
+DIV_SCALE = "RdBu_r"
+TEMPLATE = "plotly_white"
+METRIC_LABELS = {"activation_intensity": "Activation intensity",
+                 "information_complexity": "Information complexity",
+                 "kurtosis": "Distribution kurtosis"}
+METRIC_UNITS = {"activation_intensity": "mean |s| per edge", "information_complexity": "entropy (nats)",
+                "kurtosis": "excess kurtosis"}
+GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
+                "base_only": "base ✓ tuned ✗", "tuned_only": "base ✗ tuned ✓"}
+TYPE_LABELS = {"q": "attn q", "k": "attn k", "v": "attn v", "mlp": "MLP", "logits": "logits",
+               "input": "input", "attention": "attention"}
+
+
+def _layout(fig: go.Figure, title: str, height: int = 420, **kw: Any) -> go.Figure:
+    fig.update_layout(title={"text": title, "x": 0.0, "xanchor": "left", "font": {"size": 16}},
+                      template=TEMPLATE, height=height, margin={"l": 60, "r": 30, "t": 70, "b": 50},
+                      font={"size": 12}, **kw)
+    return fig
+
+
+def symmetric_limit(values: Any, pct: float = 98.0) -> float:
+    """The colour limit of a symmetric scale: the pct-th percentile of |finite values| (> 0)."""
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 1.0
+    lim = float(np.percentile(v, pct))
+    return lim if lim > 0 else float(v.max() or 1.0)
+
+
+def _fmt(v: float, rel: bool) -> str:
+    if v is None or not np.isfinite(v):
+        return "no edge"
+    return f"{v:+.2f} %" if rel else f"{v:.4g}"
+
+
+def heatmap_triptych(base: Any, tuned: Any, rel: Any, x: Sequence[Any], y: Sequence[Any], *,
+                     title: str, x_title: str, y_title: str, value_name: str = "mean |s|",
+                     hover_names: np.ndarray | None = None, log_color: bool = False,
+                     stacked: bool = False, height: int | None = None) -> go.Figure:
+    """Base | tuned | relative change side by side (stacked=True: one above the other).
+
+    base, tuned, rel: 2D arrays [len(y), len(x)] (NaN: no edge). Base and tuned share one
+    sequential colour axis; the relative change (%) has its own, symmetric about 0.
+    hover_names: optional [len(y), len(x)] strings (e.g. "a3 → m7.in") shown in the hover.
+    """
+    b, t, r = (np.asarray(a, dtype=float) for a in (base, tuned, rel))
+    x_lab, y_lab = [str(v) for v in x], [str(v) for v in y]
+    rows, cols = (3, 1) if stacked else (1, 3)
+    names = ("Base model", "Tuned model", "Relative change (tuned vs base)")
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, shared_yaxes=not stacked,
+                        horizontal_spacing=0.1, vertical_spacing=0.08)
+    mags = np.concatenate([b[np.isfinite(b)], t[np.isfinite(t)]])
+    if log_color:
+        pos = mags[mags > 0]
+        floor = float(np.percentile(pos, 1)) if pos.size else 1e-12
+        tr = lambda a: np.log10(np.clip(a, floor, None))  # noqa: E731
+        cmin, cmax = math.log10(floor), (math.log10(float(pos.max())) if pos.size else 0.0)
+        cbar = f"log10 {value_name}"
+    else:
+        tr = lambda a: a  # noqa: E731
+        cmin, cmax = 0.0, float(mags.max()) if mags.size else 1.0
+        cbar = value_name
+    lim = symmetric_limit(r)
+    names_arr = np.full(b.shape, "", dtype=object) if hover_names is None else np.asarray(hover_names, dtype=object)
+    for i, (arr, which) in enumerate(((b, "base"), (t, "tuned"), (r, "rel"))):
+        rel = which == "rel"
+        text = np.vectorize(lambda v: _fmt(v, rel), otypes=[object])(arr)
+        custom = np.dstack([names_arr, text])
+        label = "relative change" if rel else f"{which} {value_name}"
+        hover = (("%{customdata[0]}<br>" if hover_names is not None else "") +
+                 f"{y_title}: %{{y}}<br>{x_title}: %{{x}}<br>{label}: %{{customdata[1]}}<extra></extra>")
+        fig.add_trace(go.Heatmap(z=arr if rel else tr(arr), x=x_lab, y=y_lab, customdata=custom,
+                                 hovertemplate=hover, coloraxis="coloraxis2" if rel else "coloraxis",
+                                 hoverongaps=False, xgap=1 if len(x_lab) < 40 else 0,
+                                 ygap=1 if len(y_lab) < 40 else 0),
+                      row=(i + 1) if stacked else 1, col=1 if stacked else (i + 1))
+    # each colour bar sits right of the panels it belongs to: base/tuned after the tuned panel
+    bar_pos = dict(len=0.6, y=0.67, yanchor="middle", x=1.01) if stacked else dict(len=0.9, x=0.64, thickness=14)
+    bar_pos2 = dict(len=0.3, y=0.15, yanchor="middle", x=1.01) if stacked else dict(len=0.9, x=1.01, thickness=14)
+    fig.update_layout(
+        coloraxis={"colorscale": SEQ_SCALE, "cmin": cmin, "cmax": cmax,
+                   "colorbar": {"title": {"text": cbar, "side": "right"}, **bar_pos}},
+        coloraxis2={"colorscale": DIV_SCALE, "cmin": -lim, "cmax": lim, "cmid": 0,
+                    "colorbar": {"title": {"text": "change (%)", "side": "right"}, "ticksuffix": "%",
+                                 **bar_pos2}})
+    for i in range(3):
+        kw = {"row": (i + 1), "col": 1} if stacked else {"row": 1, "col": i + 1}
+        fig.update_xaxes(title_text=x_title, type="category", **kw)
+        fig.update_yaxes(type="category", autorange="reversed", **kw)
+        if stacked or i == 0:
+            fig.update_yaxes(title_text=y_title, **kw)
+    h = height or (max(900, 18 * len(y_lab) * 3 + 200) if stacked else max(420, 16 * len(y_lab) + 160))
+    return _layout(fig, title, height=min(h, 2400))
+
+
+def grid_triptych(grids: dict[str, pd.DataFrame], *, title: str, x_title: str, y_title: str,
+                  row_labels: dict | None = None, col_labels: dict | None = None, **kw: Any) -> go.Figure:
+    """heatmap_triptych of query grids ({"base", "tuned", "relative_change": DataFrame})."""
+    b = grids["base"]
+    x = [col_labels.get(c, c) if col_labels else c for c in b.columns]
+    y = [row_labels.get(r, r) if row_labels else r for r in b.index]
+    return heatmap_triptych(b.to_numpy(float), grids["tuned"].to_numpy(float),
+                            grids["relative_change"].to_numpy(float), x, y, title=title,
+                            x_title=x_title, y_title=y_title, **kw)
+
+
+def layer_labels(layers: Sequence[int], n_layers: int) -> dict:
+    """Row labels: -1 -> 'input', n_layers -> 'logits', l -> 'L{l}'."""
+    return {l: ("input" if l == -1 else "logits" if l == n_layers else f"L{l}") for l in layers}
+
+
+# ---- distributions ---------------------------------------------------------------------------------
+
+def per_sample_figure(df: pd.DataFrame, metric: str, kind: str = "histogram") -> go.Figure:
+    """Per-sample values of one metric, base vs tuned (df: query.per_sample long format).
+    kind: histogram | violin | ecdf | paired (one line per question)."""
+    sub = df[df["metric"] == metric]
+    label, unit = METRIC_LABELS.get(metric, metric), METRIC_UNITS.get(metric, "")
+    n = sub["idx"].nunique()
+    fig = go.Figure()
+    for model in ("base", "tuned"):
+        v = sub.loc[sub["model"] == model, "value"].to_numpy(float)
+        v = v[np.isfinite(v)]
+        name = f"{model} (n={v.size})"
+        color = MODEL_COLORS[model]
+        if kind == "histogram":
+            fig.add_trace(go.Histogram(x=v, name=name, marker_color=color, opacity=0.6, nbinsx=30,
+                                       hovertemplate=f"{model}<br>{unit}: %{{x}}<br>samples: %{{y}}<extra></extra>"))
+        elif kind == "violin":
+            fig.add_trace(go.Violin(y=v, name=name, line_color=color, box_visible=True, meanline_visible=True,
+                                    points="all", jitter=0.3, pointpos=0,
+                                    hovertemplate=f"{model}<br>{unit}: %{{y:.4g}}<extra></extra>"))
+        elif kind == "ecdf":
+            xs = np.sort(v)
+            fig.add_trace(go.Scatter(x=xs, y=np.arange(1, xs.size + 1) / max(xs.size, 1), mode="lines",
+                                     line={"shape": "hv", "color": color, "width": 2}, name=name,
+                                     hovertemplate=f"{model}<br>{unit} ≤ %{{x:.4g}}: %{{y:.0%}}<extra></extra>"))
+    if kind == "paired":
+        wide = sub.pivot_table(index="idx", columns="model", values="value")
+        for idx, row in wide.iterrows():
+            up = row["tuned"] > row["base"]
+            fig.add_trace(go.Scatter(x=["base", "tuned"], y=[row["base"], row["tuned"]], mode="lines+markers",
+                                     line={"color": "#E45756" if up else "#72B7B2", "width": 1}, opacity=0.6,
+                                     showlegend=False, hovertemplate=f"question {idx}<br>%{{x}}: %{{y:.4g}}<extra></extra>"))
+        ups = int((wide["tuned"] > wide["base"]).sum())
+        fig.add_annotation(text=f"tuned > base on {ups} of {len(wide)} questions (red)", xref="paper",
+                           yref="paper", x=0.5, y=1.04, showarrow=False)
+    titles = {"histogram": "histogram", "violin": "violin + box", "ecdf": "empirical CDF",
+              "paired": "paired values per question"}
+    _layout(fig, f"{label} per sample: base vs tuned ({titles[kind]}, n = {n} questions)",
+            height=380, barmode="overlay", legend={"orientation": "h", "y": -0.2})
+    if kind in ("histogram", "ecdf"):
+        fig.update_xaxes(title_text=unit)
+        fig.update_yaxes(title_text="samples" if kind == "histogram" else "fraction of samples ≤ x")
+    else:
+        fig.update_yaxes(title_text=unit)
+    return fig
+
+
+def abs_histogram_figure(hist: pd.DataFrame, n_samples: int, n_edges: int) -> go.Figure:
+    """Pooled |s| over all samples and real edges on a log axis (query.abs_score_histogram)."""
+    fig = go.Figure()
+    for model in ("base", "tuned"):
+        fig.add_trace(go.Scatter(x=hist["centre"], y=hist[model], mode="lines", name=model,
+                                 line={"color": MODEL_COLORS[model], "width": 2, "shape": "hvh"},
+                                 customdata=np.c_[hist["left"], hist["right"]],
+                                 hovertemplate=f"{model}<br>|s| in [%{{customdata[0]:.3g}}, %{{customdata[1]:.3g}})"
+                                               "<br>share: %{y:.3%}<extra></extra>"))
+    _layout(fig, f"Pooled distribution of |edge score| (log axis; {n_samples} samples × {n_edges} real edges)",
+            height=380, legend={"orientation": "h", "y": -0.25})
+    fig.update_xaxes(type="log", title_text="|s| (first-order loss change when the edge is removed)",
+                     exponentformat="power")
+    fig.update_yaxes(title_text="share of values per bin", tickformat=".1%")
+    return fig
+
+
+# ---- groups and across pairs ---------------------------------------------------------------------
+
+def group_bar_figure(overview: pd.DataFrame, metric: str) -> go.Figure:
+    """One metric's pooled value per answer group, base and tuned bars (query.group_overview)."""
+    sub = overview[overview["metric"] == metric]
+    x = [f"{GROUP_LABELS.get(g, g)}<br>n={n}, T_cut={t}" for g, n, t in zip(sub["group"], sub["n"], sub["t_cut"])]
+    fig = go.Figure()
+    for model in ("base", "tuned"):
+        fig.add_trace(go.Bar(x=x, y=sub[model], name=model, marker_color=MODEL_COLORS[model],
+                             hovertemplate=f"{model}<br>%{{x}}<br>%{{y:.4g}}<extra></extra>"))
+    for xi, (_, r) in zip(x, sub.iterrows()):
+        if np.isfinite(r["relative_change"]):
+            fig.add_annotation(x=xi, y=max(r["base"], r["tuned"]), text=f"{r['relative_change']:+.1f}%",
+                               showarrow=False, yshift=12)
+    _layout(fig, f"{METRIC_LABELS.get(metric, metric)} by answer group (label: relative change tuned vs base)",
+            height=400, barmode="group", legend={"orientation": "h", "y": -0.3})
+    fig.update_yaxes(title_text=METRIC_UNITS.get(metric, ""))
+    return fig
+
+
+def change_vs_gain_figure(points: pd.DataFrame, metric: str, caveat: str = "") -> go.Figure:
+    """Relative change of one metric against the tuned model's accuracy gain, one point per
+    pair x dataset x alpha (query.change_vs_gain)."""
+    sub = points[points["metric"] == metric]
+    fig = go.Figure()
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star"]
+    for i, (dataset, d) in enumerate(sub.groupby("dataset")):
+        fig.add_trace(go.Scatter(
+            x=d["accuracy_gain"], y=d["relative_change"], mode="markers+text", name=str(dataset),
+            text=[f"{p} α={a:g}" for p, a in zip(d["pair"], d["alpha"])], textposition="top center",
+            marker={"size": 11, "symbol": symbols[i % len(symbols)]},
+            hovertemplate="%{text}<br>accuracy gain %{x:+.1f} pp<br>change %{y:+.1f}%<extra>" + str(dataset) + "</extra>"))
+    fig.add_hline(y=0, line={"color": "grey", "width": 1, "dash": "dot"})
+    fig.add_vline(x=0, line={"color": "grey", "width": 1, "dash": "dot"})
+    n_pairs = sub["pair"].nunique()
+    _layout(fig, f"{METRIC_LABELS.get(metric, metric)}: change vs accuracy gain ({n_pairs} pairs)", height=400,
+            legend={"title": {"text": "dataset"}})
+    if caveat:
+        fig.add_annotation(text=caveat, xref="paper", yref="paper", x=0, y=-0.22, showarrow=False,
+                           xanchor="left", font={"size": 11, "color": "#B03A2E"})
+    fig.update_xaxes(title_text="accuracy gain, tuned − base (percentage points)")
+    fig.update_yaxes(title_text="relative change of the metric (%)", ticksuffix="%")
+    return fig
+
+
+def node_entropy_figure(df: pd.DataFrame) -> go.Figure:
+    """Entropy of each source node's outgoing edges, base vs tuned bars (paper Fig. 3b as a chart)."""
+    fig = go.Figure()
+    for model in ("base", "tuned"):
+        fig.add_trace(go.Bar(x=df["node"], y=df[model], name=model, marker_color=MODEL_COLORS[model],
+                             customdata=df["n_edges"],
+                             hovertemplate=f"{model}<br>node %{{x}}<br>entropy %{{y:.3f}} nats"
+                                           "<br>%{customdata} outgoing edges<extra></extra>"))
+    _layout(fig, "Entropy of each source node's outgoing-edge distribution (paper Fig. 3b)", height=380,
+            barmode="group", legend={"orientation": "h", "y": -0.3})
+    fig.update_xaxes(title_text="source node (forward order)", type="category")
+    fig.update_yaxes(title_text="entropy (nats)")
+    return fig
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+def stars(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return ""
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def change_cell_colors(change: pd.DataFrame, pvals: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
+    """CSS per cell: red (up) / blue (down) background, strong when p < level, pale otherwise."""
+    def css(c: float, p: float) -> str:
+        if c is None or not np.isfinite(c):
+            return "color: #999999;"
+        sig = p is not None and np.isfinite(p) and p < level
+        if c >= 0:
+            bg = "#E8776B" if sig else "#F8DCD8"
+        else:
+            bg = "#6E9FD0" if sig else "#DCE7F3"
+        weight = "font-weight: 600;" if sig else ""
+        return f"background-color: {bg}; color: #111111; {weight}"
+    p = pvals.reindex_like(change)
+    return pd.DataFrame([[css(c, q) for c, q in zip(cr, pr)] for cr, pr in zip(change.to_numpy(float),
+                                                                                  p.to_numpy(float))],
+                        index=change.index, columns=change.columns)
+
+
+def change_table_text(change: pd.DataFrame, pvals: pd.DataFrame) -> pd.DataFrame:
+    """Cells like '+12.3% **' (stars: Wilcoxon p < 0.05 / 0.01 / 0.001); '–' when missing."""
+    p = pvals.reindex_like(change)
+    return pd.DataFrame([[("–" if not np.isfinite(c) else f"{c:+.1f}% {stars(q)}".strip())
+                          for c, q in zip(cr, pr)] for cr, pr in zip(change.to_numpy(float), p.to_numpy(float))],
+                        index=change.index, columns=change.columns)
+
+
+def flatten_columns(df: pd.DataFrame, fmt: str = "{dataset} α={alpha:g}") -> pd.DataFrame:
+    """(dataset, alpha) column MultiIndex -> single strings (for Streamlit tables and CSV)."""
+    out = df.copy()
+    if isinstance(out.columns, pd.MultiIndex):
+        out.columns = [fmt.format(dataset=d, alpha=float(a)) for d, a in out.columns]
+    return out
+
+
+def styled_change_table(change: pd.DataFrame, pvals: pd.DataFrame):
+    """pandas Styler of one metric's Table 1: text '+x.x% **', coloured by direction and significance."""
+    text = flatten_columns(change_table_text(change, pvals))
+    colors = change_cell_colors(change, pvals)
+    colors.columns = text.columns
+    return text.style.apply(lambda _: colors, axis=None)
+
+
+def to_csv_bytes(df: pd.DataFrame, index: bool = True) -> bytes:
+    return df.to_csv(index=index).encode("utf-8")
+
+
+def to_latex(df_or_styler: Any, caption: str = "", label: str = "") -> str:
+    """LaTeX (booktabs) of a DataFrame or Styler; colours of a Styler become \\cellcolor
+    (needs \\usepackage[table]{xcolor}); %, _ and & in cells and headers are escaped."""
+    if isinstance(df_or_styler, pd.DataFrame):
+        styler = df_or_styler.style.format(precision=4, na_rep="–", escape="latex")
+    else:
+        styler = df_or_styler._copy(deepcopy=True)
+        styler.format(escape="latex", na_rep="–")
+    styler.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
+    kw: dict[str, Any] = {"hrules": True, "convert_css": True}
+    if caption:
+        kw["caption"] = caption
+    if label:
+        kw["label"] = label
+    return styler.to_latex(**kw)
+
+
+# ---- images ------------------------------------------------------------------------------------------
+
+_KALEIDO_LOCK = threading.Lock()
+_KALEIDO_STARTED = False
+
+
+def _chrome_path() -> str | None:
+    return os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser") \
+        or shutil.which("google-chrome")
+
+
+def figure_image(fig: go.Figure | dict, fmt: str = "png", scale: float = 2.0, width: int | None = None) -> bytes:
+    """PNG or SVG bytes of a figure through kaleido (headless Chromium, kept running between calls).
+
+    Chromium comes from $BROWSER_PATH or PATH (`apt-get install chromium`); RuntimeError with
+    that advice when there is none."""
+    global _KALEIDO_STARTED
+    import kaleido
+
+    path = _chrome_path()
+    if path is None:
+        raise RuntimeError("image export needs Chrome/Chromium: install it (apt-get install chromium) "
+                           "or set BROWSER_PATH")
+    os.environ.setdefault("BROWSER_PATH", path)
+    fig = go.Figure(fig) if isinstance(fig, dict) else fig
+    width = width or int(fig.layout.width or 1200)
+    height = int(fig.layout.height or 450)
+    with _KALEIDO_LOCK:
+        if not _KALEIDO_STARTED:
+            try:
+                kaleido.start_sync_server(silence_warnings=True)
+            except Exception:  # noqa: BLE001  (fall back to one browser per image)
+                pass
+            _KALEIDO_STARTED = True
+        return kaleido.calc_fig_sync(fig, opts={"format": fmt, "width": width, "height": height,
+                                                "scale": scale if fmt == "png" else 1})
