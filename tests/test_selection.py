@@ -1,0 +1,156 @@
+"""Selection (paper Eq. 10-12) against hand-computed expectations on constructed answer files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eapcore import cli
+from eapcore.harness import Sample, read_samples, write_jsonl
+from eapcore.selection import Lengths, failed_rules, group_lengths, select
+from eapcore.specs import SelectionSettings
+
+# idx: (prompt_base, prompt_tuned, answer_base, answer_tuned, base_right, tuned_right)
+QUESTIONS = {
+    0: (5, 5, 10, 10, True, True),
+    1: (5, 5, 12, 8, True, True),    # ratio 4/10 = 0.4: kept
+    2: (5, 6, 10, 10, True, True),   # prompt lengths differ
+    3: (5, 5, 1, 1, True, True),     # shorter than T_cut (and mean below the range)
+    4: (5, 5, 30, 30, True, True),   # mean 30 above floor(1.5 T_ref) = 16
+    5: (5, 5, 4, 16, True, True),    # ratio 12/10 = 1.2 > 0.5
+    6: (5, 5, 10, 9, True, True),
+    7: (5, 5, 12, 20, True, True),   # mean 16 = upper bound, ratio 8/16 = 0.5 = beta: kept
+    8: (5, 5, 10, 10, False, True),  # tuned_only
+    9: (5, 5, 10, 10, False, False),  # both_wrong
+}
+# both_correct = 0..7: mean |y_base| = 89/8 = 11.125, mean |y_tuned| = 104/8 = 13
+T_REF = 11.125
+T_CUT = 3  # floor(0.3 * 11.125) = floor(3.3375)
+KEPT = [0, 1, 6, 7]  # mean range [floor(5.5625), floor(16.6875)] = [5, 16]
+
+
+def samples(side: int) -> list[Sample]:
+    """side 0 = base, 1 = tuned; tokens are distinct per model so the outputs can be told apart."""
+    out = []
+    for idx, q in QUESTIONS.items():
+        prompt, answer, right = q[side], q[2 + side], q[4 + side]
+        out.append(Sample(idx, list(range(prompt)), [100 * (side + 1) + t for t in range(answer)],
+                          {"gt": "1", "pred": ["1" if right else "2"]}))
+    return out
+
+
+def test_lengths_and_rules_by_hand():
+    lengths, messages = group_lengths(samples(0), samples(1), "both_correct")
+    assert messages == [] and sorted(lengths) == list(range(8))
+    assert lengths[2] == Lengths(5, 6, 10, 10)
+    s = SelectionSettings(alpha=0.3)
+    assert failed_rules(lengths[3], T_REF, T_CUT, s) == ["min_length", "mean_range"]
+    assert failed_rules(lengths[7], T_REF, T_CUT, s) == []
+    assert failed_rules(Lengths(5, 5, 12, 21), T_REF, T_CUT, s) == ["mean_range", "length_ratio"]
+
+
+def test_select_counts_every_rule():
+    lengths, _ = group_lengths(samples(0), samples(1), "both_correct")
+    sel = select(lengths, SelectionSettings(alpha=0.3, n=100))
+    assert sel.t_ref == T_REF and sel.t_cut == T_CUT
+    assert sel.idx == KEPT
+    assert sel.counts == {
+        "group": 8, "kept": 4, "drawn": 4,
+        "removed": {"prompt_length": 1, "min_length": 1, "mean_range": 1, "length_ratio": 1},
+        "failing": {"prompt_length": 1, "min_length": 1, "mean_range": 2, "length_ratio": 1}}
+
+
+def test_parameters_move_the_bounds():
+    lengths, _ = group_lengths(samples(0), samples(1), "both_correct")
+    assert select(lengths, SelectionSettings(alpha=0.3, beta=0.45)).idx == [0, 1, 6]  # 7 has ratio 0.5
+    assert select(lengths, SelectionSettings(alpha=0.3, high=1.4)).idx == [0, 1, 6]  # bound 15 < 16
+    assert select(lengths, SelectionSettings(alpha=0.3, high=3.0)).idx == [0, 1, 4, 6, 7]
+    assert select(lengths, SelectionSettings(alpha=0.3, low=0.0)).idx == KEPT  # 3 still below T_cut
+    # alpha = 0.9: T_cut = floor(10.0125) = 10, so 1 (tuned 8) and 6 (tuned 9) are too short
+    sel = select(lengths, SelectionSettings(alpha=0.9))
+    assert sel.t_cut == 10 and sel.idx == [0, 7]
+    assert select(lengths, SelectionSettings(alpha=0.01)).t_cut == 1  # max(floor(0.11), 1)
+
+
+def test_draw_is_seeded_and_documented():
+    lengths, _ = group_lengths(samples(0), samples(1), "both_correct")
+    draws = {}
+    for seed in range(6):
+        sel = select(lengths, SelectionSettings(alpha=0.3, n=2, seed=seed))
+        expected = sorted(KEPT[i] for i in np.random.default_rng(seed).choice(4, size=2, replace=False))
+        assert sel.idx == expected and sel.counts["drawn"] == 2
+        assert select(lengths, SelectionSettings(alpha=0.3, n=2, seed=seed)).idx == sel.idx
+        draws[seed] = tuple(sel.idx)
+    assert len(set(draws.values())) > 1  # the seed changes the draw
+    assert select(lengths, SelectionSettings(alpha=0.3, n=0)).idx == KEPT  # n <= 0: all kept
+
+
+def test_other_groups():
+    for group, members in (("tuned_only", [8]), ("both_wrong", [9]), ("base_only", [])):
+        lengths, _ = group_lengths(samples(0), samples(1), group)
+        assert sorted(lengths) == members
+    with pytest.raises(ValueError, match="empty"):
+        select({}, SelectionSettings(group="base_only"))
+    with pytest.raises(ValueError, match="unknown group"):
+        group_lengths(samples(0), samples(1), "everything")
+
+
+def write_answers(path, side, drop_scores=False):
+    rows = []
+    for s in samples(side):
+        right = s.extra["pred"] == ["1"]
+        row = s.to_json() | {"code": [f"\\boxed{{{s.extra['pred'][0]}}}"]}
+        if not drop_scores:
+            row |= {"score": [right]}
+            row.pop("pred")
+        rows.append(row)
+    write_jsonl(path, rows)
+
+
+@pytest.mark.parametrize("drop_scores", [False, True])
+def test_select_command_writes_attribute_input(tmp_path, capsys, drop_scores):
+    """Scores come from `score`, or (absent) from grading `pred` against `gt`."""
+    base, tuned, out = tmp_path / "base_in.jsonl", tmp_path / "tuned_in.jsonl", tmp_path / "sel"
+    write_answers(base, 0, drop_scores)
+    write_answers(tuned, 1, drop_scores)
+    with open(base, "a") as fh:
+        fh.write("{broken\n")
+    rc = cli.main(["select", "--base", str(base), "--tuned", str(tuned), "--alpha", "0.3",
+                   "--n", "3", "--seed", "7", "--out", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "line 11: malformed JSON" in captured.err
+    meta = json.loads((out / "selection.json").read_text())
+    expected = sorted(KEPT[i] for i in np.random.default_rng(7).choice(4, size=3, replace=False))
+    assert meta["idx"] == expected and meta["t_ref"] == T_REF and meta["t_cut"] == T_CUT
+    assert meta["settings"] == {"alpha": 0.3, "beta": 0.5, "low": 0.5, "high": 1.5, "n": 3, "seed": 7,
+                                "group": "both_correct"}
+    assert meta["counts"]["removed"] == {"prompt_length": 1, "min_length": 1, "mean_range": 1,
+                                         "length_ratio": 1}
+    b, rb = read_samples(out / "base.jsonl")
+    t, rt = read_samples(out / "tuned.jsonl")
+    assert rb.problems == rt.problems == []
+    assert [s.idx for s in b] == [s.idx for s in t] == expected
+    for s in b:  # full answers, each model's own
+        assert s.answer_ids == [100 + k for k in range(QUESTIONS[s.idx][2])]
+    for s in t:
+        assert s.answer_ids == [200 + k for k in range(QUESTIONS[s.idx][3])]
+
+
+def test_select_command_errors(tmp_path, capsys):
+    base, tuned = tmp_path / "b.jsonl", tmp_path / "t.jsonl"
+    write_answers(base, 0)
+    write_answers(tuned, 1)
+    args = ["select", "--base", str(base), "--tuned", str(tuned), "--alpha", "0.5", "--out", str(tmp_path / "o")]
+    assert cli.main(args + ["--group", "base_only"]) == 2
+    assert "group 'base_only' is empty" in capsys.readouterr().err
+    assert cli.main(["select", "--base", str(tmp_path / "nope.jsonl"), "--tuned", str(tuned),
+                     "--alpha", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["select", "--base", str(empty), "--tuned", str(tuned), "--alpha", "0.5",
+                     "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
