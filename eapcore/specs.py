@@ -40,6 +40,7 @@ class PairSpec:
     max_new_tokens: int = 4096
     algorithm: str = ""  # label only: GRPO, PPO, DPO, ...
     notes: str = ""
+    architecture: str = ""  # label only: llama, mistral, qwen2, gpt2 (the registry fills it in)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class SelectionSettings:
     n: int = 100
     seed: int = 42
     group: Group = "both_correct"
+
+    def __post_init__(self):  # 1 and 1.0 must give one key: the ratios are always floats
+        for name in ("alpha", "beta", "low", "high"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 @dataclass(frozen=True)
