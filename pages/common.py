@@ -1,0 +1,182 @@
+"""Shared page helpers: URL-backed pickers, bounded caches over eapcore.query, export buttons.
+
+Not a page itself (app.py lists the pages with st.navigation). Every cached function takes the
+run key and the run's file signature (mtimes and sizes), so a rewritten run is never served
+stale; caches are bounded (max_entries).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from eapcore import figures, query
+
+PAGES = {
+    "home": "pages/home.py", "run": "pages/run.py", "heatmaps": "pages/heatmaps.py",
+    "distributions": "pages/distributions.py", "groups": "pages/groups.py",
+    "summary": "pages/summary.py", "samples": "pages/samples.py",
+}
+CACHE_ENTRIES = 64
+
+
+# ---- URL-backed state -----------------------------------------------------------------------------
+
+def url_select(label: str, options: Sequence[Any], param: str, *, default: Any = None,
+               format_func: Callable[[Any], str] = str, container: Any = None, help: str | None = None,
+               horizontal_radio: bool = False) -> Any:
+    """A selectbox (or horizontal radio) whose value lives in the URL query string as `param`.
+
+    Start value: the URL's, else the last value chosen on any page (session), else `default`,
+    else the first option. Options are matched as strings, so the URL can hold them."""
+    container = container or st
+    options = list(options)
+    if not options:
+        return None
+    as_str = [str(o) for o in options]
+    wkey, skey = f"w_{param}", f"s_{param}"
+    url = st.query_params.get(param)
+    if wkey in st.session_state and str(st.session_state[wkey]) not in as_str:
+        del st.session_state[wkey]  # the options changed under it
+    if wkey not in st.session_state:
+        for cand in (url, st.session_state.get(skey), None if default is None else str(default)):
+            if cand is not None and cand in as_str:
+                st.session_state[wkey] = options[as_str.index(cand)]
+                break
+        else:
+            st.session_state[wkey] = options[0]
+    widget = container.radio if horizontal_radio else container.selectbox
+    kw = {"horizontal": True} if horizontal_radio else {}
+    value = widget(label, options, key=wkey, format_func=format_func, help=help, **kw)
+    st.session_state[skey] = str(value)
+    st.query_params[param] = str(value)
+    return value
+
+
+def page_header(title: str, caption: str) -> None:
+    st.title(title)
+    st.caption(caption)
+
+
+# ---- runs -------------------------------------------------------------------------------------------
+
+@st.cache_data(ttl=2, max_entries=4, show_spinner=False)
+def _runs(root: str) -> list[query.RunInfo]:
+    return query.list_runs(root)
+
+
+def all_runs() -> list[query.RunInfo]:
+    """Every run folder in the cache (re-listed at most every 2 s)."""
+    return _runs(str(query.cache_root()))
+
+
+def finished_runs() -> list[query.RunInfo]:
+    return [r for r in all_runs() if r.finished]
+
+
+def no_runs_message(what: str = "this view") -> None:
+    st.info(f"No finished runs in the cache yet ({query.cache_root()}), so there is nothing to show in "
+            f"{what}. Start one on the Run page: the built-in demo pair runs with no network and no GPU.")
+    st.page_link(PAGES["run"], label="Go to the Run page", icon="▶️")
+
+
+def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = True) -> query.RunInfo | None:
+    """Sidebar cascade pair -> dataset -> alpha -> group -> granularity (-> run if several match),
+    each choice in the URL. Returns the chosen finished run, or None (message shown)."""
+    runs = finished_runs() if runs is None else runs
+    if not runs:
+        return None
+    sb = st.sidebar
+    sb.markdown("**Run**")
+    pair = url_select("Model pair", sorted({r.pair for r in runs}), "pair", container=sb)
+    runs = [r for r in runs if r.pair == pair]
+    dataset = url_select("Dataset", sorted({r.dataset for r in runs}), "dataset", container=sb)
+    runs = [r for r in runs if r.dataset == dataset]
+    alpha = url_select("α (truncation: T_cut = α·T_ref)", sorted({r.alpha for r in runs}), "alpha",
+                       default=0.5, container=sb, format_func=lambda a: f"{a:g}")
+    runs = [r for r in runs if r.alpha == alpha]
+    if pick_group:
+        present = [g for g in query.GROUPS if g in {r.group for r in runs}]
+        group = url_select("Answer group", present, "group", default="both_correct", container=sb,
+                           format_func=lambda g: query.GROUP_LABELS.get(g, g))
+        runs = [r for r in runs if r.group == group]
+    gran = url_select("Granularity", sorted({r.granularity for r in runs}, key=["layer", "head"].index)
+                      if all(r.granularity in ("layer", "head") for r in runs) else sorted({r.granularity for r in runs}),
+                      "gran", default="layer", container=sb)
+    runs = [r for r in runs if r.granularity == gran]
+    if len(runs) > 1:
+        by_key = {r.key: r for r in runs}
+        key = url_select("Run (several match)", list(by_key), "run", container=sb,
+                         format_func=lambda k: f"{k[:8]} · N={by_key[k].n_requested}")
+        chosen = by_key[key]
+    else:
+        chosen = runs[0]
+        st.query_params["run"] = chosen.key
+    sb.caption(f"run key `{chosen.key}` · {chosen.spec_dict.get('pair', {}).get('algorithm', '')}")
+    return chosen
+
+
+def run_caption(data: query.RunData) -> str:
+    info = data.info
+    return (f"**{info.pair}** on **{info.dataset}** · α = {info.alpha:g} (T_cut = {data.t_cut} answer tokens) · "
+            f"group: {query.GROUP_LABELS.get(info.group, info.group)} · {info.granularity} graph "
+            f"({len(data.base.graph['forward'])} sources × {len(data.base.graph['backward'])} destinations, "
+            f"{int(data.mask.sum())} real edges) · n = {len(data.sample_ids)} questions")
+
+
+def load(info: query.RunInfo) -> query.RunData | None:
+    try:
+        return query.load_run(info)
+    except (query.RunNotReady, OSError, ValueError, KeyError) as err:
+        st.error(f"Run {info.key} cannot be read: {err}")
+        return None
+
+
+# ---- bounded caches over query (keyed by run key + file signature) ------------------------------------
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _cached_call(name: str, root: str, key: str, signature: tuple, *args: Any) -> Any:
+    return getattr(query, name)(query.load_run(key, root), *args)
+
+
+def cached(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(data, *args)` of eapcore.query as a bounded st.cache_data call keyed by (function name,
+    cache root, run key, run file signature, *args)."""
+    if getattr(query, fn.__name__, None) is not fn:
+        raise ValueError(f"cached() wraps eapcore.query functions only, not {fn!r}")
+
+    def call(info: query.RunInfo, *args: Any) -> Any:
+        return _cached_call(fn.__name__, str(query.cache_root()), info.key, info.signature, *args)
+
+    return call
+
+
+# ---- output helpers -----------------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "figure"
+
+
+def show_figure(fig: Any, name: str, key: str) -> None:
+    """The chart, then PNG and SVG download buttons (rendered by kaleido only when clicked)."""
+    st.plotly_chart(fig, key=f"chart_{key}", config={"displaylogo": False})
+    c1, c2, _ = st.columns([1, 1, 6])
+    for col, fmt, mime in ((c1, "png", "image/png"), (c2, "svg", "image/svg+xml")):
+        col.download_button(f"⬇ {fmt.upper()}", data=lambda f=fmt, fig=fig: figures.figure_image(fig, f),
+                            file_name=f"{slug(name)}.{fmt}", mime=mime, key=f"dl_{fmt}_{key}",
+                            on_click="ignore", help=f"Download this figure as {fmt.upper()} (rendered server-side)")
+
+
+def show_table(df: pd.DataFrame, name: str, key: str, *, styler: Any = None, caption: str = "",
+               index: bool = True, column_config: dict | None = None, height: Any = "auto") -> None:
+    """A table (styled if `styler`), then CSV and LaTeX download buttons."""
+    st.dataframe(styler if styler is not None else df, hide_index=not index, column_config=column_config,
+                 key=f"table_{key}", height=height)
+    c1, c2, _ = st.columns([1, 1, 6])
+    c1.download_button("⬇ CSV", data=figures.to_csv_bytes(df, index=index), file_name=f"{slug(name)}.csv",
+                       mime="text/csv", key=f"dl_csv_{key}", on_click="ignore")
+    c2.download_button("⬇ LaTeX", data=lambda: figures.to_latex(styler if styler is not None else df,
+                                                                caption=caption or name),
+                       file_name=f"{slug(name)}.tex", mime="text/x-tex", key=f"dl_tex_{key}", on_click="ignore")

@@ -1,0 +1,218 @@
+"""Run: choose a pair, a dataset and settings; see memory and cache state; launch, watch, cancel."""
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from eapcore import query
+from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec,
+                           RunSpec, SelectionSettings, spec_key)
+from pages.common import PAGES, all_runs, page_header, show_table, url_select
+
+page_header("Run an attribution",
+            "Generate both models' answers, grade them, select and truncate the questions (paper Eq. 10-12), "
+            "score every edge of both models with EAP and compute the metrics. Each stage is cached, so "
+            "changing α reuses the answers. The run works in a separate process; this page only watches it.")
+
+try:
+    from eapcore import registry, runner
+except ImportError as err:  # the pages still work on cached runs without them
+    registry = runner = None
+    st.warning(f"The runner is not available in this installation ({err}); cached runs can still be browsed.")
+
+pairs = {p.name: p for p in query.registered("pairs")}
+datasets = {d.name: d for d in query.registered("datasets")}
+NEW = "➕ custom pair…"
+
+# ---- pair ------------------------------------------------------------------------------------------
+st.subheader("1. Model pair")
+names = list(pairs) + [NEW]
+demo_default = next((n for n in pairs if n.lower().startswith("demo")), names[0])
+pair_name = url_select("Pair", names, "pair", default=demo_default,
+                       format_func=lambda n: n if n == NEW else f"{n} ({pairs[n].algorithm})")
+if pair_name == NEW:
+    with st.form("new_pair"):
+        st.caption("Two Hugging Face hub ids or local checkpoint folders of the same architecture. Saved in the "
+                   "registry (registry.json) so it appears in every list.")
+        c1, c2 = st.columns(2)
+        name = c1.text_input("Name", placeholder="my-sft-vs-grpo")
+        algo = c2.text_input("RL algorithm (label)", placeholder="GRPO")
+        base = c1.text_input("Base (SFT) model: hub id or folder", placeholder="org/model-sft or /models/sft")
+        tuned = c2.text_input("Tuned model: hub id or folder", placeholder="org/model-rl or /models/rl")
+        template = c1.text_input("Prompt template", value="deepseek-math",
+                                 help="a template name (deepseek-math, mistral, qwen25-math-cot, chat) or a "
+                                      "string containing {question}")
+        max_new = c2.number_input("Max new tokens", 1, 65536, 1024)
+        if st.form_submit_button("Save pair", type="primary"):
+            try:
+                saved = registry.add_pair(PairSpec(name.strip(), ModelSpec(base.strip()), ModelSpec(tuned.strip()),
+                                                   template=template, max_new_tokens=int(max_new), algorithm=algo))
+                st.session_state["w_pair"] = saved.name
+                st.success(f"Saved pair {saved.name!r}.")
+                st.rerun()
+            except Exception as err:  # noqa: BLE001  (RegistryError and friends: show the message)
+                st.error(str(err))
+    st.stop()
+pair = pairs[pair_name]
+st.caption(f"base `{pair.base.name_or_path}` → tuned `{pair.tuned.name_or_path}` · {pair.algorithm} · "
+           f"template `{pair.template}` · up to {pair.max_new_tokens} new tokens")
+
+# ---- dataset ---------------------------------------------------------------------------------------
+st.subheader("2. Dataset")
+source = url_select("Source", ["registered", "local file", "upload"], "dsrc", horizontal_radio=True)
+dataset = None
+if source == "registered":
+    ds_name = url_select("Dataset", list(datasets), "dataset",
+                         default="demo" if pair_name.lower().startswith("demo") else None)
+    dataset = datasets.get(ds_name)
+else:
+    c1, c2 = st.columns(2)
+    ds_label = c1.text_input("Name for this dataset", key="ds_label")
+    if source == "local file":
+        path = c2.text_input("Path of a jsonl file (harness format, or question + answer fields)", key="ds_path")
+    else:
+        up = c2.file_uploader("jsonl file", type=["jsonl", "json"], key="ds_upload")
+        path = ""
+        if up is not None:
+            target = query.cache_root() / "uploads" / Path(up.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(up.getvalue())
+            path = str(target)
+            st.caption(f"Stored as {target}")
+    if ds_label and path and st.button("Save dataset in the registry"):
+        try:
+            dataset = registry.add_dataset(DatasetSpec(ds_label.strip(), source=path), replace=True)
+            st.success(f"Saved dataset {dataset.name!r}.")
+        except Exception as err:  # noqa: BLE001
+            st.error(str(err))
+    elif ds_label and path:
+        dataset = DatasetSpec(ds_label.strip(), source=path)
+if dataset is None:
+    st.info("Choose or define a dataset to continue.")
+    st.stop()
+limit = st.number_input("Use only the first … problems (0: all)", 0, 100000, int(dataset.limit or 0),
+                        help="a quick run on a subset; the limit is part of the run's key")
+dataset = DatasetSpec(dataset.name, dataset.source, dataset.split, int(limit) or None)
+
+# ---- settings --------------------------------------------------------------------------------------
+st.subheader("3. Settings")
+c1, c2, c3, c4 = st.columns(4)
+alpha = float(url_select("α (T_cut = ⌊α·T_ref⌋)", ["0.03", "0.1", "0.3", "0.5", "1.0"], "alpha", default="0.5",
+                         container=c1))
+beta = c2.number_input("β (max relative length gap)", 0.0, 2.0, 0.5, 0.05)
+n = c3.number_input("N questions", 1, 100000, 100)
+seed = c4.number_input("Seed", 0, 2**31 - 1, 42)
+c1, c2, c3, c4 = st.columns(4)
+group = url_select("Answer group", list(GROUPS), "group", container=c1, format_func=query.GROUP_LABELS.get)
+gran = url_select("Granularity", ["layer", "head"], "gran", container=c2,
+                  help="layer: the paper's graph; head: one node per attention head (much larger)")
+att_dtype = c3.selectbox("Attribution dtype", ["float32", "bfloat16"],
+                         help="model weights and activations; scores always accumulate in float32")
+gen_dtype = c4.selectbox("Generation dtype", ["bfloat16", "float32", "float16"])
+
+spec = RunSpec(pair=pair, dataset=dataset, generation=GenerationSettings(dtype=gen_dtype),
+               selection=SelectionSettings(alpha=alpha, beta=float(beta), n=int(n), seed=int(seed), group=group),
+               attribution=AttributionSettings(granularity=gran, dtype=att_dtype))
+key = spec_key(spec)
+existing = query.get_run(key)
+
+st.subheader("4. Check and launch")
+c1, c2 = st.columns(2)
+with c1:
+    st.markdown(f"Run key `{key}`")
+    if existing is not None and existing.finished:
+        st.success("Already cached: the pages show it at once.")
+        st.page_link(PAGES["heatmaps"], label="Open its heatmaps", icon="🗺️",
+                     query_params={"pair": existing.pair, "dataset": existing.dataset, "alpha": str(existing.alpha),
+                                   "group": existing.group, "gran": existing.granularity, "run": key})
+    elif existing is not None:
+        st.info(f"In the cache but not finished (stage: {existing.stage}); starting it again resumes it.")
+    else:
+        st.caption("Not cached yet.")
+
+
+@st.cache_data(max_entries=16, ttl=600, show_spinner="Predicting memory from the model configs…")
+def _memory(key: str, _spec: RunSpec) -> dict:
+    try:
+        return runner.predict_memory(_spec)
+    except Exception as err:  # noqa: BLE001  (no config offline, unknown architecture, …)
+        return {"error": str(err)}
+
+
+def _configs_local(spec: RunSpec) -> bool:
+    """Both models' configs are on this machine (folder or Hugging Face cache): no hub traffic."""
+    for m in (spec.pair.base, spec.pair.tuned):
+        path = Path(registry.resolve_path(m.name_or_path))
+        if (path / "config.json").is_file():
+            continue
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(m.name_or_path, "config.json", revision=m.revision), str):
+                return False
+        except Exception:  # noqa: BLE001  (not a hub id)
+            return False
+    return True
+
+
+with c2:
+    if runner is not None and not _configs_local(spec) and not st.session_state.get(f"mem_{key}"):
+        st.caption("The model configs are not on this machine yet: predicting memory fetches them from the hub.")
+        if st.button("Predict GPU memory"):
+            st.session_state[f"mem_{key}"] = True
+            st.rerun()
+    elif runner is not None:
+        mem = _memory(key, spec)
+        if "error" in mem:
+            st.warning(f"Memory prediction unavailable: {mem['error']}")
+        else:
+            st.metric(f"Predicted memory ({mem['device']})", f"{mem['bytes_needed'] / 1e9:.2f} GB",
+                      delta=f"{mem['bytes_available'] / 1e9:.1f} GB free", delta_color="off")
+            (st.success if mem["fits"] else st.error)(mem["message"])
+
+if runner is not None and st.button("▶ Start run", type="primary", disabled=bool(existing and existing.finished)):
+    try:
+        st.session_state["active_run"] = runner.start(spec)
+        st.query_params["watch"] = st.session_state["active_run"]
+    except Exception as err:  # noqa: BLE001
+        st.error(f"Could not start: {err}")
+
+active = st.session_state.get("active_run") or st.query_params.get("watch")
+
+
+@st.fragment(run_every=1.0)
+def progress(key: str) -> None:
+    s = runner.status(key)
+    if not s:
+        st.caption(f"Run {key}: no status yet.")
+        return
+    stage, done, total = s.get("stage", "?"), s.get("done") or 0, s.get("total") or 0
+    frac = min(1.0, done / total) if total else 0.0
+    eta = s.get("eta_s")
+    eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
+    mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{mem}")
+    st.caption(s.get("message") or "")
+    if stage == "error":
+        st.error(s.get("error") or s.get("message") or "failed")
+    if stage == "done":
+        st.success("Finished.")
+        st.page_link(PAGES["heatmaps"], label="Open the heatmaps", icon="🗺️", query_params={"run": key})
+    if s.get("running") and st.button("■ Cancel", key=f"cancel_{key}"):
+        runner.cancel(key)
+        st.warning("Cancel requested: the worker keeps finished samples and stops after the current batch.")
+
+
+if active and runner is not None:
+    st.subheader("Progress")
+    progress(active)
+
+st.subheader("Past runs")
+runs = all_runs()
+if runs:
+    frame = query.runs_frame(runs)
+    frame["group"] = frame["group"].map(lambda g: query.GROUP_LABELS.get(g, g))
+    show_table(frame, "past_runs", "past_runs", index=False)
+else:
+    st.caption("No runs in the cache yet.")

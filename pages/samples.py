@@ -1,0 +1,93 @@
+"""Samples: one question at a time: answers, truncation point, correctness, metrics, heatmap."""
+import html
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from eapcore import figures, query
+from pages.common import (cached, load, no_runs_message, page_header, run_caption, run_picker, show_figure,
+                          show_table, url_select)
+
+page_header("Samples: one question at a time",
+            "Each model's own greedy answer to the question; the highlighted part (the first T_cut answer "
+            "tokens) is what the EAP loss scores, the rest is not seen by the attribution.")
+
+info = run_picker()
+if info is None:
+    no_runs_message("the samples")
+    st.stop()
+data = load(info)
+if data is None:
+    st.stop()
+st.markdown(run_caption(data))
+
+ids = data.sample_ids
+
+
+def _label(i):
+    rb, rt = data.answers["base"].get(i, {}), data.answers["tuned"].get(i, {})
+    mark = lambda r: {True: "✓", False: "✗"}.get(query._first(r.get("score")), "?")  # noqa: E731
+    return f"question {i} · base {mark(rb)} tuned {mark(rt)}"
+
+
+sample = url_select(f"Question ({len(ids)} selected for this run)", ids, "sample", format_func=_label)
+view = cached(query.sample_view)(info, sample)
+
+st.markdown(f"**Question {sample}.** {html.escape(str(view.get('question') or '(no question text stored)'))}")
+st.markdown(f"Reference answer: `{view.get('gt')}` · T_cut = **{view['t_cut']}** answer tokens scored")
+
+
+def answer_html(part: dict, t_cut: int) -> str:
+    if part["tokenizer"]:
+        scored, rest = html.escape(part["scored_text"] or ""), html.escape(part["rest_text"] or "")
+    else:
+        scored = html.escape(" ".join(map(str, part["scored_ids"])))
+        rest = html.escape(" ".join(map(str, part["rest_ids"])))
+    marker = (f"<span style='color:#fff;background:#B03A2E;border-radius:3px;padding:0 4px;margin:0 2px;"
+              f"font-size:0.75em'>✂ T_cut={t_cut}</span>")
+    return (f"<div style='font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
+            f"line-height:1.5;border:1px solid #ddd;border-radius:6px;padding:8px;max-height:320px;overflow:auto'>"
+            f"<span style='background:#FDEBD0'>{scored}</span>{marker}<span style='color:#888'>{rest}</span></div>")
+
+
+cols = st.columns(2)
+for col, model in zip(cols, ("base", "tuned")):
+    part = view[model]
+    with col:
+        ok = part["correct"]
+        badge = {True: ":green-badge[correct]", False: ":red-badge[wrong]"}.get(ok, ":gray-badge[ungraded]")
+        st.markdown(f"#### {model.capitalize()} model {badge}")
+        loss = "–" if part["loss"] is None else f"{part['loss']:.3f}"
+        st.caption(f"`{part['model']}` · prediction `{part['pred']}` · {part['n_tokens']} answer tokens "
+                   f"({part['n_prompt_tokens']} prompt tokens) · clean loss on the scored part {loss} nats")
+        st.markdown(answer_html(part, view["t_cut"]), unsafe_allow_html=True)
+        if not part["tokenizer"]:
+            st.caption("No tokenizer found locally for this model: token ids are shown. The stored answer text:")
+            st.text(part["code"] or "")
+
+st.subheader("This question's metrics")
+tab = pd.DataFrame({"base": view["base"]["metrics"], "tuned": view["tuned"]["metrics"]})
+tab["relative_change"] = 100 * (tab["tuned"] - tab["base"]) / tab["base"].abs()
+tab.index = [query.METRIC_LABELS[m] for m in tab.index]
+tab.index.name = "metric"
+show_table(tab, f"sample_{sample}_metrics_{info.pair}", "sample_metrics",
+           column_config={"relative_change": st.column_config.NumberColumn("change (%)", format="%+.2f"),
+                          "base": st.column_config.NumberColumn(format="%.5g"),
+                          "tuned": st.column_config.NumberColumn(format="%.5g")})
+st.caption("Per-question values: mean |s| over real edges, Shannon entropy (nats) of the normalised |s|, and "
+           "kurtosis of the scores, each for this question alone.")
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _sample_fig(key: str, signature: tuple, position: int, n_layers: int, sample):
+    grids = query.module_grid(query.load_run(key), "dst", sample=position)
+    return figures.grid_triptych(grids, title=f"Question {sample}: mean |s| by destination layer and module",
+                                 x_title="destination module", y_title="destination layer",
+                                 row_labels=figures.layer_labels(grids["base"].index, n_layers),
+                                 col_labels=figures.TYPE_LABELS)
+
+
+show_figure(_sample_fig(info.key, info.signature, view["position"], data.graph.n_layers, sample),
+            f"sample_{sample}_heatmap_{info.pair}", "sample_heatmap")
+st.caption("This question's scores only (no averaging over questions), aggregated as on the Heatmaps page.")
