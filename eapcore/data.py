@@ -5,7 +5,9 @@ Every source is normalised to `Problem(idx, question, answer, meta)`:
 - `answer` (the reference final answer, a string): `gt` if present; else `answer` (GSM8K style
   "... #### 18" -> "18"; a boxed answer -> its content; otherwise the text with one pair of outer
   `$` removed); else the last `\\boxed{}` of `solution` (MATH).
-- `idx`: the record's `idx` field if present, else its 0-based position in the source.
+- `idx`: the record's `idx` field if present, else its position: the 0-based line number in a
+  jsonl file (so fixing a bad line does not shift the others), the 0-based data row in a csv
+  file or a hub dataset.
 - `meta`: every other field (level, type, subject, ...).
 Bad records are reported with their line number and the rest is kept (`ReadReport`).
 """
@@ -102,11 +104,11 @@ def to_problem(record: Any, position: int) -> Problem:
     return Problem(idx=idx, question=record[qkey].strip(), answer=answer, meta=meta)
 
 
-def problems_from_records(records: list[tuple[int, Any]], report: ReadReport) -> list[Problem]:
-    """[(line_no, record)] in source order -> problems; bad or duplicate records go to `report`."""
+def problems_from_records(records: list[tuple[int, int, Any]], report: ReadReport) -> list[Problem]:
+    """[(line_no, position, record)] in source order -> problems; bad or duplicate records go to `report`."""
     out: list[Problem] = []
     seen: set = set()
-    for position, (line_no, record) in enumerate(records):
+    for line_no, position, record in records:
         try:
             problem = to_problem(record, position)
         except ValueError as err:
@@ -121,14 +123,14 @@ def problems_from_records(records: list[tuple[int, Any]], report: ReadReport) ->
 
 
 # ------------------------------------------------------------------------------------ readers
-def _read_csv(path: Path) -> tuple[list[tuple[int, Any]], ReadReport]:
+def _read_csv(path: Path) -> tuple[list[tuple[int, int, Any]], ReadReport]:
     """Rows of a csv file with a header; rows with non-UTF-8 bytes are reported and skipped."""
     report = ReadReport(str(path))
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    rows: list[tuple[int, Any]] = []
+    rows: list[tuple[int, int, Any]] = []
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     try:
-        for row in reader:
+        for position, row in enumerate(reader):
             report.n_lines += 1
             line_no = reader.line_num
             values = [v for v in row.values() if isinstance(v, str)]
@@ -138,7 +140,7 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, Any]], ReadReport]:
             if None in row:
                 report.problems.append(f"line {line_no}: more cells than header columns")
                 continue
-            rows.append((line_no, row))
+            rows.append((line_no, position, row))
     except csv.Error as err:
         report.problems.append(f"line {reader.line_num}: malformed csv ({err}); rest of file not read")
     return rows, report
@@ -152,11 +154,12 @@ def read_problems_file(path: str | os.PathLike) -> tuple[list[Problem], ReadRepo
     if path.suffix.lower() == ".csv":
         rows, report = _read_csv(path)
     else:
-        rows, report = read_jsonl(path)
+        lines, report = read_jsonl(path)
+        rows = [(line_no, line_no - 1, obj) for line_no, obj in lines]
     problems = problems_from_records(rows, report)
     if not problems:
-        detail = report.summary() if report.n_lines else "the file is empty"
-        raise ValueError(f"no usable problem in {path}: {detail}\n"
+        detail = report.summary() if report.n_lines else f"{path}: the file is empty"
+        raise ValueError(f"no usable problem in {detail}\n"
                          "Each record needs a question (`question` or `problem`) and a reference "
                          "answer (`answer`, `gt`, or a `solution` with \\boxed{}).")
     return problems, report
@@ -177,7 +180,7 @@ def _load_hub(source: str, split: str) -> tuple[list[Problem], ReadReport]:
                          "Check the id and your network, or give a local .jsonl/.csv file.") from err
     report = ReadReport(source)
     report.n_lines = len(ds)
-    return problems_from_records([(i + 1, row) for i, row in enumerate(ds)], report), report
+    return problems_from_records([(i + 1, i, row) for i, row in enumerate(ds)], report), report
 
 
 def load_problems(spec: DatasetSpec) -> tuple[list[Problem], ReadReport]:

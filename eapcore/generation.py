@@ -26,7 +26,7 @@ from typing import Any
 
 from eapcore.data import Problem, encode_prompt, format_prompt, load_problems
 from eapcore.grading import accuracy, extract_answer, grade_pairs
-from eapcore.harness import ReadReport, read_samples, write_jsonl, write_samples
+from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
 from eapcore.specs import DatasetSpec, GenerationSettings, ModelSpec
 
 # prompts (token ids, no padding), max_new_tokens -> answers (token ids, see module docstring)
@@ -190,15 +190,26 @@ def answer_rows(problems: Sequence[Problem], prompts: Sequence[list[int]], answe
 
 
 def _existing(out_path: Path) -> tuple[dict[Any, Any], ReadReport | None]:
-    """Samples already in the output file; a file with unreadable lines is rewritten without them."""
+    """Samples already in the output file. A file with unreadable lines or duplicate idx (e.g. a kill
+    in the middle of a write) is rewritten without them; the other lines keep their exact content."""
     if not out_path.exists():
         return {}, None
-    samples, report = read_samples(out_path)
+    rows, report = read_jsonl(out_path)
     done: dict[Any, Any] = {}
-    for s in samples:
-        done.setdefault(s.idx, s)
-    if report.problems or len(done) != len(samples):
-        write_samples(out_path, done.values())
+    keep = []
+    for line_no, obj in rows:
+        try:
+            sample = parse_sample(obj)
+        except ValueError as err:
+            report.problems.append(f"line {line_no}: {err}")
+            continue
+        if sample.idx in done:
+            report.problems.append(f"line {line_no}: duplicate idx {sample.idx!r} (dropped)")
+            continue
+        done[sample.idx] = sample
+        keep.append(obj)
+    if report.problems:
+        write_jsonl(out_path, keep)
     return done, report
 
 

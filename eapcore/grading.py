@@ -26,7 +26,7 @@ from eapcore.specs import GROUPS
 
 PARSE_TIMEOUT_S = 5
 VERIFY_TIMEOUT_S = 5
-MAX_ANSWER_CHARS = 2000  # longer strings are compared as text only (math-verify can hang on them)
+MAX_ANSWER_CHARS = 2000  # longer answers are not parsed (graded wrong): math-verify can hang on them
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
@@ -73,11 +73,19 @@ def _normalise(answer: str) -> str:
     return _UNESCAPED_DOLLAR.sub(" ", answer).strip()
 
 
+def parse_answer(answer: str) -> tuple:
+    """math-verify's parse of a final answer (normalised as in the module docstring): a tuple of
+    sympy objects and/or the matched string (empty when nothing was found). Main thread only."""
+    return _parse(_normalise(answer))
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse(answer: str) -> tuple:
-    """math-verify parse of one normalised answer (cached: references repeat across models)."""
+    """Cached (references repeat across models) parse of a normalised answer."""
     from math_verify import parse
 
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return ()
     return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=PARSE_TIMEOUT_S))
 
 
@@ -88,14 +96,7 @@ def is_equivalent(pred: str, gt: str) -> bool:
     """
     from math_verify import verify
 
-    pred, gt = _normalise(pred), _normalise(gt)
-    if not pred or not gt:
-        return False
-    if pred == gt:
-        return True
-    if len(pred) > MAX_ANSWER_CHARS or len(gt) > MAX_ANSWER_CHARS:
-        return False
-    gold, target = _parse(gt), _parse(pred)
+    gold, target = _parse(_normalise(gt)), _parse(_normalise(pred))
     if not gold or not target:
         return False
     return bool(verify(list(gold), list(target), timeout_seconds=VERIFY_TIMEOUT_S))
