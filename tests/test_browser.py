@@ -1,0 +1,164 @@
+"""End to end in a real headless browser: `streamlit run app.py` on 127.0.0.1 with a fake cache,
+Playwright driving Debian's /usr/bin/chromium. Screenshots of every page go to test-output/."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+OUT = ROOT / "test-output"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"{CHROMIUM} is missing (apt-get install chromium); the project's "
+                                       "test script installs it")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_runs import make_small_cache
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_small_cache(cache)
+    port = _free_port()
+    env = {**os.environ, "EAP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                             "--server.headless", "true", "--server.address", "127.0.0.1",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false",
+                             "--server.fileWatcherType", "none"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read().strip() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"streamlit did not become healthy; log: {Path(log.name).read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1500, "height": 1100})
+        yield pg
+        browser.close()
+
+
+def _open(page, url: str, must_see: str, timeout: float = 30_000) -> None:
+    page.goto(url)
+    page.wait_for_selector(READY, timeout=timeout)
+    page.get_by_text(must_see, exact=False).first.wait_for(timeout=timeout)
+    page.wait_for_selector(READY, timeout=timeout)
+
+
+def _settle(page, timeout: float = 30_000) -> None:
+    page.wait_for_timeout(300)
+    page.wait_for_selector(READY, timeout=timeout)
+
+
+def _check(page, name: str, n_charts: int = 1, n_tables: int = 0) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, \
+        f"{name}: Streamlit exception: {page.locator('[data-testid=stException]').first.inner_text()[:500]}"
+    if n_charts:
+        page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').nth(n_charts - 1).wait_for(timeout=30_000)
+    assert page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').count() >= n_charts, name
+    if n_tables:
+        page.locator('[data-testid="stDataFrame"]').nth(n_tables - 1).wait_for(timeout=30_000)
+    page.wait_for_timeout(600)  # let Plotly finish drawing before the screenshot
+    page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)
+
+
+def _plot_titles(page) -> list[str]:
+    return page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => (e.layout && e.layout.title && "
+                                                        "(e.layout.title.text || e.layout.title)) || '')")
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick `option` in the Streamlit selectbox labelled `label`."""
+    page.get_by_role("combobox", name=label).first.click()
+    page.get_by_role("option", name=option, exact=False).first.click()
+    _settle(page)
+
+
+def test_every_page_in_a_browser(server, page):
+    # Home: intro, cached runs table, the default-view link
+    _open(page, f"{server}/home", "Cached runs")
+    assert page.get_by_text("Open the default view").count() == 1
+    _check(page, "home", n_charts=0, n_tables=1)
+
+    # Heatmaps: default view, then change the aggregation; the figure title must follow
+    _open(page, f"{server}/heatmaps?pair=Demo-Tiny&dataset=gsm8k&alpha=0.5", "Heatmaps: where the circuitry changes")
+    _check(page, "heatmaps", n_charts=2)
+    titles = _plot_titles(page)
+    assert any("destination layer and module" in t for t in titles), titles
+    _choose(page, "Aggregation", "Source layer × destination layer")
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
+                           "e => e.layout && String(e.layout.title.text || '').includes('source layer × destination layer'))",
+                           timeout=30_000)
+    assert "view=layers" in page.url  # page state lives in the URL
+    _check(page, "heatmaps_layers", n_charts=2)
+
+    # The URL alone reproduces the view (shareable link)
+    _open(page, page.url, "Heatmaps: where the circuitry changes")
+    assert any("source layer × destination layer" in t for t in _plot_titles(page))
+
+    # Distributions: 3 metric charts + |s| histogram, switch the plot type
+    _open(page, f"{server}/distributions", "Pooled distribution of |s|")
+    _check(page, "distributions", n_charts=4, n_tables=1)
+    page.get_by_text("ECDFs", exact=True).click()
+    _settle(page)
+    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
+                           "e => String(e.layout.title.text || '').includes('empirical CDF'))", timeout=30_000)
+    _check(page, "distributions_ecdf", n_charts=4)
+
+    # Correct vs incorrect: the four groups of Demo-Tiny / gsm8k / 0.5
+    _open(page, f"{server}/groups?pair=Demo-Tiny&dataset=gsm8k&alpha=0.5", "groups cached: 4 of 4")
+    _check(page, "groups", n_charts=1, n_tables=2)
+    assert any("by answer group" in t for t in _plot_titles(page))
+
+    # Summary: one table per metric, accuracy, change vs gain
+    _open(page, f"{server}/summary", "Metric change vs accuracy gain")
+    _check(page, "summary", n_charts=1, n_tables=5)
+    assert any("change vs accuracy gain" in t for t in _plot_titles(page))
+
+    # Samples: decoded answers with the truncation marker
+    _open(page, f"{server}/samples", "This question's metrics")
+    assert page.get_by_text("T_cut=", exact=False).count() >= 2
+    _check(page, "samples", n_charts=1, n_tables=1)
+
+    # Run: form, cache state, past runs
+    _open(page, f"{server}/run", "Past runs")
+    _check(page, "run", n_charts=0, n_tables=1)
