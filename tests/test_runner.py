@@ -1,0 +1,358 @@
+"""Runner: cached stages, resume after SIGKILL, corruption, concurrency, cancel, bundles, keys, CLI.
+
+Uses two tiny random Llama checkpoints registered as a user pair and a tiny dataset of short
+questions. Random models answer wrongly, so runs use the both_wrong group; max_new_tokens 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import make_checkpoint
+from eapcore import registry, runner
+from eapcore.cache import Cache
+from eapcore.specs import (AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec, RunSpec,
+                           SelectionSettings, from_dict, spec_key, to_dict)
+
+PROJECT = Path(__file__).resolve().parents[1]
+QUESTIONS = [("What is 3 + 4?", "7"), ("What is 9 - 5?", "4"), ("What is 2 * 6?", "12"), ("What is 8 + 8?", "16"),
+             ("What is 7 - 2?", "5"), ("What is 3 * 3?", "9"), ("What is 1 + 5?", "6"), ("What is 6 - 6?", "0")]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner-lab")
+    ds = root / "problems.jsonl"
+    ds.write_text("".join(json.dumps({"idx": i, "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(QUESTIONS)))
+    return SimpleNamespace(base=make_checkpoint(root / "base", "llama", seed=0),
+                           tuned=make_checkpoint(root / "tuned", "llama", seed=1), dataset=ds)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in workers: fast on a busy machine, and the same float rounding
+    in every process (the resume test compares scores bit for bit across processes)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def spec(lab, tmp_path, monkeypatch) -> RunSpec:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(runner.SLEEP_ENV, raising=False)
+    pair = registry.add_pair(PairSpec("tiny", ModelSpec(str(lab.base)), ModelSpec(str(lab.tuned)),
+                                      "deepseek-math", 8, "GRPO"))
+    ds = registry.add_dataset(DatasetSpec("tiny-set", str(lab.dataset)))
+    return RunSpec(pair, ds, GenerationSettings(batch_size=4, dtype="float32"),
+                   SelectionSettings(alpha=0.5, n=0, group="both_wrong"),
+                   AttributionSettings(device="cpu", max_batch_tokens=1))  # one sample per batch
+
+
+@pytest.fixture
+def counters(monkeypatch) -> Counter:
+    """Counts calls of the expensive stage functions (generation batches, attribution batches)."""
+    import eapcore.attribution
+    import eapcore.generation
+
+    calls: Counter = Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(eapcore.generation, "generate_answers", counted("generate", eapcore.generation.generate_answers))
+    monkeypatch.setattr(eapcore.attribution, "attribute", counted("attribute", eapcore.attribution.attribute))
+    return calls
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_hashes(folder: Path, skip=("status.json", "worker.log")) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def n_score_entries(cache: Cache) -> int:
+    return len(list((cache.root / "scores").glob("*/manifest.json")))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_run_layout_and_second_call_served_from_cache(spec, counters):
+    cache = Cache()
+    folder = runner.run(spec, cache=cache)
+    assert folder == cache.root / "runs" / spec_key(spec)
+    for name in ("spec.json", "status.json", "answers_base.jsonl", "answers_tuned.jsonl", "selection.json",
+                 "metrics.json", "plan.json", "manifest.json", "base/scores.safetensors", "base/graph.json",
+                 "base/manifest.json", "tuned/scores.safetensors"):
+        assert (folder / name).is_file(), name
+    st = runner.status(spec_key(spec), cache)
+    assert st["stage"] == "done" and not st["running"]
+    assert json.loads((folder / "spec.json").read_text()) == {"key": spec_key(spec), "spec": to_dict(spec)}
+    n = len(json.loads((folder / "selection.json").read_text())["idx"])
+    assert n >= 2 and counters["attribute"] == 2 * n and counters["generate"] == 2
+    assert json.loads((folder / "metrics.json").read_text())["activation_intensity"]["n"] == n
+
+    before = dict(counters)
+    assert runner.run(spec, cache=cache) == folder
+    assert dict(counters) == before  # nothing computed again
+
+    # a new alpha reuses the generations but attributes again
+    runner.run(dataclasses.replace(spec, selection=dataclasses.replace(spec.selection, alpha=0.25)), cache=cache)
+    assert counters["generate"] == before["generate"] and counters["attribute"] > before["attribute"]
+    # another batch size / device changes the run key but reuses every score entry
+    other = dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution, max_batch_tokens=0))
+    calls = counters["attribute"]
+    runner.run(other, cache=cache)
+    assert counters["attribute"] == calls and spec_key(other) != spec_key(spec)
+
+
+def test_killed_run_resumes_bit_exact(spec, counters, tmp_path, monkeypatch):
+    reference = runner.run(spec, cache=Cache(tmp_path / "reference"))
+    counters.clear()
+
+    cache = Cache()
+    monkeypatch.setenv(runner.SLEEP_ENV, "0.4")
+    key = runner.start(spec, cache)
+    pid = json.loads((cache.run_dir(key) / "status.json").read_text())["pid"]
+    wait_for(lambda: n_score_entries(cache) >= 2, what="two finished samples")
+    os.kill(pid, signal.SIGKILL)  # a real kill, mid-attribution
+    wait_for(lambda: not runner.status(key, cache)["running"], what="the killed worker to be gone")
+    st = runner.status(key, cache)
+    assert st["stage"] == "error" and "resume" in st["message"]
+    finished = n_score_entries(cache)
+    total = 2 * len(json.loads((reference / "selection.json").read_text())["idx"])
+    assert 2 <= finished < total
+
+    monkeypatch.delenv(runner.SLEEP_ENV)
+    folder = runner.run(spec, cache=cache)
+    assert counters["generate"] == 0 and counters["attribute"] == total - finished  # only the missing ones
+    for part in ("base/scores.safetensors", "tuned/scores.safetensors", "selection.json", "answers_base.jsonl"):
+        assert sha(folder / part) == sha(reference / part), part
+
+
+def test_cancel_stops_cleanly_and_keeps_samples(spec, tmp_path, monkeypatch):
+    cache = Cache()
+    monkeypatch.setenv(runner.SLEEP_ENV, "0.5")
+    key = runner.start(spec, cache)
+    assert runner.start(spec, cache) == key  # no second worker while one runs
+    wait_for(lambda: n_score_entries(cache) >= 1, what="a finished sample")
+    assert runner.status(key, cache)["stage"] == "attribute"
+    assert runner.cancel(key, cache)
+    wait_for(lambda: runner.status(key, cache)["stage"] == "cancelled" and not runner.status(key, cache)["running"],
+             timeout=60, what="cancellation")
+    assert n_score_entries(cache) >= 1
+    assert cache.verify_run(key)  # not sealed: a cancelled run is not a finished one
+    assert not runner.cancel(key, cache)  # nothing running any more
+
+
+def test_corrupted_entries_detected_and_recomputed(spec, counters):
+    cache = Cache()
+    folder = runner.run(spec, cache=cache)
+    good = tree_hashes(folder)
+    keys = runner.stage_keys(spec)
+    score_file = next((cache.root / "scores").glob("*/scores.safetensors"))
+    data = bytearray(score_file.read_bytes())
+    data[-3] ^= 0xFF  # flip bits inside a tensor
+    score_file.write_bytes(bytes(data))
+    answers = cache.entry_path("generations", keys["generations"]["tuned"]) / "answers.jsonl"
+    answers.write_bytes(answers.read_bytes()[:-40])  # truncate
+    (folder / "metrics.json").write_text("{}")  # and damage the run folder itself
+    counters.clear()
+
+    assert runner.run(spec, cache=cache) == folder
+    assert tree_hashes(folder).keys() == good.keys()
+    assert {k: v for k, v in tree_hashes(folder).items() if k != "manifest.json"} == \
+        {k: v for k, v in good.items() if k != "manifest.json"}
+    assert counters["attribute"] == 1 and counters["generate"] >= 1  # just the damaged parts
+    text = "\n".join(cache.problems)
+    assert f"scores/{score_file.parent.name}" in text and f"generations/{keys['generations']['tuned']}" in text
+    assert f"run {spec_key(spec)} is damaged" in text
+    assert {e["event"] for e in cache.events()} >= {"corrupted", "computed"}
+
+
+def test_two_processes_on_one_spec_compute_once(spec, tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(to_dict(spec)))
+    cmd = [sys.executable, "-m", "eapcore", "run", "--spec-json", str(spec_file), "--quiet"]
+    procs = [subprocess.Popen(cmd, cwd=PROJECT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    cache = Cache()
+    computed = Counter((e["kind"], e["key"]) for e in cache.events() if e["event"] == "computed")
+    assert computed and max(computed.values()) == 1, computed
+    n = len(json.loads((cache.run_dir(spec_key(spec)) / "selection.json").read_text())["idx"])
+    assert Counter(kind for kind, _ in computed) == {"generations": 2, "grades": 2, "selections": 1, "scores": 2 * n}
+    assert not cache.verify_run(spec_key(spec))
+
+
+def test_export_import_round_trip(spec, counters, tmp_path):
+    from eapcore import cli
+
+    cache = Cache()
+    folder = runner.run(spec, cache=cache)
+    bundle = tmp_path / "bundle.zip"
+    assert cli.main(["export", spec_key(spec)[:8], "--out", str(bundle)]) == 0
+    other = Cache(tmp_path / "elsewhere")
+    os.environ["EAP_CACHE_DIR"] = str(other.root)  # restored by the fixture's monkeypatch
+    assert cli.main(["import", str(bundle)]) == 0
+    assert tree_hashes(other.run_dir(spec_key(spec))) == tree_hashes(folder)
+    for kind, key in cache.run_entries(spec_key(spec)):
+        assert tree_hashes(other.entry_path(kind, key)) == tree_hashes(cache.entry_path(kind, key))
+    counters.clear()
+    assert runner.run(spec, cache=other) == other.run_dir(spec_key(spec))
+    assert not counters  # served from the imported cache
+
+
+def _changed(value, hint):
+    """A different valid value for a field of type `hint`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return next((a for a in args if a != value), f"{value}-x")  # one-value Literal: a future option
+    if value is None:
+        return {int: 7, str: "v2"}[next(a for a in args if a in (int, str))]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return value + "-x"
+
+
+def _leaves(obj, path=()):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, path + (f.name,))
+        else:
+            yield path + (f.name,), typing.get_type_hints(type(obj))[f.name]
+
+
+def _replace(obj, path, new):
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: new})
+    return dataclasses.replace(obj, **{path[0]: _replace(getattr(obj, path[0]), path[1:], new)})
+
+
+def _get(obj, path):
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _changes_generations(path) -> bool:
+    """Settings the answers depend on (a local model folder's revision, a local file's name or
+    split do not: their content is fingerprinted instead)."""
+    return (path[0] == "generation" or path in (("pair", "template"), ("pair", "max_new_tokens"),
+                                                 ("dataset", "source"), ("dataset", "limit"))
+            or path[:2] in (("pair", "base"), ("pair", "tuned")) and path[2] != "revision")
+
+
+def test_keys_change_with_every_setting_and_only_then(spec, monkeypatch):
+    key = spec_key(spec)
+    assert spec_key(from_dict(RunSpec, json.loads(json.dumps(to_dict(spec))))) == key
+    assert spec_key(_replace(spec, ("selection", "alpha"), 0.5)) == key  # same value, new object
+    assert spec_key(_replace(spec, ("selection", "alpha"), 1)) == spec_key(_replace(spec, ("selection", "alpha"), 1.0))
+    assert runner.stage_keys(from_dict(RunSpec, to_dict(spec))) == runner.stage_keys(spec)
+    base_keys = runner.stage_keys(spec)
+    leaves = list(_leaves(spec))
+    assert len(leaves) >= 30
+    for path, hint in leaves:
+        changed = _replace(spec, path, _changed(_get(spec, path), hint))
+        assert spec_key(changed) != key, path
+        stages = runner.stage_keys(changed)
+        gen_changed = stages["generations"] != base_keys["generations"]
+        assert gen_changed == _changes_generations(path), path
+        assert (stages["selection"] != base_keys["selection"]) == (gen_changed or path[0] == "selection"), path
+
+    args = ("model-id", [1, 2, 3], [4, 5, 6, 7], 2)
+    score = runner.score_key(*args, spec.attribution)
+    assert runner.score_key("model-id", [1, 2, 3], [4, 5, 9, 9], 2, spec.attribution) == score  # past T_cut
+    for name, hint in typing.get_type_hints(AttributionSettings).items():
+        changed = dataclasses.replace(spec.attribution, **{name: _changed(getattr(spec.attribution, name), hint)})
+        assert (runner.score_key(*args, changed) != score) == (name in runner.SCORE_SETTINGS), name
+    monkeypatch.setattr(runner, "SCORING_VERSION", "next")
+    assert runner.score_key(*args, spec.attribution) != score
+
+
+def test_memory_prediction_and_clear_errors(spec, monkeypatch):
+    m = runner.predict_memory(spec)
+    assert m["fits"] and m["device"] == "cpu" and m["batch_tokens"] == 1 and m["n_params"] > 0
+    assert m["model_bytes"] == 4 * m["n_params"]
+    auto = runner.predict_memory(dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution,
+                                                                                           max_batch_tokens=0)))
+    assert auto["batch_tokens"] == 2048
+    monkeypatch.setattr(runner, "_available_bytes", lambda device: 10_000)
+    small = runner.predict_memory(spec, sample_tokens=50)
+    assert not small["fits"] and "does not fit" in small["message"] and "bfloat16" in small["message"]
+    cache = Cache()
+    with pytest.raises(runner.RunError, match="does not fit"):
+        runner.run(spec, cache=cache)
+    st = runner.status(spec_key(spec), cache)
+    assert st["stage"] == "error" and "does not fit" in st["message"]
+    assert list((cache.root / "generations").iterdir())  # earlier stages are kept
+
+    missing = dataclasses.replace(spec, pair=dataclasses.replace(spec.pair, tuned=ModelSpec("/nowhere/model")))
+    with pytest.raises(runner.RunError, match="/nowhere/model"):
+        runner.run(missing, cache=cache)
+    with pytest.raises(runner.RunError, match="zero ablation"):
+        runner.run(_replace(spec, ("attribution", "ablation"), "corrupted"), cache=cache)
+
+
+def test_cli_run_sweep_and_cache_commands(spec, capsys):
+    from eapcore import cli
+
+    opts = ["--limit", "6", "--n", "0", "--group", "both_wrong", "--device", "cpu", "--gen-dtype", "float32", "--quiet"]
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--alpha", "0.5", *opts]) == 0
+    out = capsys.readouterr().out
+    assert "activation_intensity" in out
+    assert cli.main(["sweep", "--pairs", "tiny", "--datasets", "tiny-set", "--alphas", "0.5", "0.3", *opts]) == 0
+    assert "2 of 2 runs done" in capsys.readouterr().out
+    assert cli.main(["sweep", "--preset", "table1", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4 * 3 * 4
+    assert cli.main(["run", "--pair", "nope", "--dataset", "tiny-set", "--alpha", "0.5"]) == 1
+    assert "unknown pair 'nope'" in capsys.readouterr().err
+
+    assert cli.main(["cache", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "runs" in listing and "tiny | tiny-set | alpha 0.3 | done" in listing and "scores" in listing
+    assert cli.main(["cache", "size"]) == 0
+    assert "total" in capsys.readouterr().out
+    run_key = next(line.split()[1] for line in listing.splitlines() if "alpha 0.3" in line)
+    assert cli.main(["cache", "rm", run_key]) == 0
+    assert f"removed runs/{run_key}" in capsys.readouterr().out
+    assert cli.main(["cache", "rm", "zzzzzz"]) == 1
+    assert cli.main(["cache", "clear", "--yes"]) == 0
+    assert not Cache().list_entries()
