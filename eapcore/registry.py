@@ -85,12 +85,16 @@ def looks_local(name_or_path: str) -> bool:
 
 
 def resolve_path(name_or_path: str) -> str:
-    """A relative path that exists under the project folder -> its absolute path; else unchanged
-    (hub ids, absolute paths, and paths relative to the working directory)."""
+    """An existing local path -> absolute (a relative one is looked up under the project folder
+    first, then the working directory); anything else (hub ids) unchanged."""
+    if not name_or_path:
+        return name_or_path
     p = Path(name_or_path).expanduser()
-    if not p.is_absolute() and not p.exists() and (PROJECT_ROOT / p).exists():
+    if p.is_absolute():
+        return str(p)
+    if (PROJECT_ROOT / p).exists():
         return str(PROJECT_ROOT / p)
-    return str(p) if p.exists() else name_or_path
+    return str(p.resolve()) if p.exists() else name_or_path
 
 
 # ---------------------------------------------------------------------------------------------
