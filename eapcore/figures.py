@@ -105,22 +105,29 @@ def heatmap_triptych(base: Any, tuned: Any, rel: Any, x: Sequence[Any], y: Seque
                                  ygap=1 if len(y_lab) < 40 else 0),
                       row=(i + 1) if stacked else 1, col=1 if stacked else (i + 1))
     # each colour bar sits right of the panels it belongs to: base/tuned after the tuned panel
-    bar_pos = dict(len=0.6, y=0.67, yanchor="middle", x=1.01) if stacked else dict(len=0.9, x=0.64, thickness=14)
-    bar_pos2 = dict(len=0.3, y=0.15, yanchor="middle", x=1.01) if stacked else dict(len=0.9, x=1.01, thickness=14)
+    # stacked: vertical bars on the right; side by side: horizontal bars under their panels
+    # (base/tuned under the first two, the change under the third)
+    bar_pos = dict(len=0.6, y=0.67, yanchor="middle", x=1.01) if stacked else \
+        dict(orientation="h", x=0.3, xanchor="center", y=-0.2, yanchor="top", len=0.55, thickness=12)
+    bar_pos2 = dict(len=0.3, y=0.15, yanchor="middle", x=1.01) if stacked else \
+        dict(orientation="h", x=0.867, xanchor="center", y=-0.2, yanchor="top", len=0.27, thickness=12)
     fig.update_layout(
         coloraxis={"colorscale": SEQ_SCALE, "cmin": cmin, "cmax": cmax,
-                   "colorbar": {"title": {"text": cbar, "side": "right"}, **bar_pos}},
+                   "colorbar": {"title": {"text": cbar, "side": "right" if stacked else "top"}, **bar_pos}},
         coloraxis2={"colorscale": DIV_SCALE, "cmin": -lim, "cmax": lim, "cmid": 0,
-                    "colorbar": {"title": {"text": "change (%)", "side": "right"}, "ticksuffix": "%",
-                                 **bar_pos2}})
+                    "colorbar": {"title": {"text": "relative change (%)", "side": "right" if stacked else "top"},
+                                 "ticksuffix": "%", **bar_pos2}})
     for i in range(3):
         kw = {"row": (i + 1), "col": 1} if stacked else {"row": 1, "col": i + 1}
         fig.update_xaxes(title_text=x_title, type="category", **kw)
         fig.update_yaxes(type="category", autorange="reversed", **kw)
         if stacked or i == 0:
             fig.update_yaxes(title_text=y_title, **kw)
-    h = height or (max(900, 18 * len(y_lab) * 3 + 200) if stacked else max(420, 16 * len(y_lab) + 160))
-    return _layout(fig, title, height=min(h, 2400))
+    h = height or (max(900, 18 * len(y_lab) * 3 + 200) if stacked else max(460, 16 * len(y_lab) + 260))
+    _layout(fig, title, height=min(h, 2400))
+    if not stacked:  # room for the axis titles and the horizontal colour bars below
+        fig.update_layout(margin={"l": 70, "r": 30, "t": 80, "b": 170})
+    return fig
 
 
 def grid_triptych(grids: dict[str, pd.DataFrame], *, title: str, x_title: str, y_title: str,

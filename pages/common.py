@@ -55,7 +55,24 @@ def url_select(label: str, options: Sequence[Any], param: str, *, default: Any =
     return value
 
 
+def _ensure_navigation() -> None:
+    """Route through app.py's st.navigation even on a deep link to a fresh server.
+
+    Streamlit treats a `pages/` folder next to the entry script as a v1 multipage app until the
+    entry script has called st.navigation once in this process; a first request for /heatmaps
+    would run pages/heatmaps.py alone (no page config, a raw file list as navigation). Turning
+    that mode off and rerunning makes app.py route the same URL path."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # pragma: no cover  (internal API moved: nothing to fix then)
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def page_header(title: str, caption: str) -> None:
+    _ensure_navigation()
     st.title(title)
     st.caption(caption)
 
@@ -79,7 +96,7 @@ def finished_runs() -> list[query.RunInfo]:
 def no_runs_message(what: str = "this view") -> None:
     st.info(f"No finished runs in the cache yet ({query.cache_root()}), so there is nothing to show in "
             f"{what}. Start one on the Run page: the built-in demo pair runs with no network and no GPU.")
-    st.page_link(PAGES["run"], label="Go to the Run page", icon="▶️")
+    st.page_link(PAGES["run"], label="Go to the Run page", icon=":material/play_arrow:")
 
 
 def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = True) -> query.RunInfo | None:
@@ -162,7 +179,7 @@ def slug(text: str) -> str:
 def show_figure(fig: Any, name: str, key: str) -> None:
     """The chart, then PNG and SVG download buttons (rendered by kaleido only when clicked)."""
     st.plotly_chart(fig, key=f"chart_{key}", config={"displaylogo": False})
-    c1, c2, _ = st.columns([1, 1, 6])
+    c1, c2, _ = st.columns([1, 1, 10])
     for col, fmt, mime in ((c1, "png", "image/png"), (c2, "svg", "image/svg+xml")):
         col.download_button(f"⬇ {fmt.upper()}", data=lambda f=fmt, fig=fig: figures.figure_image(fig, f),
                             file_name=f"{slug(name)}.{fmt}", mime=mime, key=f"dl_{fmt}_{key}",
@@ -174,7 +191,7 @@ def show_table(df: pd.DataFrame, name: str, key: str, *, styler: Any = None, cap
     """A table (styled if `styler`), then CSV and LaTeX download buttons."""
     st.dataframe(styler if styler is not None else df, hide_index=not index, column_config=column_config,
                  key=f"table_{key}", height=height)
-    c1, c2, _ = st.columns([1, 1, 6])
+    c1, c2, _ = st.columns([1, 1, 10])
     c1.download_button("⬇ CSV", data=figures.to_csv_bytes(df, index=index), file_name=f"{slug(name)}.csv",
                        mime="text/csv", key=f"dl_csv_{key}", on_click="ignore")
     c2.download_button("⬇ LaTeX", data=lambda: figures.to_latex(styler if styler is not None else df,

@@ -24,7 +24,7 @@ missing = [g for g in query.GROUPS if g not in siblings]
 if missing:
     st.info("Not run yet for the group(s) " + ", ".join(query.GROUP_LABELS[g] for g in missing) +
             ". Runs that differ only in the `group` setting appear here; start them on the Run page.")
-    st.page_link(PAGES["run"], label="Run the missing groups", icon="▶️",
+    st.page_link(PAGES["run"], label="Run the missing groups", icon=":material/play_arrow:",
                  query_params={"pair": info.pair, "dataset": info.dataset, "alpha": str(info.alpha),
                                "group": missing[0]})
 if len(siblings) < 1:

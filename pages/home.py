@@ -35,13 +35,13 @@ if finished:
               "gran": best.granularity, "run": best.key}
     st.page_link(PAGES["heatmaps"], label=f"Open the default view: {best.pair} on {best.dataset}, "
                                           f"α = {best.alpha:g} (layer × module heatmaps)",
-                 icon="🗺️", query_params=params)
-    st.page_link(PAGES["summary"], label="Table 1: every cached pair × dataset × α, one table per metric", icon="📋")
+                 icon=":material/grid_on:", query_params=params)
+    st.page_link(PAGES["summary"], label="Table 1: every cached pair × dataset × α, one table per metric", icon=":material/table_chart:")
 else:
     st.info(f"No finished runs in the cache yet ({query.cache_root()}). The built-in demo pair "
             "(`demo: SFT vs GRPO` on the `demo` dataset) runs with no network and no GPU: "
             "train it once with `python -m eapcore lab`, then start a run.")
-    st.page_link(PAGES["run"], label="Go to the Run page", icon="▶️",
+    st.page_link(PAGES["run"], label="Go to the Run page", icon=":material/play_arrow:",
                  query_params={"pair": "demo: SFT vs GRPO", "dataset": "demo"})
 
 st.subheader("Cached runs")

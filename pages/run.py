@@ -123,7 +123,7 @@ with c1:
     st.markdown(f"Run key `{key}`")
     if existing is not None and existing.finished:
         st.success("Already cached: the pages show it at once.")
-        st.page_link(PAGES["heatmaps"], label="Open its heatmaps", icon="🗺️",
+        st.page_link(PAGES["heatmaps"], label="Open its heatmaps", icon=":material/grid_on:",
                      query_params={"pair": existing.pair, "dataset": existing.dataset, "alpha": str(existing.alpha),
                                    "group": existing.group, "gran": existing.granularity, "run": key})
     elif existing is not None:
@@ -198,7 +198,7 @@ def progress(key: str) -> None:
         st.error(s.get("error") or s.get("message") or "failed")
     if stage == "done":
         st.success("Finished.")
-        st.page_link(PAGES["heatmaps"], label="Open the heatmaps", icon="🗺️", query_params={"run": key})
+        st.page_link(PAGES["heatmaps"], label="Open the heatmaps", icon=":material/grid_on:", query_params={"run": key})
     if s.get("running") and st.button("■ Cancel", key=f"cancel_{key}"):
         runner.cancel(key)
         st.warning("Cancel requested: the worker keeps finished samples and stops after the current batch.")

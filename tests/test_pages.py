@@ -1,0 +1,139 @@
+"""Every dashboard page under streamlit.testing AppTest on a small fake cache: it renders without
+exceptions, widgets change what is drawn, and "no runs yet" is handled."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_runs import make_small_cache  # noqa: E402
+
+APP = str(ROOT / "app.py")
+PAGES = ["pages/home.py", "pages/run.py", "pages/heatmaps.py", "pages/distributions.py", "pages/groups.py",
+         "pages/summary.py", "pages/samples.py"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    make_small_cache(root)
+    return root
+
+
+def _app(monkeypatch, root, page, params=None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("EAP_CACHE_DIR", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = AppTest.from_file(APP, default_timeout=60)
+    for k, v in (params or {}).items():
+        at.query_params[k] = v
+    at.switch_page(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def cache_dir(at):
+    import os
+
+    return os.environ["EAP_CACHE_DIR"]
+
+
+def _figures(at) -> list[dict]:
+    """Plotly figure JSON of every chart on the page (AppTest gives them as unknown elements)."""
+    out = []
+    for el in at.get("plotly_chart"):
+        out.append(json.loads(el.proto.spec))
+    return out
+
+
+def _titles(at) -> list[str]:
+    return [f.get("layout", {}).get("title", {}).get("text", "") for f in _figures(at)]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders(monkeypatch, cache, page):
+    at = _app(monkeypatch, cache, page)
+    assert at.title, f"{page}: no title"
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_heatmap_aggregation_changes_the_figure(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5"})
+    first = _titles(at)
+    assert any("destination layer and module" in t for t in first), first
+    fig = _figures(at)[0]
+    assert [t["type"] for t in fig["data"]] == ["heatmap"] * 3  # base | tuned | change
+    assert fig["layout"]["coloraxis2"]["cmin"] == -fig["layout"]["coloraxis2"]["cmax"]  # symmetric
+    at.selectbox(key="w_view").select("layers").run()
+    assert not at.exception
+    assert any("source layer × destination layer" in t for t in _titles(at)), _titles(at)
+    assert at.query_params["view"] == ["layers"] or at.query_params["view"] == "layers"
+    at.selectbox(key="w_kind").select("q").run()
+    assert any("attn q" in t for t in _titles(at))
+    at.selectbox(key="w_view").select("full").run()
+    full = _figures(at)[0]
+    assert len(full["data"][0]["y"]) == 9 and len(full["data"][0]["x"]) == 17  # 4-layer graph
+    assert "→" in full["data"][0]["customdata"][1][0][0]  # hover names the edge
+
+
+def test_heatmap_head_view(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/heatmaps.py",
+              {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5", "gran": "head"})
+    at.selectbox(key="w_view").select("heads").run()
+    assert not at.exception
+    assert any("layer × head" in t for t in _titles(at))
+
+
+def test_distributions_plot_kind(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/distributions.py")
+    assert sum("histogram" in t for t in _titles(at)) == 3
+    at.radio(key="w_plot").set_value("ecdf").run()
+    assert sum("empirical CDF" in t for t in _titles(at)) == 3
+    assert any("Pooled distribution of |edge score|" in t for t in _titles(at))
+    text = " ".join(m.value for m in at.markdown)
+    assert "Wilcoxon" in text and "bootstrap CI" in text
+
+
+def test_groups_page_compares_four_groups(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/groups.py", {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5"})
+    assert "4 of 4" in " ".join(m.value for m in at.markdown)
+    bars = _figures(at)[0]
+    assert len(bars["data"]) == 2 and len(bars["data"][0]["x"]) == 4
+    at.radio(key="w_metric").set_value("kurtosis").run()
+    assert any("Distribution kurtosis by answer group" in t for t in _titles(at))
+    assert len(at.dataframe) >= 2
+
+
+def test_summary_tables(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/summary.py")
+    assert len(at.dataframe) >= 5  # three metric tables, accuracy, correlation
+    at.radio(key="w_metric").set_value("information_complexity").run()
+    assert any("Information complexity: change vs accuracy gain" in t for t in _titles(at))
+
+
+def test_samples_page(monkeypatch, cache):
+    at = _app(monkeypatch, cache, "pages/samples.py")
+    html = " ".join(m.value for m in at.markdown)
+    assert "T_cut=" in html and "Tom starts with" in html  # decoded with the local tokenizer
+    first = _titles(at)
+    from eapcore import query
+
+    run = query.get_run(at.query_params["run"][0] if isinstance(at.query_params["run"], list)
+                        else at.query_params["run"], cache_dir(at))
+    last = query.load_run(run).sample_ids[-1]
+    at.selectbox(key="w_sample").set_value(last).run()
+    assert not at.exception
+    assert _titles(at) != first and f"Question {last}" in _titles(at)[0]
+
+
+def test_no_runs_yet(monkeypatch, tmp_path):
+    for page in PAGES:
+        at = _app(monkeypatch, tmp_path, page)
+        text = " ".join(i.value for i in at.info)
+        if page not in ("pages/run.py",):
+            assert "No finished runs" in text, page
