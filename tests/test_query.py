@@ -1,0 +1,156 @@
+"""eapcore.query (read-only layer over the cache) and eapcore.figures helpers on a fake cache."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_runs import make_small_cache  # noqa: E402
+
+from eapcore import analysis, figures, metrics, query  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    return root, make_small_cache(root)
+
+
+def test_listing_and_missing_cache(cache, tmp_path):
+    root, keys = cache
+    runs = query.finished_runs(root)
+    assert {r.key for r in runs} == set(keys.values())
+    assert query.list_runs(tmp_path / "nothing") == []
+    r = query.get_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    assert (r.pair, r.dataset, r.alpha, r.group, r.granularity) == ("Demo-Tiny", "gsm8k", 0.5, "both_correct", "layer")
+    assert r.spec is not None and r.spec.selection.alpha == 0.5
+
+
+def test_unfinished_run_is_not_loaded(cache, tmp_path):
+    root, keys = cache
+    import shutil
+
+    src = query.get_run(keys["Toy-DPO/gsm8k/0.1"], root).path
+    dst = tmp_path / "runs" / src.name
+    shutil.copytree(src, dst)
+    (dst / "status.json").write_text(json.dumps({"stage": "attribute", "done": 3, "total": 12}))
+    info = query.get_run(src.name, tmp_path)
+    assert not info.finished and query.finished_runs(tmp_path) == []
+    with pytest.raises(query.RunNotReady):
+        query.load_run(info)
+
+
+def test_memo_follows_file_changes(cache):
+    root, keys = cache
+    info = query.get_run(keys["Demo-Tiny/gsm8k/0.1"], root)
+    a = query.load_run(info)
+    assert query.load_run(query.get_run(info.key, root)) is a  # memoised
+    p = info.path / "metrics.json"
+    p.write_text(p.read_text())  # new mtime -> new signature -> reloaded
+    import os
+    os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
+    assert query.load_run(query.get_run(info.key, root)) is not a
+
+
+def test_grids_match_analysis(cache):
+    root, keys = cache
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    means = query.edge_means(data)
+    np.testing.assert_allclose(means["base"], analysis.edge_mean_abs(data.base.scores, data.mask), equal_nan=True)
+    grid = query.module_grid(data, "dst")
+    L = data.graph.n_layers
+    assert list(grid["base"].columns) == ["q", "k", "v", "mlp", "logits"] and list(grid["base"].index) == list(range(L + 1))
+    # one cell by hand: layer-0 MLP input, fed by input, a0
+    cell = means["base"][:2, data.base.graph["backward"].index("m0")]
+    assert grid["base"].loc[0, "mlp"] == pytest.approx(cell.mean())
+    b, t = cell.sum(), means["tuned"][:2, data.base.graph["backward"].index("m0")].sum()
+    assert grid["relative_change"].loc[0, "mlp"] == pytest.approx(100 * (t - b) / b)
+    assert grid["n_edges"].loc[L, "logits"] == data.mask[:, -1].sum()
+    src = query.module_grid(data, "src")
+    assert list(src["base"].index)[0] == -1 and "attention" in src["base"].columns
+    lg = query.layer_grid(data, "q")
+    assert lg["base"].shape == (L + 1, L + 1)
+    hd = query.load_run(keys["Demo-Tiny/gsm8k/0.5/head"], root)
+    assert query.head_grid(hd, "q")["base"].shape == (L, 4)
+
+
+def test_per_sample_and_stats(cache):
+    root, keys = cache
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    per = query.per_sample(data)
+    assert len(per) == 2 * 3 * len(data.sample_ids)
+    s = metrics.real_edge_scores(data.base.scores, data.mask)
+    want = metrics.per_sample_metrics(s)["kurtosis"]
+    got = per[(per.model == "base") & (per.metric == "kurtosis")]["value"].to_numpy()
+    np.testing.assert_allclose(got, want)
+    stats = query.paired_stats(data)
+    assert list(stats["metric"]) == list(metrics.METRICS)
+    assert stats.set_index("metric").loc["kurtosis", "relative_change"] == pytest.approx(data.metrics["kurtosis"]["relative_change"])
+    hist = query.abs_score_histogram(data, 40)
+    assert len(hist) == 40 and hist["base"].sum() == pytest.approx(1.0)
+
+
+def test_groups_summary_accuracy(cache):
+    root, keys = cache
+    runs = query.finished_runs(root)
+    info = query.get_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    sib = query.group_siblings(info, runs)
+    assert list(sib) == ["both_correct", "both_wrong", "base_only", "tuned_only"]
+    datas = {g: query.load_run(r) for g, r in sib.items()}
+    ov = query.group_overview(datas)
+    assert len(ov) == 12 and (ov["n"] > 0).all()
+    cmp = query.compare_groups(datas["both_wrong"], datas["both_correct"], "tuned", n_bootstrap=50, n_permutations=99)
+    assert set(cmp["metric"]) == set(metrics.METRICS) and "cohen_d" in cmp
+
+    rows = query.summary_rows(runs)
+    change, pvals, dropped = query.table1(rows[(rows.group == "both_correct") & (rows.granularity == "layer")], "kurtosis")
+    assert change.shape == (2, 4) and pvals.shape == change.shape and dropped == 0
+    acc = query.accuracy_table(runs)
+    assert set(acc["pair"]) == {"Demo-Tiny", "Toy-DPO"}
+    row = acc[(acc.pair == "Demo-Tiny") & (acc.dataset == "gsm8k")].iloc[0]
+    assert row["accuracy_gain"] == pytest.approx(row["tuned_accuracy"] - row["base_accuracy"])
+    assert sum(row[f"n_{g}"] for g in query.GROUPS) == row["n"]
+    pts, corr = query.change_vs_gain(rows[rows.group == "both_correct"], acc)
+    assert not pts.empty and "caveat" in corr and corr["caveat"].str.contains("only 2 pairs").all()
+
+
+def test_sample_view(cache):
+    root, keys = cache
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    idx = data.sample_ids[0]
+    v = query.sample_view(data, idx)
+    assert v["t_cut"] == data.t_cut and v["question"].startswith("Tom has")
+    for m in ("base", "tuned"):
+        part = v[m]
+        assert part["tokenizer"] and part["correct"] is True
+        assert (part["scored_text"] + part["rest_text"]).startswith(part["code"][:20])
+        assert len(part["scored_ids"]) == min(data.t_cut, part["n_tokens"])
+
+
+def test_figures_and_exports(cache):
+    root, keys = cache
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    g = query.module_grid(data, "dst")
+    fig = figures.grid_triptych(g, title="T", x_title="x", y_title="y")
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis2.cmid == 0
+    assert fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
+    rows = query.summary_rows(query.finished_runs(root))
+    change, pvals, _ = query.table1(rows[(rows.group == "both_correct") & (rows.granularity == "layer")],
+                                    "activation_intensity")
+    tex = figures.to_latex(figures.styled_change_table(change, pvals), caption="AI")
+    assert "\\begin{tabular}" in tex and "\\%" in tex and "cellcolor" in tex
+    csv = figures.to_csv_bytes(figures.flatten_columns(change)).decode()
+    assert "gsm8k α=0.1" in csv.splitlines()[0]
+
+
+@pytest.mark.skipif(figures._chrome_path() is None, reason="no Chromium for kaleido")
+def test_image_export():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]))
+    assert figures.figure_image(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in figures.figure_image(fig, "svg")[:500]
