@@ -54,7 +54,8 @@ SMALL_PAIRS: tuple[PairSpec, ...] = (
           "chat", 8192, "GRPO", "qwen2",
           "small real pair for one modest GPU; the base model's chat template"),
 )
-# The demo lab's tiny checkpoints (eapcore.lab), relative to the project folder.
+# The demo lab's tiny checkpoints (`python -m eapcore lab --out demo`), relative to the project
+# folder; 64 new tokens = eapcore.lab.run.MAX_NEW_TOKENS.
 DEMO_PAIRS: tuple[PairSpec, ...] = (
     _pair("demo: SFT vs GRPO", "demo/sft", "demo/grpo", "deepseek-math", 64, "GRPO", "llama",
           "tiny model trained on synthetic problems by `python -m eapcore lab`"),

@@ -61,7 +61,8 @@ SLEEP_ENV = "EAP_TEST_SLEEP_PER_BATCH"
 PRESETS: dict[str, dict[str, list]] = {
     "table1": {"pairs": [p.name for p in registry.PAPER_PAIRS], "datasets": ["math", "gsm8k", "college_math"],
                "alphas": [0.03, 0.1, 0.3, 0.5]},
-    "demo": {"pairs": [p.name for p in registry.DEMO_PAIRS], "datasets": ["demo"], "alphas": [0.03, 0.1, 0.3, 0.5]},
+    "demo": {"pairs": [p.name for p in registry.DEMO_PAIRS], "datasets": ["demo"], "alphas": [0.03, 0.1, 0.3, 0.5],
+             "defaults": {"gen_dtype": "float32"}},  # the lab evaluates its models in float32
 }
 _WORKERS: dict[str, subprocess.Popen] = {}  # workers started by this process (reaped in status())
 
@@ -849,6 +850,13 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", nargs="+", type=float, help="alpha values")
 
 
+def _parse_with_preset(p: argparse.ArgumentParser, argv: list[str]):
+    """Parse argv with the chosen preset's defaults (options given explicitly still win)."""
+    known, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS.get(known.preset, {}).get("defaults", {}))
+    return p.parse_args(argv)
+
+
 def _grid(p: argparse.ArgumentParser, args) -> list[RunSpec]:
     preset = PRESETS.get(args.preset, {})
     pairs, datasets, alphas = (args.pairs or preset.get("pairs"), args.datasets or preset.get("datasets"),
@@ -869,7 +877,7 @@ def command_sweep(argv: list[str]) -> int:
     _add_settings(p)
     p.add_argument("--dry-run", action="store_true", help="list the specs and their keys only")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    args = _parse_with_preset(p, argv)
     try:
         specs = _grid(p, args)
     except (registry.RegistryError, RunError) as err:
@@ -925,7 +933,7 @@ def command_export(argv: list[str]) -> int:
     _grid_args(p)
     _add_settings(p)
     p.add_argument("--out", required=True, help="bundle file to write (.zip)")
-    args = p.parse_args(argv)
+    args = _parse_with_preset(p, argv)
     cache = Cache()
     try:
         keys = _run_keys(cache, args.keys)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eapcore.cache import BUNDLE_MANIFEST, Cache, CacheError, export_bundle, import_bundle
+from eapcore.cache import Cache, CacheError, export_bundle, import_bundle
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,10 @@ def test_builtin_pairs_and_datasets():
         ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "agentica-org/DeepScaleR-1.5B-Preview", "chat")
     grpo, dpo = pairs["demo: SFT vs GRPO"], pairs["demo: SFT vs DPO"]
     assert (grpo.base.name_or_path, grpo.tuned.name_or_path, dpo.tuned.name_or_path) == ("demo/sft", "demo/grpo", "demo/dpo")
-    assert grpo.template == "deepseek-math"
+    from eapcore.lab.problems import TEMPLATE_NAME
+    from eapcore.lab.run import MAX_NEW_TOKENS
+
+    assert grpo.template == dpo.template == TEMPLATE_NAME and grpo.max_new_tokens == MAX_NEW_TOKENS
     from eapcore.data import BUILTIN_SOURCES, resolve_template
 
     for p in pairs.values():

@@ -342,6 +342,8 @@ def test_cli_run_sweep_and_cache_commands(spec, capsys):
     assert "2 of 2 runs done" in capsys.readouterr().out
     assert cli.main(["sweep", "--preset", "table1", "--dry-run"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4 * 3 * 4
+    assert cli.main(["sweep", "--preset", "demo", "--dry-run"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 1 * 4
     assert cli.main(["run", "--pair", "nope", "--dataset", "tiny-set", "--alpha", "0.5"]) == 1
     assert "unknown pair 'nope'" in capsys.readouterr().err
 
