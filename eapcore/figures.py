@@ -108,9 +108,9 @@ def heatmap_triptych(base: Any, tuned: Any, rel: Any, x: Sequence[Any], y: Seque
     # stacked: vertical bars on the right; side by side: horizontal bars under their panels
     # (base/tuned under the first two, the change under the third)
     bar_pos = dict(len=0.6, y=0.67, yanchor="middle", x=1.01) if stacked else \
-        dict(orientation="h", x=0.3, xanchor="center", y=-0.2, yanchor="top", len=0.55, thickness=12)
+        dict(orientation="h", x=0.3, xanchor="center", y=-0.26, yanchor="top", len=0.55, thickness=12)
     bar_pos2 = dict(len=0.3, y=0.15, yanchor="middle", x=1.01) if stacked else \
-        dict(orientation="h", x=0.867, xanchor="center", y=-0.2, yanchor="top", len=0.27, thickness=12)
+        dict(orientation="h", x=0.867, xanchor="center", y=-0.26, yanchor="top", len=0.27, thickness=12)
     fig.update_layout(
         coloraxis={"colorscale": SEQ_SCALE, "cmin": cmin, "cmax": cmax,
                    "colorbar": {"title": {"text": cbar, "side": "right" if stacked else "top"}, **bar_pos}},
@@ -126,7 +126,7 @@ def heatmap_triptych(base: Any, tuned: Any, rel: Any, x: Sequence[Any], y: Seque
     h = height or (max(900, 18 * len(y_lab) * 3 + 200) if stacked else max(460, 16 * len(y_lab) + 260))
     _layout(fig, title, height=min(h, 2400))
     if not stacked:  # room for the axis titles and the horizontal colour bars below
-        fig.update_layout(margin={"l": 70, "r": 30, "t": 80, "b": 170})
+        fig.update_layout(margin={"l": 70, "r": 30, "t": 80, "b": 190})
     return fig
 
 
