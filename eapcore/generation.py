@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from eapcore.data import Problem, encode_prompt, format_prompt, load_problems
-from eapcore.grading import accuracy, extract_answer, grade_pairs
+from eapcore.grading import accuracy, extract_answer, grade_pairs, scores_of
 from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
 from eapcore.specs import DatasetSpec, GenerationSettings, ModelSpec
 
@@ -247,8 +247,7 @@ def generate_answers(problems: Sequence[Problem], out_path: str | os.PathLike, b
             bar.update(len(batch))
     samples, _ = read_samples(out_path)
     wanted = set(prompts)
-    scores = {s.idx: bool(s.extra["score"][0]) for s in samples
-              if s.idx in wanted and isinstance(s.extra.get("score"), list) and s.extra["score"]}
+    scores, _ = scores_of(s for s in samples if s.idx in wanted)
     return GenerationReport(str(out_path), len(problems), len(set(done) & wanted), len(todo),
                             accuracy(scores), report.problems if report else [])
 
