@@ -531,81 +531,96 @@ def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int) -> int:
     return memory["batch_tokens"]
 
 
-def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: Reporter) -> list[tuple[str, str]]:
-    """Score entries of every selected sample of both models; writes base/ and tuned/ into the
-    run folder. Returns the (kind, key) entries used."""
-    import torch
-    from safetensors.torch import load_file, save_file
+def _score_missing(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str], lengths: list[int],
+                   cut_len: int, att: AttributionSettings, batch_tokens: int, on_batch: Callable[[int], None]) -> None:
+    """Compute the score entries of `samples` that are not cached, one batch at a time.
 
-    from eapcore.attribution import AttributionResult, attribute, library_versions, pack_batches, sample_tokens
-    from eapcore.graph import Graph
-    from eapcore.harness import read_samples
+    Batches are packed over all samples (so they are the same on every attempt) and a batch runs
+    if any of its samples lacks an entry; on_batch(n new entries) follows each batch."""
+    from safetensors.torch import save_file
+
+    from eapcore.attribution import attribute, pack_batches
     from eapcore.models import load_model
+
+    present = [cache.get("scores", k) is not None for k in keys]
+    batches = [b for b in pack_batches(lengths, batch_tokens) if not all(present[i] for i in b)]
+    if not batches:
+        return
+    model = load_model(registry.resolve_path(model_spec.name_or_path), att.dtype, att.device,
+                       model_spec.revision, model_spec.trust_remote_code)
+    meta = {"model": model_spec.name_or_path, "cut_len": cut_len, "dtype": att.dtype, "device": str(model.device),
+            "graph": {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
+                      "n_kv_heads": model.adapter.n_kv_heads, "granularity": att.granularity}}
+    sleep = float(os.environ.get(SLEEP_ENV) or 0)
+    one_batch = dataclasses.replace(att, max_batch_tokens=sys.maxsize)  # the batch as packed above
+    for batch in batches:
+        part = attribute(model, [samples[i] for i in batch], cut_len, one_batch)
+        new = [(j, i) for j, i in enumerate(batch) if not present[i]]
+        for j, i in new:
+            tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
+            cache.put("scores", keys[i], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
+                      {**meta, "idx": samples[i].idx})
+        on_batch(len(new))
+        if sleep:
+            time.sleep(sleep)
+    del model, part
+    _free_memory()
+
+
+def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str], cut_len: int,
+              att: AttributionSettings, batch_tokens: int):
+    """The `attribute` result [N, F, B] of the samples from their score entries."""
+    import torch
+    from safetensors.torch import load_file
+
+    from eapcore.attribution import AttributionResult, library_versions
+    from eapcore.graph import Graph
+
+    entries = [cache.get("scores", k) for k in keys]
+    missing = [samples[i].idx for i, e in enumerate(entries) if e is None]
+    if missing:
+        raise RunError(f"scores of samples {missing[:5]} of {model_spec.name_or_path} vanished from the cache "
+                       "during the run (removed by another process?); run the spec again")
+    graphs = {json.dumps(e.meta["graph"], sort_keys=True) for e in entries}
+    if len(graphs) != 1:
+        raise RunError(f"cached scores of {model_spec.name_or_path} disagree on the graph shape ({graphs}); "
+                       "remove them with `python -m eapcore cache rm KEY` and run again")
+    tensors = [load_file(str(e.file("scores.safetensors"))) for e in entries]
+    manifest = {"model": model_spec.name_or_path, "sample_ids": [s.idx for s in samples], "cut_len": cut_len,
+                "settings": to_dict(att), "scoring_version": SCORING_VERSION, "versions": library_versions(),
+                "dtype": att.dtype, "score_keys": keys, "max_batch_tokens": batch_tokens}
+    return AttributionResult(torch.stack([t["scores"] for t in tensors]), torch.cat([t["loss"] for t in tensors]),
+                             Graph(**json.loads(graphs.pop())), manifest)
+
+
+def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: Reporter) -> list[tuple[str, str]]:
+    """Score entries of every selected sample of both models, then base/ and tuned/ in the run
+    folder. Returns the (kind, key) entries used."""
+    from eapcore.attribution import sample_tokens
+    from eapcore.harness import read_samples
 
     att = spec.attribution
     cut_len = int(json.loads((selection / "selection.json").read_text())["t_cut"])
-    samples = {w: read_samples(selection / f"{w}.jsonl")[0] for w in ("base", "tuned")}
     models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
-    model_ids = {w: digest(model_identity(m)) for w, m in models.items()}
-    keys = {w: [score_key(model_ids[w], s.prompt_ids, s.answer_ids, cut_len, att) for s in samples[w]]
-            for w in models}
-    job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
+    samples = {w: read_samples(selection / f"{w}.jsonl")[0] for w in models}
+    keys = {w: [score_key(digest(model_identity(m)), s.prompt_ids, s.answer_ids, cut_len, att) for s in samples[w]]
+            for w, m in models.items()}
     lengths = {w: [len(sample_tokens(s, cut_len)[0]) for s in samples[w]] for w in models}
+    job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
     batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
     total = sum(map(len, keys.values()))
-    present = {w: [cache.get("scores", k) is not None for k in keys[w]] for w in models}
-    done = sum(itertools.chain(*present.values()))
+    done = sum(cache.get("scores", k) is not None for k in itertools.chain(*keys.values()))
     rep.stage("attribute", total=total, done=done, message=f"{total // 2} samples per model, T_cut {cut_len}")
-    sleep = float(os.environ.get(SLEEP_ENV) or 0)
-    for which in models:
-        with cache.lock(f"attribute-{digest(keys[which])}"):
-            present[which] = [cache.get("scores", k) is not None for k in keys[which]]
-            batches = [b for b in pack_batches(lengths[which], batch_tokens) if not all(present[which][i] for i in b)]
-            if batches:
-                rep.update(done, f"loading {which} model")
-                model = load_model(registry.resolve_path(models[which].name_or_path), att.dtype, att.device,
-                                   models[which].revision, models[which].trust_remote_code)
-                graph_meta = {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
-                              "n_kv_heads": model.adapter.n_kv_heads, "granularity": att.granularity}
-                for batch in batches:
-                    part = attribute(model, [samples[which][i] for i in batch], cut_len,
-                                     dataclasses.replace(att, max_batch_tokens=sys.maxsize))
-                    for j, i in enumerate(batch):
-                        if present[which][i]:
-                            continue
+    for which, model_spec in models.items():
+        def on_batch(n: int, which=which) -> None:
+            nonlocal done
+            done += n
+            rep.update(done, f"attributing {which}")
 
-                        def write(dest: Path, j=j) -> None:
-                            save_file({"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()},
-                                      str(dest / "scores.safetensors"))
-
-                        cache.put("scores", keys[which][i], write,
-                                  {"model": models[which].name_or_path, "idx": samples[which][i].idx,
-                                   "cut_len": cut_len, "graph": graph_meta, "dtype": att.dtype,
-                                   "device": str(model.device)})
-                        present[which][i] = True
-                        done += 1
-                    rep.update(done, f"attributing {which}")
-                    if sleep:
-                        time.sleep(sleep)
-                del model, part
-                _free_memory()
-        entries = [cache.get("scores", k) for k in keys[which]]
-        missing = [samples[which][i].idx for i, e in enumerate(entries) if e is None]
-        if missing:
-            raise RunError(f"scores of {which} samples {missing[:5]} vanished from the cache during the run "
-                           "(removed by another process?); run the spec again")
-        graphs = {json.dumps(e.meta["graph"], sort_keys=True) for e in entries}
-        if len(graphs) != 1:
-            raise RunError(f"{which}: cached scores disagree on the graph shape ({graphs}); clear them with "
-                           "`python -m eapcore cache rm` and run again")
-        tensors = [load_file(str(e.file("scores.safetensors"))) for e in entries]
-        graph = Graph(**json.loads(graphs.pop()))
-        manifest = {"model": models[which].name_or_path, "sample_ids": [s.idx for s in samples[which]],
-                    "cut_len": cut_len, "settings": to_dict(att), "scoring_version": SCORING_VERSION,
-                    "versions": library_versions(), "dtype": att.dtype, "score_keys": keys[which],
-                    "max_batch_tokens": batch_tokens}
-        result = AttributionResult(torch.stack([t["scores"] for t in tensors]), torch.cat([t["loss"] for t in tensors]),
-                                   graph, manifest)
+        with cache.lock(f"attribute-{digest(keys[which])}"):  # one process computes a model's samples
+            _score_missing(cache, model_spec, samples[which], keys[which], lengths[which], cut_len, att,
+                           batch_tokens, on_batch)
+        result = _assemble(cache, model_spec, samples[which], keys[which], cut_len, att, batch_tokens)
         tmp = folder / f".tmp-{which}"
         shutil.rmtree(tmp, ignore_errors=True)
         result.save(tmp)
