@@ -1,0 +1,11 @@
+"""The demo lab: synthetic math problems, a tiny Llama model, and the SFT -> GRPO / DPO pairs.
+
+`python -m eapcore lab --out demo/` trains everything on CPU in minutes (see `eapcore.lab.run`).
+"""
+from __future__ import annotations
+
+
+def command(argv: list[str]) -> int:
+    from .run import command as _command
+
+    return _command(argv)

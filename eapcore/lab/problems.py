@@ -1,0 +1,139 @@
+"""Synthetic math word problems with exact integer answers and worked solutions.
+
+Each problem is a short story about one person's collection of objects, changed by 1 to 3
+arithmetic steps:
+
+    level 1: one addition or subtraction
+    level 2: two additions / subtractions
+    level 3: a multiplication ("k boxes with b in each") then an addition / subtraction
+
+A worked solution writes one equation per step and ends in ``\\boxed{N}``. Problems are
+deterministic in the seed. Rows are written in the dataset format the project reads (MATH-like):
+``idx``, ``question``, ``solution`` (worked, ends in ``\\boxed{N}``), ``answer`` and ``gt`` (the
+reference ``N`` as a string), ``level``, ``expression`` (a Python expression whose value is ``N``).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+# The deepseek-math prompt template (METHOD.md), used verbatim for the demo pairs.
+TEMPLATE_NAME = "deepseek-math"
+TEMPLATE = ("User: {question}\nPlease reason step by step, and put your final answer within "
+            "\\boxed{{}}.\n\nAssistant:")
+
+LEVELS = (1, 2, 3)
+
+NAMES = ("Tom", "Ann", "Sam", "Mia", "Ben", "Eva", "Max", "Lily", "Leo", "Zoe", "Jack", "Emma")
+OBJECTS = ("apples", "books", "coins", "cards", "pens", "eggs", "shells", "stamps", "marbles",
+           "stickers")
+ADD = ("{p} buys {n} more {o}.", "{p} finds {n} more {o}.", "{q} gives {p} {n} more {o}.")
+SUB = ("{p} gives {n} {o} to {q}.", "{p} loses {n} {o}.", "{p} sells {n} {o}.")
+MUL = "{p} buys {k} boxes of {o} with {n} {o} in each box."
+QUESTION = "How many {o} does {p} have now?"
+
+
+def build_prompt(question: str) -> str:
+    return TEMPLATE.format(question=question)
+
+
+@dataclass(frozen=True)
+class Problem:
+    idx: int
+    level: int
+    question: str
+    solution: str  # worked solution, starts with a space, ends in \boxed{N}.
+    answer: int
+    expression: str
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        row["answer"] = str(self.answer)
+        row["gt"] = str(self.answer)
+        return row
+
+
+def _story(rng: random.Random, level: int) -> tuple[str, str, int, str]:
+    """(question, solution, answer, expression) of one random problem of `level`."""
+    p, q = rng.sample(NAMES, 2)
+    o = rng.choice(OBJECTS)
+    lines: list[str] = []
+    eqs: list[str] = []
+    if level == 3:
+        start = rng.randint(2, 30)
+    else:
+        start = rng.randint(5, 40)
+    lines.append(f"{p} has {start} {o}.")
+    value, expr = start, str(start)
+    n_addsub = {1: 1, 2: 2, 3: 1}[level]
+    if level == 3:
+        k, n = rng.randint(2, 5), rng.randint(2, 9)
+        lines.append(MUL.format(p=p, k=k, n=n, o=o))
+        prod = k * n
+        eqs.append(f"{k} * {n} = {prod}.")
+        eqs.append(f"{value} + {prod} = {value + prod}.")
+        value, expr = value + prod, f"({expr} + {k} * {n})"
+    for _ in range(n_addsub):
+        if value > 3 and rng.random() < 0.5:
+            n = rng.randint(1, min(value - 1, 25))
+            lines.append(rng.choice(SUB).format(p=p, q=q, n=n, o=o))
+            eqs.append(f"{value} - {n} = {value - n}.")
+            value, expr = value - n, f"({expr} - {n})"
+        else:
+            n = rng.randint(1, 25)
+            lines.append(rng.choice(ADD).format(p=p, q=q, n=n, o=o))
+            eqs.append(f"{value} + {n} = {value + n}.")
+            value, expr = value + n, f"({expr} + {n})"
+    lines.append(QUESTION.format(p=p, o=o))
+    solution = " " + " ".join(eqs) + f" The answer is \\boxed{{{value}}}."
+    return " ".join(lines), solution, value, expr
+
+
+def generate(n: int, seed: int, levels: Iterable[int] = LEVELS, exclude: set[str] | None = None,
+             start_idx: int = 0) -> list[Problem]:
+    """`n` distinct problems, levels in round-robin order, none whose question is in `exclude`."""
+    rng = random.Random(seed)
+    levels = tuple(levels)
+    seen = set(exclude or ())
+    out: list[Problem] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise RuntimeError(f"could not draw {n} distinct problems")
+        level = levels[len(out) % len(levels)]
+        question, solution, answer, expr = _story(rng, level)
+        if question in seen:
+            continue
+        seen.add(question)
+        out.append(Problem(start_idx + len(out), level, question, solution, answer, expr))
+    return out
+
+
+def make_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Held-out test split first (its own seed), then a train split with no shared question."""
+    test = generate(n_test, seed=seed * 1000 + 1)
+    train = generate(n_train, seed=seed * 1000 + 2, exclude={p.question for p in test})
+    return train, test
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in `text` (no nested braces), or None."""
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def is_correct(completion: str, reference: str | int) -> bool:
+    """The lab's reward: the last boxed answer equals the reference integer exactly."""
+    pred = extract_boxed(completion)
+    if pred is None:
+        return False
+    try:
+        return int(pred.replace(" ", "")) == int(reference)
+    except ValueError:
+        return False
