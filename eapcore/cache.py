@@ -248,10 +248,12 @@ class Cache:
 
     def discard(self, path: Path) -> None:
         """Remove an entry or run folder (renamed away first, so no reader sees it half-gone)."""
-        if path.exists():
-            gone = _tmp_name(path)
+        gone = _tmp_name(path)
+        try:
             os.replace(path, gone)
-            shutil.rmtree(gone, ignore_errors=True)
+        except FileNotFoundError:  # already gone (another process removed it)
+            return
+        shutil.rmtree(gone, ignore_errors=True)
 
     def report(self, message: str) -> None:
         self.problems.append(message)
