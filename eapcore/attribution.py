@@ -164,18 +164,29 @@ def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn
 # The engine
 # ---------------------------------------------------------------------------------------------
 
-def contract(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -> torch.Tensor:
     """[B,U,T,d] x [B,V,T,d] -> [B,U,V] float32: sums over positions and width.
 
-    Half-precision inputs on a GPU go through one batched matmul that accumulates and writes in
-    float32; elsewhere the inputs are upcast to float32 first."""
-    B, U = src.shape[:2]
+    Blocks of positions are upcast to float32 (bf16 values are exact in float32, so every
+    product is exact and every sum float32) and reduced with batched matmuls. U and V are small
+    and T*d large, so a small batch's reduction is also split into pieces (strided views of the
+    block, no copies) that one matmul call computes in parallel."""
+    B, U, T, d = src.shape
     V = dst.shape[1]
-    a = src.reshape(B, U, -1)
-    b = dst.reshape(B, V, -1).transpose(1, 2)
-    if a.dtype != torch.float32 and a.is_cuda:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
+    out = torch.zeros(B, U, V, dtype=torch.float32, device=src.device)
+    tb = max(1, min(T, block_bytes // (4 * B * (U + V) * d)))
+    for t0 in range(0, T, tb):
+        a = src[:, :, t0:t0 + tb].float()
+        c = dst[:, :, t0:t0 + tb].float()
+        K = a.shape[2] * d
+        n = math.gcd(max(1, 32 // B), K)
+        if n == 1:
+            out += torch.bmm(a.reshape(B, U, K), c.reshape(B, V, K).transpose(1, 2))
+            continue
+        for b in range(B):
+            out[b] += torch.bmm(a[b].reshape(U, n, K // n).transpose(0, 1),
+                                c[b].reshape(V, n, K // n).permute(1, 2, 0)).sum(0)
+    return out
 
 
 class _Sources:
@@ -241,31 +252,58 @@ class EngineOptions:
 
     position_chunk: int = 0  # positions per contraction block at head granularity (0: auto)
     loss_chunk: int = 1024  # positions per chunk of the loss's logits
+    keep_graph_layers: int | None = None  # layers whose autograd graph the forward keeps (None: fit memory)
 
 
-def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources | None) -> list[torch.Tensor]:
-    """Run the layers from embeddings e [B,T,d] without autograd.
+@dataclass
+class _Layer:
+    """One layer's computation from its residual input, with the handles the backward needs."""
 
-    Returns the residual stream before each layer and after the last ([L+1] x [B,T,d]); fills
+    leaves: tuple[torch.Tensor, ...]  # (x,) or (x_q, x_k, x_v): the attention's residual input(s)
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # projections before RoPE [B,T,heads*dh]
+    z: torch.Tensor  # attention values [B,T,H*dh]
+    attn: torch.Tensor  # attention output [B,T,d]
+    xm: torch.Tensor  # MLP residual input [B,T,d]
+    mlp: torch.Tensor  # MLP output [B,T,d]
+
+
+def _layer(adapter: Adapter, l: int, x: torch.Tensor, grad: bool, split_qkv: bool) -> _Layer:
+    """Run layer l on residual x. With grad, inputs are fresh autograd leaves (weights stay
+    frozen); split_qkv gives q, k and v separate leaves so their gradients come apart."""
+    with torch.set_grad_enabled(grad):
+        leaves = tuple(x.detach().requires_grad_(grad) for _ in range(3 if grad and split_qkv else 1))
+        norm = adapter.ln1(l)
+        hs = [norm(leaf) for leaf in leaves]
+        q, k, v = adapter.qkv(l, hs[0], hs[-2 if len(hs) == 3 else 0], hs[-1])
+        z = adapter.attend(l, q, k, v)
+        a = adapter.attn_out(l, z)
+        xm = (x + a.detach()).requires_grad_(grad)
+        m = adapter.mlp(l, adapter.ln2(l)(xm))
+    return _Layer(leaves, (q, k, v), z, a, xm, m)
+
+
+def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources | None,
+             keep: int = 0) -> tuple[list[torch.Tensor], dict[int, _Layer]]:
+    """Run the layers from embeddings e [B,T,d].
+
+    Returns the residual stream before each layer and after the last ([L+1] x [B,T,d]) and the
+    autograd state of the last `keep` layers (the backward recomputes the others); fills
     `sources` if given."""
-    resid = [e]
+    resid, kept = [e], {}
     x = e
     if sources is not None:
         sources.put("input", None, e)
-    with torch.no_grad():
-        for l in range(graph.n_layers):
-            h = adapter.ln1(l)(x)
-            q, k, v = adapter.qkv(l, h, h, h)
-            z = adapter.attend(l, q, k, v)
-            a = adapter.attn_out(l, z)
-            x = x + a
-            m = adapter.mlp(l, adapter.ln2(l)(x))
-            x = x + m
-            resid.append(x)
-            if sources is not None:
-                sources.put("attn", l, a if graph.granularity == "layer" else z)
-                sources.put("mlp", l, m)
-    return resid
+    for l in range(graph.n_layers):
+        grad = l >= graph.n_layers - keep
+        st = _layer(adapter, l, x, grad, graph.granularity == "layer")
+        x = st.xm.detach() + st.mlp.detach()
+        resid.append(x)
+        if grad:
+            kept[l] = st
+        if sources is not None:
+            sources.put("attn", l, st.attn.detach() if graph.granularity == "layer" else st.z.detach())
+            sources.put("mlp", l, st.mlp.detach())
+    return resid, kept
 
 
 def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, t0: int, t1: int) -> torch.Tensor:
@@ -282,14 +320,14 @@ def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv
     return g.transpose(0, 1)  # [B, V, c, d]
 
 
-def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], g_final: torch.Tensor,
-              sources: _Sources, scores: torch.Tensor, weight: float, opts: EngineOptions):
+def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: dict[int, _Layer],
+              g_final: torch.Tensor, sources: _Sources, scores: torch.Tensor, weight: float, opts: EngineOptions):
     """Walk the layers from last to first, adding weight * <sources, destination grads> to
-    scores [B, F, Bk] (float32)."""
+    scores [B, F, Bk] (float32). Layers not in `kept` are recomputed."""
     dtype = resid[0].dtype
     B, T, d = g_final.shape
     head = graph.granularity == "head"
-    chunk = opts.position_chunk or max(1, min(T, int(2 ** 28 // max(1, graph.n_forward * B * d))))
+    chunk = opts.position_chunk or max(1, min(T, int(2 ** 27 // max(1, graph.n_forward * B * d))))
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
         if callable(dst):  # computed per position chunk
@@ -302,34 +340,52 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], g_final
     g = g_final.float()
     add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[:, None])
     for l in reversed(range(graph.n_layers)):
-        x = resid[l]
+        st = kept.pop(l, None) or _layer(adapter, l, resid[l], True, not head)
+        (g_m,) = torch.autograd.grad(st.mlp, st.xm, g.to(dtype))
+        g_mid = g + g_m.float()
+        grads = torch.autograd.grad(st.attn, st.leaves + (st.qkv if head else ()), g_mid.to(dtype))
+        del st
         cols = graph.layer_destinations(l)
-        with torch.enable_grad():
-            if head:
-                xs = (x.detach().requires_grad_(True),)
-                h = adapter.ln1(l)(xs[0])
-                q, k, v = adapter.qkv(l, h, h, h)
-                a = adapter.attn_out(l, adapter.attend(l, q, k, v))
-            else:
-                xs = tuple(x.detach().requires_grad_(True) for _ in range(3))
-                a, _ = adapter.attention_block(l, *xs)
-            xm = (x + a.detach()).requires_grad_(True)
-            m = adapter.mlp(l, adapter.ln2(l)(xm))
-            (g_m,) = torch.autograd.grad(m, xm, g.to(dtype))
-            g_mid = g + g_m.float()
-            wrt = xs + ((q, k, v) if head else ())
-            grads = torch.autograd.grad(a, wrt, g_mid.to(dtype))
-        del m, a
         n_attn, n_mlp = graph.n_sources_before_attn(l), graph.n_sources_before_mlp(l)
         add(n_mlp, slice(cols.stop - 1, cols.stop), g_m[:, None])
         if head:
             dq, dk, dv = grads[1:]
+            x = resid[l]
             add(n_attn, slice(cols.start, cols.stop - 1),
                 lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, t0, t1))
             g = g_mid + grads[0].float()
         else:
             add(n_attn, slice(cols.start, cols.stop - 1), torch.stack(grads, dim=1))
             g = g_mid + sum(gi.float() for gi in grads)
+
+
+def graph_bytes_per_token(adapter: Adapter, dtype_bytes: int) -> int:
+    """Memory autograd keeps per token for one layer's backward (projection inputs, attention
+    q/k/v/output, the gated MLP's intermediates)."""
+    d = adapter.d_model
+    d_ff = getattr(adapter.config, "intermediate_size", None) or 4 * d
+    qkv = (adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.d_head
+    return dtype_bytes * (6 * d + 2 * qkv + 4 * d_ff)
+
+
+def free_cuda_bytes(device) -> int:
+    """Memory this process can still use: free on the card plus what PyTorch's caching
+    allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def layers_to_keep(adapter: Adapter, B: int, T: int, opts: EngineOptions, device, dtype) -> int:
+    """How many layers' graphs the forward keeps: opts.keep_graph_layers, or as many as fit in the
+    free GPU memory (on CPU: up to 2 GiB of them)."""
+    if opts.keep_graph_layers is not None:
+        return min(opts.keep_graph_layers, adapter.n_layers)
+    per_layer = graph_bytes_per_token(adapter, torch.finfo(dtype).bits // 8) * B * T
+    if device.type == "cuda":  # leave room for one recomputed layer, the loss chunk and scratch
+        budget = free_cuda_bytes(device) - 3 * per_layer - 8 * 2 ** 30
+    else:
+        budget = 2 * 2 ** 30
+    return int(min(adapter.n_layers, budget // max(per_layer, 1)))
 
 
 def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, loss_fn: LossFn = self_ce_loss,
@@ -349,23 +405,24 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
     loss_of = lambda x: loss_fn(adapter, x, batch) if loss_fn is not self_ce_loss \
         else self_ce_loss(adapter, x, batch, opts.loss_chunk)  # noqa: E731
     scores = torch.zeros(B, graph.n_forward, graph.n_backward, dtype=torch.float32, device=dev)
+    keep = layers_to_keep(adapter, B, T, opts, dev, dtype)
 
     with torch.no_grad():
         e_clean = adapter.embed(batch.ids)
     if ablation == "zero" and ig_steps == 0:  # the paper's setting: one pass does it all
         sources = _Sources(graph, adapter, B, T, dtype, dev)
-        resid = _forward(adapter, graph, e_clean, sources)
+        resid, kept = _forward(adapter, graph, e_clean, sources, keep)
         sources.scale_(-1.0, mask)
         loss, g_final = loss_of(resid[-1])
-        _backward(adapter, graph, resid, g_final, sources, scores, 1.0, opts)
+        _backward(adapter, graph, resid, kept, g_final, sources, scores, 1.0, opts)
     else:
         sources = _Sources(graph, adapter, B, T, dtype, dev)
-        _forward(adapter, graph, e_clean, sources)
+        _forward(adapter, graph, e_clean, sources)[0].clear()
         if ablation == "corrupted":
             with torch.no_grad():
                 e_base = adapter.embed(batch.corrupt_ids)
             corrupted = _Sources(graph, adapter, B, T, dtype, dev)
-            _forward(adapter, graph, e_base, corrupted)
+            _forward(adapter, graph, e_base, corrupted)[0].clear()
             corrupted.sub_(sources)  # a_corrupted - a_clean
             sources = corrupted
             sources.scale_(1.0, mask)
@@ -375,10 +432,10 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
         steps = max(ig_steps, 1)
         for k in range(1, steps + 1):
             e = e_clean if k == steps else e_base + (k / steps) * (e_clean - e_base)
-            resid = _forward(adapter, graph, e, None)
+            resid, kept = _forward(adapter, graph, e, None, keep)
             loss, g_final = loss_of(resid[-1])
-            _backward(adapter, graph, resid, g_final, sources, scores, 1.0 / steps, opts)
-            del resid
+            _backward(adapter, graph, resid, kept, g_final, sources, scores, 1.0 / steps, opts)
+            del resid, kept
     scores *= graph.real_edge_mask.to(dev)
     return scores, loss
 
@@ -477,7 +534,7 @@ def default_batch_tokens(model: LoadedModel, graph: Graph) -> int:
     """Tokens per batch: from free GPU memory (60% of it) on CUDA, 2048 on CPU."""
     if model.device.type != "cuda":
         return 2048
-    free, _ = torch.cuda.mem_get_info(model.device)
+    free = free_cuda_bytes(model.device)
     per_tok = bytes_per_token(model.adapter, graph, torch.finfo(model.dtype).bits // 8)
     return max(1, int(0.6 * free // per_tok))
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,13 +134,13 @@ class Adapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B,T] -> [B,T,d]
         raise NotImplementedError
 
-    def ln1(self, layer: int) -> torch.nn.Module:
+    def ln1(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:  # the layer norms, [.., d] -> [.., d]
         raise NotImplementedError
 
-    def ln2(self, layer: int) -> torch.nn.Module:
+    def ln2(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
-    def ln_final(self) -> torch.nn.Module:
+    def ln_final(self) -> Callable[[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
     def proj_weight(self, layer: int, which: str) -> torch.Tensor:
@@ -162,12 +163,6 @@ class Adapter:
         raise NotImplementedError
 
     # derived
-    def attention_block(self, layer: int, xq, xk, xv):
-        """attn_out and (q, k, v) projections from three (possibly identical) residual inputs."""
-        norm = self.ln1(layer)
-        q, k, v = self.qkv(layer, norm(xq), norm(xk), norm(xv))
-        return self.attn_out(layer, self.attend(layer, q, k, v)), (q, k, v)
-
     def head_out_weight(self, layer: int) -> torch.Tensor:
         """W_O split by head: [H, dh, d], so head h writes z_h @ W_O[h] into the residual."""
         w = self.proj_weight(layer, "o")  # [d, H*dh]
@@ -182,8 +177,8 @@ class Adapter:
         """Plain forward through the adapter (for checks against the model itself)."""
         x = self.embed(ids)
         for l in range(self.n_layers):
-            a, _ = self.attention_block(l, x, x, x)
-            x = x + a
+            h = self.ln1(l)(x)
+            x = x + self.attn_out(l, self.attend(l, *self.qkv(l, h, h, h)))
             x = x + self.mlp(l, self.ln2(l)(x))
         return self.unembed(self.ln_final()(x))
 
@@ -198,6 +193,13 @@ def _sdpa(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                           enable_gqa=gqa)
+
+
+def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The Llama-family RMSNorm (float32 statistics, gain applied in the input dtype) as one fused
+    kernel; equal to the module's own forward."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
+    return module.weight * y.to(x.dtype)
 
 
 class LlamaFamilyAdapter(Adapter):
@@ -222,13 +224,13 @@ class LlamaFamilyAdapter(Adapter):
         return self.hf.model.embed_tokens(ids)
 
     def ln1(self, layer):
-        return self.layers[layer].input_layernorm
+        return partial(_rms_norm, self.layers[layer].input_layernorm)
 
     def ln2(self, layer):
-        return self.layers[layer].post_attention_layernorm
+        return partial(_rms_norm, self.layers[layer].post_attention_layernorm)
 
     def ln_final(self):
-        return self.hf.model.norm
+        return partial(_rms_norm, self.hf.model.norm)
 
     def proj_weight(self, layer, which):
         attn = self.layers[layer].self_attn

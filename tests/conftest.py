@@ -47,7 +47,7 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2):
                tie_word_embeddings=False, **common)
 
 
-def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2) -> Path:
+def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2, std: float = 0.3) -> Path:
     """Save a random tiny causal LM of `arch` with a char tokenizer as a Hugging Face folder."""
     import torch
     import transformers as tf
@@ -58,7 +58,7 @@ def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2) -
     with torch.no_grad():  # larger-than-default weights so scores are far from rounding noise
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
             elif name.endswith("weight"):  # norm gains near 1
                 p.normal_(1.0, 0.1)
             else:  # biases (Qwen2 q/k/v, GPT-2 everywhere)

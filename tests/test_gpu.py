@@ -25,27 +25,38 @@ def small_model(arch: str, dtype, device) -> LoadedModel:
         for p in hf.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
+            p.copy_(p.to(torch.bfloat16).float())  # the same weights in either dtype
     hf = hf.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(arch, hf, None, make_adapter(hf, arch), arch)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-@pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_bf16_cuda_matches_fp32_cpu(arch, granularity):
+def batch_and_reference(arch, granularity):
     g = torch.Generator().manual_seed(1)
     samples = [Sample(i, torch.randint(0, 1000, (200 + 50 * i,), generator=g).tolist(),
                       torch.randint(0, 1000, (300,), generator=g).tolist()) for i in range(3)]
     batch = make_batch(samples, 256, 1000)
     cpu = small_model(arch, torch.float32, "cpu")
-    gpu = small_model(arch, torch.bfloat16, "cuda")
     graph = graph_of(cpu.adapter, granularity)
-    ref, ref_loss = attribute_batch(cpu, batch, graph)
-    out, loss = attribute_batch(gpu, batch, graph)
+    return batch, graph, *attribute_batch(cpu, batch, graph)
+
+
+def compare(out, ref, mask):
+    rel = ((out - ref)[:, mask].norm() / ref[:, mask].norm()).item()
+    corr = torch.corrcoef(torch.stack([out[:, mask].flatten(), ref[:, mask].flatten()]))[0, 1].item()
+    return rel, corr
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_cuda_matches_cpu(arch, granularity):
+    """float32 on CUDA equals the CPU path; bf16 on CUDA stays within bf16 rounding of it."""
+    batch, graph, ref, ref_loss = batch_and_reference(arch, granularity)
+    out32, loss32 = attribute_batch(small_model(arch, torch.float32, "cuda"), batch, graph)
+    rel32, _ = compare(out32.cpu(), ref, graph.real_edge_mask)
+    assert rel32 < 1e-4, f"float32 CUDA vs CPU relative error {rel32:.3g}"
+    out, loss = attribute_batch(small_model(arch, torch.bfloat16, "cuda"), batch, graph)
     assert out.dtype == torch.float32
-    out = out.cpu()
-    mask = graph.real_edge_mask
-    rel = (out - ref)[:, mask].norm() / ref[:, mask].norm()
-    corr = torch.corrcoef(torch.stack([out[:, mask].flatten(), ref[:, mask].flatten()]))[0, 1]
-    assert rel < 0.05, f"relative error {rel:.3g}"
-    assert corr > 0.998
+    rel, corr = compare(out.cpu(), ref, graph.real_edge_mask)
+    print(f"{arch} {granularity}: bf16 vs fp32 relative error {rel:.4f}, correlation {corr:.5f}")
+    assert rel < 0.15 and corr > 0.99, (rel, corr)
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
