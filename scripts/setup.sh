@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned requirements (idempotent: does nothing when up to date).
+# Usage: scripts/setup.sh [dev]   ("dev" adds the test tools and Debian's chromium for browser tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req=requirements.txt
+[ "${1:-}" = dev ] && req=requirements-dev.txt
+stamp=.venv/.installed-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+  touch "$stamp"
+fi
+if [ "${1:-}" = dev ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "warning: /usr/bin/chromium missing (install Debian's chromium); the browser test will be skipped" >&2
+  fi
+fi
