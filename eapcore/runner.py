@@ -58,6 +58,7 @@ FINAL = ("done", "error", "cancelled")
 MUTABLE_FILES = ("status.json", "worker.log", "cancel")  # not sealed: they change after a run
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
 SLEEP_ENV = "EAP_TEST_SLEEP_PER_BATCH"
+MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}  # cpu: the engine's default; cuda: a kill loses <= 1 batch
 PRESETS: dict[str, dict[str, list]] = {
     "table1": {"pairs": [p.name for p in registry.PAPER_PAIRS], "datasets": ["math", "gsm8k", "college_math"],
                "alphas": [0.03, 0.1, 0.3, 0.5]},
@@ -238,9 +239,10 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     (they are loaded one at a time); activations = attribution.bytes_per_token x tokens; plus the
     loss's logits chunk. sample_tokens: the longest truncated input (known after selection);
     before it, estimated as prompt_tokens + alpha x max_new_tokens (an upper bound for the
-    answer part). Returns bytes_needed (model + one sample), bytes_available (free GPU memory, or
-    free RAM on CPU), fits, batch_tokens (spec's max_batch_tokens if set; else what fits, at
-    most 2048 on CPU) and a message."""
+    answer part). Returns bytes_needed (model + one sample; fits if within 90% of what is free),
+    bytes_available (free GPU memory, or free RAM on CPU), fits, batch_tokens (the spec's
+    max_batch_tokens if set; else 60% of the free memory left by the model, capped by
+    MAX_BATCH_TOKENS) and a message."""
     from types import SimpleNamespace
 
     from eapcore.attribution import bytes_per_token
@@ -266,8 +268,8 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     usable = int(0.9 * available)
     needed = fixed + per_token * sample_tokens
     fits = needed <= usable
-    fit_tokens = max(0, (usable - fixed) // per_token)
-    batch = att.max_batch_tokens or (min(2048, fit_tokens) if device.type == "cpu" else fit_tokens)
+    fit_tokens = int(0.6 * max(0, available - fixed)) // per_token  # the engine's margin for its rough estimate
+    batch = att.max_batch_tokens or min(MAX_BATCH_TOKENS.get(device.type, 2048), fit_tokens)
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     what = "up to " if estimated else ""
     if fits:
