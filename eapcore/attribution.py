@@ -167,12 +167,15 @@ def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn
 def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -> torch.Tensor:
     """[B,U,T,d] x [B,V,T,d] -> [B,U,V] float32: sums over positions and width.
 
-    Blocks of positions are upcast to float32 (bf16 values are exact in float32, so every
-    product is exact and every sum float32) and reduced with batched matmuls. U and V are small
-    and T*d large, so a small batch's reduction is also split into pieces (strided views of the
-    block, no copies) that one matmul call computes in parallel."""
+    Half precision on a GPU: one matmul per sample whose products accumulate and are written in
+    float32 (`out_dtype`). Elsewhere, blocks of positions are upcast to float32 and reduced with
+    batched matmuls; U and V are small and T*d large, so a small batch's reduction is also split
+    into pieces (strided views, no copies) that one call computes in parallel."""
     B, U, T, d = src.shape
     V = dst.shape[1]
+    if src.is_cuda and src.dtype in (torch.bfloat16, torch.float16):
+        return torch.stack([torch.mm(src[b].reshape(U, -1), dst[b].reshape(V, -1).T, out_dtype=torch.float32)
+                            for b in range(B)])
     out = torch.zeros(B, U, V, dtype=torch.float32, device=src.device)
     tb = max(1, min(T, block_bytes // (4 * B * (U + V) * d)))
     for t0 in range(0, T, tb):
@@ -365,7 +368,7 @@ def graph_bytes_per_token(adapter: Adapter, dtype_bytes: int) -> int:
     d = adapter.d_model
     d_ff = getattr(adapter.config, "intermediate_size", None) or 4 * d
     qkv = (adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.d_head
-    return dtype_bytes * (6 * d + 2 * qkv + 4 * d_ff)
+    return dtype_bytes * (8 * d + 2 * qkv + 5 * d_ff) + 4 * 4 * d  # + float32 norm statistics
 
 
 def free_cuda_bytes(device) -> int:
@@ -381,8 +384,8 @@ def layers_to_keep(adapter: Adapter, B: int, T: int, opts: EngineOptions, device
     if opts.keep_graph_layers is not None:
         return min(opts.keep_graph_layers, adapter.n_layers)
     per_layer = graph_bytes_per_token(adapter, torch.finfo(dtype).bits // 8) * B * T
-    if device.type == "cuda":  # leave room for one recomputed layer, the loss chunk and scratch
-        budget = free_cuda_bytes(device) - 3 * per_layer - 8 * 2 ** 30
+    if device.type == "cuda":  # leave room for recomputed layers, the loss chunk and scratch
+        budget = 0.75 * (free_cuda_bytes(device) - 3 * per_layer) - 6 * 2 ** 30
     else:
         budget = 2 * 2 ** 30
     return int(min(adapter.n_layers, budget // max(per_layer, 1)))

@@ -197,9 +197,10 @@ def _sdpa(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
 
 def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
     """The Llama-family RMSNorm (float32 statistics, gain applied in the input dtype) as one fused
-    kernel; equal to the module's own forward."""
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon)
-    return module.weight * y.to(x.dtype)
+    kernel, equal to the module's own forward. On a GPU the kernel computes in float32 internally,
+    so half-precision inputs need no float32 copy (which autograd would keep)."""
+    xf = x if x.is_cuda else x.float()
+    return module.weight * F.rms_norm(xf, (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
 
 class LlamaFamilyAdapter(Adapter):

@@ -60,3 +60,12 @@ def test_cuda_matches_cpu(arch, granularity):
     print(f"{arch} {granularity}: bf16 vs fp32 relative error {rel:.4f}, correlation {corr:.5f}")
     assert rel < 0.15 and corr > 0.99, (rel, corr)
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_adapter_forward_equals_model_in_bf16_on_cuda(arch):
+    m = small_model(arch, torch.bfloat16, "cuda")
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    with torch.no_grad():
+        ours, theirs = m.adapter.forward_logits(ids).float(), m.hf(ids).logits.float()
+    assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max()
