@@ -333,12 +333,13 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
     chunk = opts.position_chunk or max(1, min(T, int(2 ** 27 // max(1, graph.n_forward * B * d))))
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
-        if callable(dst):  # computed per position chunk
-            for t0 in range(0, T, chunk):
-                t1 = min(T, t0 + chunk)
-                scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), dst(t0, t1))
-        else:
-            scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, 0, T), dst)
+        """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [B,V,T,d]>; at head
+        granularity one block of positions at a time (sources and callable dst are formed per block)."""
+        step = chunk if head else T
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1]
+            scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), d_blk)
 
     g = g_final.float()
     add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[:, None])
