@@ -202,8 +202,7 @@ def main() -> int:
             graph = graph_of(model.adapter, "layer")
             tl = to_hooked_transformer(model, use_split_qkv_input=True, use_hook_mlp_in=True,
                                        ungroup_grouped_query_attention=True, n_ctx=32768)
-            del model.hf
-            model = None
+            model = None  # the adapter holds the transformers model too: drop both
             gc.collect()
             torch.cuda.empty_cache()
             tl.requires_grad_(True)  # as the authors ran it
