@@ -64,6 +64,21 @@ def test_splits_do_not_overlap_and_rows_have_dataset_fields():
     assert [p.idx for p in test] == list(range(120))
 
 
+def test_teacher_confusion_only_rewrites_gives_to_solutions():
+    clean, test = make_splits(400, 50, seed=0)
+    noisy, test2 = make_splits(400, 50, seed=0, confusion=0.6)
+    assert test == test2  # the held-out split never has teacher mistakes
+    changed = 0
+    for a, b in zip(clean, noisy):
+        assert (a.question, a.answer, a.expression) == (b.question, b.answer, b.expression)
+        if a.solution != b.solution:
+            changed += 1
+            assert " gives " in a.question and " to " in a.question
+            assert not is_correct(b.solution, b.answer) and is_correct(a.solution, a.answer)
+    with_phrase = sum(" to " in p.question and " gives " in p.question for p in clean)
+    assert 0.4 * with_phrase < changed < 0.8 * with_phrase
+
+
 def test_is_correct_reads_the_last_box():
     assert is_correct(" 1 + 2 = 3. \\boxed{4} then \\boxed{3}.", 3)
     assert not is_correct(" no box 3", 3)

@@ -35,6 +35,11 @@ MUL = "{p} buys {k} boxes of {o} with {n} {o} in each box."
 QUESTION = "How many {o} does {p} have now?"
 
 
+def has_confusable_step(question: str) -> bool:
+    """Whether the question has a "gives N ... to Q" step (the step the confused teacher adds)."""
+    return re.search(r"\b\w+ gives \d+ \w+ to \w+\.", question) is not None
+
+
 def build_prompt(question: str) -> str:
     return TEMPLATE.format(question=question)
 
@@ -55,8 +60,11 @@ class Problem:
         return row
 
 
-def _story(rng: random.Random, level: int) -> tuple[str, str, int, str]:
-    """(question, solution, answer, expression) of one random problem of `level`."""
+def _story(rng: random.Random, level: int, confuse: bool = False) -> tuple[str, str, int, str]:
+    """(question, solution, answer, expression) of one random problem of `level`.
+
+    `confuse`: the worked solution reads "gives N ... to Q" as an addition (a teacher's systematic
+    mistake; the answer and expression stay right). Draws the same random numbers either way."""
     p, q = rng.sample(NAMES, 2)
     o = rng.choice(OBJECTS)
     lines: list[str] = []
@@ -67,34 +75,45 @@ def _story(rng: random.Random, level: int) -> tuple[str, str, int, str]:
         start = rng.randint(5, 40)
     lines.append(f"{p} has {start} {o}.")
     value, expr = start, str(start)
+    shown = start  # the running value as the (possibly confused) worked solution has it
     n_addsub = {1: 1, 2: 2, 3: 1}[level]
     if level == 3:
         k, n = rng.randint(2, 5), rng.randint(2, 9)
         lines.append(MUL.format(p=p, k=k, n=n, o=o))
         prod = k * n
         eqs.append(f"{k} * {n} = {prod}.")
-        eqs.append(f"{value} + {prod} = {value + prod}.")
-        value, expr = value + prod, f"({expr} + {k} * {n})"
+        eqs.append(f"{shown} + {prod} = {shown + prod}.")
+        value, expr, shown = value + prod, f"({expr} + {k} * {n})", shown + prod
     for _ in range(n_addsub):
         if value > 3 and rng.random() < 0.5:
             n = rng.randint(1, min(value - 1, 25))
-            lines.append(rng.choice(SUB).format(p=p, q=q, n=n, o=o))
-            eqs.append(f"{value} - {n} = {value - n}.")
+            phrase = rng.choice(SUB)
+            lines.append(phrase.format(p=p, q=q, n=n, o=o))
+            if confuse and phrase == SUB[0]:
+                eqs.append(f"{shown} + {n} = {shown + n}.")
+                shown += n
+            else:
+                eqs.append(f"{shown} - {n} = {shown - n}.")
+                shown -= n
             value, expr = value - n, f"({expr} - {n})"
         else:
             n = rng.randint(1, 25)
             lines.append(rng.choice(ADD).format(p=p, q=q, n=n, o=o))
-            eqs.append(f"{value} + {n} = {value + n}.")
-            value, expr = value + n, f"({expr} + {n})"
+            eqs.append(f"{shown} + {n} = {shown + n}.")
+            value, expr, shown = value + n, f"({expr} + {n})", shown + n
     lines.append(QUESTION.format(p=p, o=o))
-    solution = " " + " ".join(eqs) + f" The answer is \\boxed{{{value}}}."
+    solution = " " + " ".join(eqs) + f" The answer is \\boxed{{{shown}}}."
     return " ".join(lines), solution, value, expr
 
 
 def generate(n: int, seed: int, levels: Iterable[int] = LEVELS, exclude: set[str] | None = None,
-             start_idx: int = 0) -> list[Problem]:
-    """`n` distinct problems, levels in round-robin order, none whose question is in `exclude`."""
+             start_idx: int = 0, confusion: float = 0.0) -> list[Problem]:
+    """`n` distinct problems, levels in round-robin order, none whose question is in `exclude`.
+
+    `confusion` > 0 (train split only): that fraction of worked solutions with "gives N ... to Q"
+    add instead of subtract (an imperfect teacher); `answer` stays the true answer."""
     rng = random.Random(seed)
+    teacher = random.Random(seed + 12345)
     levels = tuple(levels)
     seen = set(exclude or ())
     out: list[Problem] = []
@@ -104,7 +123,7 @@ def generate(n: int, seed: int, levels: Iterable[int] = LEVELS, exclude: set[str
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"could not draw {n} distinct problems")
         level = levels[len(out) % len(levels)]
-        question, solution, answer, expr = _story(rng, level)
+        question, solution, answer, expr = _story(rng, level, confuse=teacher.random() < confusion)
         if question in seen:
             continue
         seen.add(question)
@@ -112,10 +131,13 @@ def generate(n: int, seed: int, levels: Iterable[int] = LEVELS, exclude: set[str
     return out
 
 
-def make_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """Held-out test split first (its own seed), then a train split with no shared question."""
+def make_splits(n_train: int, n_test: int, seed: int = 0,
+                confusion: float = 0.0) -> tuple[list[Problem], list[Problem]]:
+    """Held-out test split first (its own seed), then a train split with no shared question.
+    Test solutions are always right; `confusion` applies to train solutions (see `generate`)."""
     test = generate(n_test, seed=seed * 1000 + 1)
-    train = generate(n_train, seed=seed * 1000 + 2, exclude={p.question for p in test})
+    train = generate(n_train, seed=seed * 1000 + 2, exclude={p.question for p in test},
+                     confusion=confusion)
     return train, test
 
 

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .problems import LEVELS, TEMPLATE, TEMPLATE_NAME, Problem, build_prompt, make_splits
+from .problems import (LEVELS, TEMPLATE, TEMPLATE_NAME, Problem, build_prompt, has_confusable_step,
+                       make_splits)
 from . import stats
 
 MAX_NEW_TOKENS = 64  # generation budget the demo pairs need (longest reference: 34 tokens + eos)
@@ -31,17 +32,21 @@ class LabConfig:
     n_train: int = 40000
     n_test: int = 1200
     threads: int = 2
-    # SFT (deliberately short: leaves room between greedy accuracy and pass@k)
-    sft_steps: int = 600
+    # fraction of train solutions in which the teacher misreads "gives N ... to Q" as an addition
+    confusion: float = 0.6
+    # SFT
+    sft_steps: int = 1200
     sft_batch: int = 32
-    sft_lr: float = 2e-3
+    sft_lr: float = 1e-3
     sft_schedule: str = "cosine"
     # GRPO
-    grpo_steps: int = 300
+    grpo_steps: int = 200
     grpo_prompts: int = 4
     grpo_generations: int = 16
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-5
     grpo_beta: float = 0.0
+    # policy loss only on the top quantile of tokens by entropy ("Beyond the 80/20 rule"; 1.0 = all)
+    grpo_entropy_quantile: float = 1.0
     grpo_levels: tuple[int, ...] = (1, 2, 3)
     # DPO
     pair_prompts: int = 2000
@@ -59,7 +64,7 @@ class LabConfig:
     @classmethod
     def quick(cls) -> "LabConfig":
         """A reduced budget that runs in about a minute (for tests and smoke runs)."""
-        return cls(n_train=2000, n_test=60, sft_steps=30, grpo_steps=4, grpo_prompts=2,
+        return cls(n_train=2000, n_test=60, sft_steps=30, sft_lr=3e-3, grpo_steps=4, grpo_prompts=2,
                    grpo_generations=4, pair_prompts=40, pair_samples=4, dpo_steps=4, dpo_batch=8,
                    dpo_reference_fallback=True, hidden=32, layers=2)
 
@@ -87,7 +92,7 @@ def _reward_curve(logs: list[dict[str, Any]], chunks: int = 5) -> list[dict[str,
 
 
 def run_lab(out: Path, cfg: LabConfig, stages: tuple[str, ...] = ("sft", "grpo", "dpo", "eval"),
-            report: Path | None = None, log=print) -> dict[str, Any]:
+            report: Path | None = None, log=print, sft_device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from . import train as T
@@ -103,7 +108,7 @@ def run_lab(out: Path, cfg: LabConfig, stages: tuple[str, ...] = ("sft", "grpo",
     results.setdefault("timings_s", {})
 
     t = time.time()
-    train, test = make_splits(cfg.n_train, cfg.n_test, seed=cfg.seed)
+    train, test = make_splits(cfg.n_train, cfg.n_test, seed=cfg.seed, confusion=cfg.confusion)
     write_jsonl(out / "problems_test.jsonl", (p.to_row() for p in test))
     times["data"] = time.time() - t
     log(f"data: {len(train)} train / {len(test)} test problems ({times['data']:.1f} s)")
@@ -112,7 +117,7 @@ def run_lab(out: Path, cfg: LabConfig, stages: tuple[str, ...] = ("sft", "grpo",
         t = time.time()
         tok = build_tokenizer([build_prompt(p.question) + p.solution for p in train + test])
         model = build_model(tok, hidden=cfg.hidden, layers=cfg.layers,
-                            intermediate=4 * cfg.hidden, seed=cfg.seed)
+                            intermediate=4 * cfg.hidden, seed=cfg.seed).to(sft_device)
         r = T.sft(model, tok, train, out / "sft", steps=cfg.sft_steps, batch_size=cfg.sft_batch,
                   lr=cfg.sft_lr, seed=cfg.seed, schedule=cfg.sft_schedule)
         times["sft"] = time.time() - t
@@ -124,7 +129,8 @@ def run_lab(out: Path, cfg: LabConfig, stages: tuple[str, ...] = ("sft", "grpo",
         pool = [p for p in train if p.level in cfg.grpo_levels]
         r = T.grpo(out / "sft", pool, out / "grpo", steps=cfg.grpo_steps,
                    prompts_per_step=cfg.grpo_prompts, num_generations=cfg.grpo_generations,
-                   lr=cfg.grpo_lr, beta=cfg.grpo_beta, seed=cfg.seed)
+                   lr=cfg.grpo_lr, beta=cfg.grpo_beta, seed=cfg.seed,
+                   top_entropy_quantile=cfg.grpo_entropy_quantile)
         shutil.rmtree(out / "grpo" / "_trainer", ignore_errors=True)
         times["grpo"] = time.time() - t
         results["grpo_reward_curve"] = _reward_curve(r["logs"])
@@ -159,7 +165,10 @@ def run_lab(out: Path, cfg: LabConfig, stages: tuple[str, ...] = ("sft", "grpo",
                 outcomes[name] = T.evaluate(model, tok, test, MAX_NEW_TOKENS)
         evals: dict[str, Any] = {}
         for name, oc in outcomes.items():
-            evals[name] = {**stats.summarize(oc), "per_level": _level_table(test, oc)}
+            trap = [has_confusable_step(p.question) for p in test]
+            evals[name] = {**stats.summarize(oc), "per_level": _level_table(test, oc),
+                           "gives_to": stats.summarize([o for o, t in zip(oc, trap) if t]),
+                           "other": stats.summarize([o for o, t in zip(oc, trap) if not t])}
             if name != "sft" and "sft" in outcomes:
                 evals[name]["mcnemar_vs_sft"] = stats.mcnemar_exact(outcomes["sft"], oc)
         results["eval"] = evals
@@ -196,6 +205,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {e['accuracy']:.3f} ({e['correct']}/{e['n']}) | "
                      f"[{e['ci95_low']:.3f}, {e['ci95_high']:.3f}] | " + " | ".join(lv_s)
                      + f" | {mc_s[0]} | {mc_s[1]} |")
+    if any("gives_to" in e for e in results.get("eval", {}).values()):
+        lines += ["", "By subset: problems with a \"gives N ... to Q\" step (the step the SFT teacher got "
+                  f"wrong in {cfg.get('confusion', 0):.0%} of its training solutions) and all others:", "",
+                  "| model | \"gives ... to\" problems | 95% CI | other problems | 95% CI |",
+                  "|---|---|---|---|---|"]
+        for name, e in results["eval"].items():
+            a, b = e["gives_to"], e["other"]
+            lines.append(f"| {name} | {a['accuracy']:.3f} ({a['correct']}/{a['n']}) | "
+                         f"[{a['ci95_low']:.3f}, {a['ci95_high']:.3f}] | {b['accuracy']:.3f} "
+                         f"({b['correct']}/{b['n']}) | [{b['ci95_low']:.3f}, {b['ci95_high']:.3f}] |")
     curve = results.get("grpo_reward_curve")
     if curve:
         lines += ["", "GRPO training reward (mean fraction of correct sampled completions):", "",
@@ -217,6 +236,8 @@ def command(argv: list[str]) -> int:
     p.add_argument("--stages", default="sft,grpo,dpo,eval",
                    help="comma-separated subset of sft,grpo,dpo,eval (default all)")
     p.add_argument("--report", type=Path, default=None, help="also write a markdown report here")
+    p.add_argument("--sft-device", default="cpu", help="device of the SFT stage (cpu, cuda); "
+                   "GRPO and DPO always run on CPU")
     base = LabConfig()
     for f in fields(LabConfig):
         if f.name == "dpo_reference_fallback":
@@ -237,6 +258,6 @@ def command(argv: list[str]) -> int:
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}")
     t0 = time.time()
-    run_lab(args.out, cfg, stages, report=args.report)
+    run_lab(args.out, cfg, stages, report=args.report, sft_device=args.sft_device)
     print(f"lab done in {time.time() - t0:.0f} s -> {args.out}")
     return 0

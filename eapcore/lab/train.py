@@ -167,6 +167,7 @@ def sft(model, tok, problems: Sequence[Problem], out: Path, steps: int, batch_si
         if (step + 1) % log_every == 0 or step + 1 == steps:
             n = (step % log_every) + 1
             logs.append({"step": step + 1, "loss": running / n, "seconds": time.time() - t0})
+            print(f"sft step {step + 1}/{steps} loss {running / n:.4f} ({time.time() - t0:.0f} s)", flush=True)
             running = 0.0
     model.eval()
     save(model, tok, out)
@@ -183,7 +184,7 @@ def grpo(start: Path, problems: Sequence[Problem], out: Path, steps: int, prompt
          num_generations: int = 8, lr: float = 2e-5, beta: float = 0.0, seed: int = 0,
          temperature: float = 1.0, max_completion_length: int = 48, loss_type: str = "dapo",
          scale_rewards: str = "group", warmup: int = 0, num_iterations: int = 1,
-         epsilon: float = 0.2, reward_fn=None) -> dict[str, Any]:
+         epsilon: float = 0.2, top_entropy_quantile: float = 1.0, reward_fn=None) -> dict[str, Any]:
     """Online RL from the saved SFT folder `start` with the correctness reward (TRL GRPOTrainer).
 
     `reward_fn(completions, answer, **kw) -> list[float]` replaces the reward (tests only)."""
@@ -203,7 +204,8 @@ def grpo(start: Path, problems: Sequence[Problem], out: Path, steps: int, prompt
                       max_completion_length=max_completion_length, loss_type=loss_type,
                       scale_rewards=scale_rewards, lr_scheduler_type="constant_with_warmup",
                       warmup_steps=warmup, weight_decay=0.0, num_iterations=num_iterations,
-                      epsilon=epsilon, remove_unused_columns=False, disable_dropout=True,
+                      epsilon=epsilon, top_entropy_quantile=top_entropy_quantile,
+                      remove_unused_columns=False, disable_dropout=True,
                       max_grad_norm=1.0)
     logs = _LogCollector()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn or correctness_reward, args=args, train_dataset=data,
