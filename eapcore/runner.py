@@ -634,13 +634,11 @@ def _metrics(folder: Path, rep: Reporter) -> None:
     from eapcore import metrics
 
     rep.stage("metrics", total=1)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = metrics.command(["--base", str(folder / "base"), "--tuned", str(folder / "tuned"),
-                                "--out", str(folder / ".metrics.json.tmp")])
-    if code != 0:
-        raise RunError(f"metrics failed: {out.getvalue().strip()}")
-    os.replace(folder / ".metrics.json.tmp", folder / "metrics.json")
+    try:
+        result = metrics.metrics_result(metrics.load_scores(folder / "base"), metrics.load_scores(folder / "tuned"))
+    except ValueError as err:
+        raise RunError(f"metrics failed: {err}") from None
+    write_json_atomic(folder / "metrics.json", result)
     rep.update(1)
 
 
