@@ -25,17 +25,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from eapcore.metrics import METRIC_LABELS, METRIC_UNITS
+from eapcore.specs import GROUP_LABELS
+
 MODEL_COLORS = {"base": "#4C78A8", "tuned": "#F58518"}
 SEQ_SCALE = "Viridis"
 DIV_SCALE = "RdBu_r"
 TEMPLATE = "plotly_white"
-METRIC_LABELS = {"activation_intensity": "Activation intensity",
-                 "information_complexity": "Information complexity",
-                 "kurtosis": "Distribution kurtosis"}
-METRIC_UNITS = {"activation_intensity": "mean |s| per edge", "information_complexity": "entropy (nats)",
-                "kurtosis": "excess kurtosis"}
-GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
-                "base_only": "base ✓ tuned ✗", "tuned_only": "base ✗ tuned ✓"}
 TYPE_LABELS = {"q": "attn q", "k": "attn k", "v": "attn v", "mlp": "MLP", "logits": "logits",
                "input": "input", "attention": "attention"}
 

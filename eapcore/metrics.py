@@ -32,6 +32,11 @@ from scipy.special import xlogy
 from eapcore.specs import MetricSettings
 
 METRICS: tuple[str, ...] = ("activation_intensity", "information_complexity", "kurtosis")
+METRIC_LABELS = {"activation_intensity": "Activation intensity",
+                 "information_complexity": "Information complexity",
+                 "kurtosis": "Distribution kurtosis"}
+METRIC_UNITS = {"activation_intensity": "mean |s| (loss units)", "information_complexity": "entropy (nats)",
+                "kurtosis": "excess kurtosis"}
 
 
 class ScoreFile(NamedTuple):

@@ -25,17 +25,11 @@ import pandas as pd
 
 from eapcore import analysis, metrics
 from eapcore.graph import Graph
-from eapcore.specs import GROUPS, MetricSettings, RunSpec, from_dict
+from eapcore.specs import GROUP_LABELS, GROUPS, MetricSettings, RunSpec, from_dict
 
 PROJECT = Path(__file__).resolve().parents[1]
 METRICS = metrics.METRICS
-METRIC_LABELS = {"activation_intensity": "Activation intensity",
-                 "information_complexity": "Information complexity",
-                 "kurtosis": "Distribution kurtosis"}
-METRIC_UNITS = {"activation_intensity": "mean |s| (loss units)", "information_complexity": "entropy (nats)",
-                "kurtosis": "excess kurtosis"}
-GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
-                "base_only": "base right, tuned wrong", "tuned_only": "base wrong, tuned right"}
+METRIC_LABELS, METRIC_UNITS = metrics.METRIC_LABELS, metrics.METRIC_UNITS
 _RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
               "answers_tuned.jsonl", "base/scores.safetensors", "base/graph.json", "base/manifest.json",
               "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json")

@@ -18,6 +18,8 @@ Granularity = Literal["layer", "head"]
 Ablation = Literal["zero", "corrupted"]
 Group = Literal["both_correct", "both_wrong", "base_only", "tuned_only"]
 GROUPS: tuple[str, ...] = ("both_correct", "both_wrong", "base_only", "tuned_only")
+GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
+                "base_only": "base right, tuned wrong", "tuned_only": "base wrong, tuned right"}
 
 
 @dataclass(frozen=True)
