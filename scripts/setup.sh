@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned requirements (idempotent: does nothing when up to date).
+# Install the pinned requirements into the active virtual environment, or into .venv (created if
+# missing). Idempotent: does nothing when that environment already holds these requirements.
 # Usage: scripts/setup.sh [dev]   ("dev" adds the test tools and Debian's chromium for browser tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv=${VIRTUAL_ENV:-$PWD/.venv}
 req=requirements.txt
 [ "${1:-}" = dev ] && req=requirements-dev.txt
-stamp=.venv/.installed-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)
+stamp=$venv/.eapcore-installed-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
   touch "$stamp"
 fi
 if [ "${1:-}" = dev ] && [ ! -x /usr/bin/chromium ]; then
