@@ -171,14 +171,29 @@ with c2:
                       delta=f"{mem['bytes_available'] / 1e9:.1f} GB free", delta_color="off")
             (st.success if mem["fits"] else st.error)(mem["message"])
 
-if runner is not None and st.button("▶ Start run", type="primary", disabled=bool(existing and existing.finished)):
+
+def _start(spec: RunSpec) -> None:
+    """on_click of Start: callbacks run before the script, so a rerun early in the script (the
+    first-run navigation rerun in page_header) cannot swallow the click."""
     try:
         st.session_state["active_run"] = runner.start(spec)
         st.query_params["watch"] = st.session_state["active_run"]
     except Exception as err:  # noqa: BLE001
-        st.error(f"Could not start: {err}")
+        st.session_state["start_error"] = f"Could not start: {err}"
+
+
+if runner is not None:
+    st.button("▶ Start run", type="primary", disabled=bool(existing and existing.finished), on_click=_start,
+              args=(spec,))
+    if st.session_state.get("start_error"):
+        st.error(st.session_state.pop("start_error"))
 
 active = st.session_state.get("active_run") or st.query_params.get("watch")
+
+
+def _cancel(key: str) -> None:
+    """on_click of Cancel (a callback, for the same reason as _start)."""
+    st.session_state[f"cancel_requested_{key}"] = runner.cancel(key)
 
 
 @st.fragment(run_every=1.0)
@@ -199,8 +214,9 @@ def progress(key: str) -> None:
     if stage == "done":
         st.success("Finished.")
         st.page_link(PAGES["heatmaps"], label="Open the heatmaps", icon=":material/grid_on:", query_params={"run": key})
-    if s.get("running") and st.button("■ Cancel", key=f"cancel_{key}"):
-        runner.cancel(key)
+    if s.get("running"):
+        st.button("■ Cancel", key=f"cancel_{key}", on_click=_cancel, args=(key,))
+    if st.session_state.pop(f"cancel_requested_{key}", False):
         st.warning("Cancel requested: the worker keeps finished samples and stops after the current batch.")
 
 

@@ -137,3 +137,110 @@ def test_no_runs_yet(monkeypatch, tmp_path):
         text = " ".join(i.value for i in at.info)
         if page not in ("pages/run.py",):
             assert "No finished runs" in text, page
+
+
+# ---- Run page against a real worker process (runner.start) -----------------------------------------
+
+@pytest.fixture
+def run_lab(checkpoints, tmp_path, monkeypatch):
+    """A temp cache and registry holding a tiny Llama pair (seeds 0 and 1, as in test_runner.py)
+    and a tiny GSM8K-style dataset; the worker inherits this environment."""
+    from conftest import make_checkpoint
+    from eapcore import registry, runner
+    from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
+
+    monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker: one torch thread on a busy machine
+    monkeypatch.delenv(runner.SLEEP_ENV, raising=False)
+    tuned = make_checkpoint(tmp_path / "tuned", "llama", seed=1)
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in
+                            [("What is 3 + 4?", 7), ("What is 9 - 5?", 4), ("What is 2 * 6?", 12),
+                             ("What is 8 + 8?", 16), ("What is 7 - 2?", 5), ("What is 3 * 3?", 9)]))
+    registry.add_pair(PairSpec("tiny-pages", ModelSpec(str(checkpoints["llama"])), ModelSpec(str(tuned)),
+                               "deepseek-math", 8, "GRPO"))
+    registry.add_dataset(DatasetSpec("tiny-pages-set", str(data)))
+    return tmp_path / "cache"
+
+
+def _widget(widgets, label: str):
+    return next(w for w in widgets if w.label.startswith(label))
+
+
+def _start_run_from_page(monkeypatch, cache_root):
+    """Choose the tiny pair, dataset and small settings with the Run page's widgets, click Start."""
+    at = _app(monkeypatch, cache_root, "pages/run.py")
+    at.selectbox(key="w_pair").select("tiny-pages").run()
+    at.selectbox(key="w_dataset").select("tiny-pages-set")
+    at.selectbox(key="w_group").select("both_wrong")  # random models answer wrongly
+    _widget(at.selectbox, "Generation dtype").select("float32")
+    _widget(at.number_input, "N questions").set_value(4)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    key = next(m.value for m in at.markdown if m.value.startswith("Run key")).split("`")[1]
+    _widget(at.button, "▶ Start run").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.session_state["active_run"] == key
+    assert (Path(cache_root) / "runs" / key / "spec.json").is_file()
+    return at, key
+
+
+def _wait_status(key, condition, timeout: float, what: str) -> dict:
+    import os
+    import time
+
+    from eapcore import runner
+
+    end = time.time() + timeout
+    while time.time() < end:
+        st = runner.status(key)
+        if st and condition(st):
+            return st
+        time.sleep(0.2)
+    log = Path(os.environ["EAP_CACHE_DIR"]) / "runs" / key / "worker.log"
+    raise AssertionError(f"timed out waiting for {what}; status {runner.status(key)}; worker.log:\n"
+                         f"{log.read_text()[-3000:] if log.is_file() else '(none)'}")
+
+
+def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
+    import os
+
+    at, key = _start_run_from_page(monkeypatch, run_lab)
+    first = _wait_status(key, lambda s: True, 10, "a status")
+    assert first["pid"] != os.getpid()  # a separate worker process
+    runner_status = _wait_status(key, lambda s: s["stage"] in ("done", "error", "cancelled"), 120, "the run to end")
+    assert runner_status["stage"] == "done", runner_status
+    at.run()  # what the progress fragment shows on its next tick
+    assert not at.exception, [e.message for e in at.exception]
+    assert "Finished." in [s.value for s in at.success]
+    assert any("stage **done**" in str(p.proto) for p in at.get("progress"))
+    folder = Path(run_lab) / "runs" / key
+    for name in ("base/scores.safetensors", "tuned/scores.safetensors", "metrics.json", "manifest.json"):
+        assert (folder / name).is_file(), name
+    spec = json.loads((folder / "spec.json").read_text())["spec"]
+    assert spec["pair"]["name"] == "tiny-pages" and spec["dataset"]["name"] == "tiny-pages-set"
+    assert spec["selection"]["group"] == "both_wrong" and spec["selection"]["n"] == 4
+    assert spec["generation"]["dtype"] == "float32"
+
+
+def test_run_page_cancel_stops_the_worker_and_keeps_samples(monkeypatch, run_lab):
+    from eapcore import runner
+    from eapcore.cache import Cache
+
+    monkeypatch.setenv(runner.SLEEP_ENV, "3")  # slow attribution; the worker inherits os.environ
+    at, key = _start_run_from_page(monkeypatch, run_lab)
+    _wait_status(key, lambda s: s["stage"] == "attribute", 60, "the attribute stage")
+    at.run()  # the progress fragment's next tick: Cancel is shown while the worker runs
+    _widget(at.button, "■ Cancel").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("Cancel requested" in w.value for w in at.warning)
+    st = _wait_status(key, lambda s: s["stage"] == "cancelled" and not s["running"], 30, "cancellation")
+    assert "finished samples are kept" in st["message"]
+    cache = Cache()
+    kept = len(list((cache.root / "scores").glob("*/manifest.json")))
+    assert kept >= max(1, st["done"])  # every finished sample is kept in the cache
+    assert cache.verify_run(key)  # not sealed: a cancelled run is not a finished one
+    at.run()
+    assert not at.exception
+    assert any("stage **cancelled**" in str(p.proto) for p in at.get("progress"))
+    assert not [b for b in at.button if b.label == "■ Cancel"]  # nothing left to cancel
