@@ -67,7 +67,7 @@ BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS
 # Empty source: resolved by name in eapcore.data (BUILTIN_SOURCES).
 BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec("math"), DatasetSpec("math500"), DatasetSpec("gsm8k"), DatasetSpec("college_math"),
-    DatasetSpec("demo", source="demo/problems_test.jsonl"),
+    DatasetSpec("demo", source="demo/problems_test.jsonl", limit=600),  # half the held-out set: a quick demo
 )
 
 

@@ -63,7 +63,8 @@ PRESETS: dict[str, dict[str, list]] = {
     "table1": {"pairs": [p.name for p in registry.PAPER_PAIRS], "datasets": ["math", "gsm8k", "college_math"],
                "alphas": [0.03, 0.1, 0.3, 0.5]},
     "demo": {"pairs": [p.name for p in registry.DEMO_PAIRS], "datasets": ["demo"], "alphas": [0.03, 0.1, 0.3, 0.5],
-             "defaults": {"gen_dtype": "float32"}},  # the lab evaluates its models in float32
+             "groups": list(GROUPS),  # the correct-vs-incorrect view, at alpha 0.5
+             "defaults": {"gen_dtype": "float32", "gen_batch_size": 128}},  # as the lab evaluates its models
 }
 _WORKERS: dict[str, subprocess.Popen] = {}  # workers started by this process (reaped in status())
 
@@ -715,17 +716,22 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
 # ---------------------------------------------------------------------------------------------
 
 def sweep_specs(pairs: Sequence[str], datasets: Sequence[str], alphas: Sequence[float],
-                template: RunSpec | None = None) -> list[RunSpec]:
-    """One spec per (pair, dataset, alpha), other settings from `template`, ordered so that
+                template: RunSpec | None = None, groups: Sequence[str] = ()) -> list[RunSpec]:
+    """One spec per (pair, dataset, alpha), plus one per (pair, dataset, group) at the last alpha
+    for each extra answer group in `groups`; other settings from `template`. Ordered so that
     consecutive specs share generations."""
     specs = []
     for pair_name, ds_name in itertools.product(pairs, datasets):
         pair, ds = registry.get_pair(pair_name), registry.get_dataset(ds_name)
+        base = template or RunSpec(pair, ds)
+        ds_here = dataclasses.replace(ds, limit=base.dataset.limit) if template else ds
         for alpha in alphas:
-            base = template or RunSpec(pair, ds)
-            ds_here = dataclasses.replace(ds, limit=base.dataset.limit) if template else ds
             specs.append(dataclasses.replace(base, pair=pair, dataset=ds_here,
                                              selection=dataclasses.replace(base.selection, alpha=alpha)))
+        for group in groups:
+            if group != specs[-1].selection.group:
+                specs.append(dataclasses.replace(specs[-1], selection=dataclasses.replace(
+                    specs[-1].selection, group=group)))
     return specs
 
 
@@ -879,7 +885,7 @@ def _grid(p: argparse.ArgumentParser, args) -> list[RunSpec]:
     if not (pairs and datasets and alphas):
         p.error("give --preset, or --pairs, --datasets and --alphas")
     template = _spec_from_args(args, registry.get_pair(pairs[0]), registry.get_dataset(datasets[0]), alphas[0])
-    return sweep_specs(pairs, datasets, alphas, template)
+    return sweep_specs(pairs, datasets, alphas, template, preset.get("groups", ()))
 
 
 def command_sweep(argv: list[str]) -> int:
