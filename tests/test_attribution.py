@@ -278,3 +278,19 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, checkpoints):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--model", str(checkpoints["llama"]), "--samples", str(path), "--cut-len", "5", "--out", str(tmp_path))
     assert r.returncode == 2 and "fewer than T_cut=5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sliding_window_attention_matches_the_model(tmp_path):
+    """Mistral's sliding window (keys within the last `window` positions) as transformers applies it."""
+    import transformers as tf
+
+    from conftest import char_tokenizer, tiny_config
+
+    cfg = tiny_config("mistral", len(char_tokenizer()))
+    cfg.sliding_window = 4
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    m = load_model(str(tmp_path / "m"), with_tokenizer=False)
+    ids = torch.randint(4, 90, (1, 11))
+    torch.testing.assert_close(m.adapter.forward_logits(ids), m.hf(ids).logits, rtol=1e-5, atol=1e-5)
+    assert m.adapter.window == 4
