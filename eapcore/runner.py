@@ -715,6 +715,11 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
 # Sweeps
 # ---------------------------------------------------------------------------------------------
 
+def label(spec: RunSpec) -> str:
+    """One line naming a run: pair | dataset | alpha | group."""
+    return f"{spec.pair.name} | {spec.dataset.name} | alpha {spec.selection.alpha} | {spec.selection.group}"
+
+
 def sweep_specs(pairs: Sequence[str], datasets: Sequence[str], alphas: Sequence[float],
                 template: RunSpec | None = None, groups: Sequence[str] = ()) -> list[RunSpec]:
     """One spec per (pair, dataset, alpha), plus one per (pair, dataset, group) at the last alpha
@@ -850,7 +855,7 @@ def command_run(argv: list[str]) -> int:
         cache.run_dir(key).mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(key)))
         bars = _Bars(not args.quiet)
-        print(f"run {key}: {spec.pair.name} | {spec.dataset.name} | alpha {spec.selection.alpha}", file=sys.stderr)
+        print(f"run {key}: {label(spec)}", file=sys.stderr)
         folder = run(spec, bars, cache)
         bars.close()
     except Cancelled as err:
@@ -906,12 +911,12 @@ def command_sweep(argv: list[str]) -> int:
         return 1
     if args.dry_run:
         for s in specs:
-            print(f"{spec_key(s)}  {s.pair.name} | {s.dataset.name} | alpha {s.selection.alpha}")
+            print(f"{spec_key(s)}  {label(s)}")
         return 0
     cache, failed = Cache(), []
     outer = tqdm(specs, desc="sweep", unit="run", disable=args.quiet, file=sys.stderr)
     for s in outer:
-        outer.set_postfix_str(f"{s.pair.name} | {s.dataset.name} | alpha {s.selection.alpha}")
+        outer.set_postfix_str(label(s))
         bars = _Bars(not args.quiet, position=1)
         cache.run_dir(spec_key(s)).mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(spec_key(s))))

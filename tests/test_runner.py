@@ -343,7 +343,7 @@ def test_cli_run_sweep_and_cache_commands(spec, capsys):
     assert cli.main(["sweep", "--preset", "table1", "--dry-run"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4 * 3 * 4
     assert cli.main(["sweep", "--preset", "demo", "--dry-run"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 1 * 4
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 1 * 4 + 2 * 3  # + 3 more groups per pair
     assert cli.main(["run", "--pair", "nope", "--dataset", "tiny-set", "--alpha", "0.5"]) == 1
     assert "unknown pair 'nope'" in capsys.readouterr().err
 
