@@ -294,3 +294,15 @@ def test_sliding_window_attention_matches_the_model(tmp_path):
     ids = torch.randint(4, 90, (1, 11))
     torch.testing.assert_close(m.adapter.forward_logits(ids), m.hf(ids).logits, rtol=1e-5, atol=1e-5)
     assert m.adapter.window == 4
+
+
+def test_bfloat16_on_cpu_stays_close_to_float32(checkpoints):
+    """Half precision loads and scores (accumulated in float32) within bf16 rounding of float32."""
+    samples = random_samples(2, seed=9)
+    ref = attribute(load_model(str(checkpoints["qwen2"])), samples, 4)
+    half = attribute(load_model(str(checkpoints["qwen2"]), dtype="bfloat16"), samples, 4,
+                     AttributionSettings(dtype="bfloat16"))
+    assert half.scores.dtype == torch.float32 and half.manifest["dtype"] == "bfloat16"
+    mask = ref.graph.real_edge_mask
+    rel = (half.scores - ref.scores)[:, mask].norm() / ref.scores[:, mask].norm()
+    assert rel < 0.1, rel
