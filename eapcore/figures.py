@@ -207,6 +207,36 @@ def abs_histogram_figure(hist: pd.DataFrame, n_samples: int, n_edges: int) -> go
     return fig
 
 
+
+def pattern_scatter_figure(points: pd.DataFrame, stats: dict) -> go.Figure:
+    """Paper Fig. 3a: 2D PCA of the per-question normalised |s| patterns, one point per question
+    and model, coloured base / tuned (points, stats: query.pattern_view)."""
+    explained = list(stats.get("explained") or [float("nan")] * 2)
+    fig = go.Figure()
+    for model in ("base", "tuned"):
+        d = points[points["model"] == model]
+        div = stats.get(model, float("nan"))
+        div_txt = f"{div:.4f}" if div is not None and np.isfinite(div) else "undefined"
+        fig.add_trace(go.Scatter(
+            x=d["pc1"], y=d["pc2"], mode="markers", name=f"{model} (n={len(d)}, diversity {div_txt})",
+            marker={"color": MODEL_COLORS[model], "size": 8, "opacity": 0.75,
+                    "line": {"color": "white", "width": 0.5}},
+            customdata=d["idx"].astype(str).to_numpy()[:, None],
+            hovertemplate=f"{model}<br>question %{{customdata[0]}}<br>PC1 %{{x:.4g}}<br>PC2 %{{y:.4g}}"
+                          "<extra></extra>"))
+    n = stats.get("n", points["idx"].nunique())
+    _layout(fig, f"Diversity of activation patterns: PCA of per-question normalised |s| (paper Fig. 3a; "
+                 f"n = {n} questions)", height=520, legend={"orientation": "h", "y": -0.18})
+
+    def axis(i: int) -> str:
+        r = explained[i] if i < len(explained) else float("nan")
+        share = f" ({100 * r:.1f} % of variance)" if np.isfinite(r) else ""
+        return f"PC{i + 1} of the normalised |s| patterns{share}"
+
+    fig.update_xaxes(title_text=axis(0), zeroline=True, zerolinecolor="#CCCCCC")
+    fig.update_yaxes(title_text=axis(1), zeroline=True, zerolinecolor="#CCCCCC")
+    return fig
+
 # ---- groups and across pairs ---------------------------------------------------------------------
 
 def group_bar_figure(overview: pd.DataFrame, metric: str) -> go.Figure:

@@ -443,6 +443,33 @@ def abs_score_histogram(data: RunData, bins: int = 80) -> pd.DataFrame:
     return frame
 
 
+
+def pattern_view(data: RunData) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Paper Fig. 3a: diversity of activation patterns across questions.
+
+    Each question's real-edge |s| vector, normalised to sum 1, of base and tuned, projected onto
+    the first two principal components of all 2N patterns together (analysis.pca_2d).
+    Returns (points, stats): points has one row per question and model (pc1, pc2, model, idx);
+    stats = {"base", "tuned": analysis.pattern_diversity (mean pairwise cosine distance; NaN when
+    undefined: fewer than 2 questions or a question with all-zero scores), "relative_change" (%),
+    "n" questions, "n_edges" real edges, "explained" [PC1, PC2] variance ratios, "undefined":
+    {model: reason} for NaN diversities}."""
+    s = {m: data.real_edges[m] for m in ("base", "tuned")}
+    (cb, ct), ratio = analysis.pca_2d(s["base"], s["tuned"])
+    ids = data.sample_ids
+    points = pd.concat([pd.DataFrame({"pc1": c[:, 0], "pc2": c[:, 1], "model": m, "idx": ids})
+                        for m, c in (("base", cb), ("tuned", ct))], ignore_index=True)
+    stats: dict[str, Any] = {"undefined": {}}
+    for m in ("base", "tuned"):
+        try:
+            stats[m] = analysis.pattern_diversity(s[m])
+        except ValueError as err:
+            stats[m] = float("nan")
+            stats["undefined"][m] = str(err)
+    stats["relative_change"] = metrics.relative_change(stats["base"], stats["tuned"])
+    stats.update(n=len(ids), n_edges=int(s["base"].shape[1]), explained=[float(r) for r in ratio])
+    return points, stats
+
 # ---- answer groups -------------------------------------------------------------------------------
 
 def group_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> dict[str, RunInfo]:

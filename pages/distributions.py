@@ -1,5 +1,6 @@
 """Distributions: per-question metric values of base vs tuned, with the paired tests beside them."""
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from eapcore import figures, query
@@ -85,3 +86,39 @@ zeros = hist.attrs.get("zeros", {})
 st.caption("Share of all |s| values (every question × real edge) in each of 80 log-spaced bins shared by both "
            "models. A shift right is higher activation intensity; a wider, flatter curve is higher entropy "
            f"and lower kurtosis. Exact zeros (not drawn): base {zeros.get('base', 0)}, tuned {zeros.get('tuned', 0)}.")
+
+st.subheader("Diversity of activation patterns (paper Fig. 3a)")
+points, div = cached(query.pattern_view)(info)
+name = f"pattern_pca_{info.pair}_{info.dataset}_a{info.alpha:g}"
+left, right = st.columns([3, 1.25])
+with left:
+    show_figure(figures.pattern_scatter_figure(points, div), name, "pattern_pca")
+with right:
+    st.metric("Pattern diversity, relative change (tuned vs base)", _num(div["relative_change"], "{:+.2f} %"),
+              help="100·(D_tuned − D_base)/|D_base|, D = mean pairwise cosine distance between the questions' "
+                   "normalised |s| vectors")
+    ev = div["explained"]
+    st.markdown(f"- diversity base **{_num(div['base'])}**, tuned **{_num(div['tuned'])}** "
+                f"(mean pairwise cosine distance, 0 = identical patterns)\n"
+                f"- n = **{div['n']}** questions per model ({div['n'] * (div['n'] - 1) // 2} pairs each), "
+                f"{div['n_edges']} real edges\n"
+                f"- PC1 / PC2 explain {_num(100 * ev[0], '{:.1f}')} % / {_num(100 * ev[1], '{:.1f}')} % "
+                f"of the variance of all {2 * div['n']} patterns")
+    for model, why in div["undefined"].items():
+        st.warning(f"{model} diversity undefined: {why}")
+st.caption(f"Each point is one question's activation pattern in one model: its |s| over the {div['n_edges']} real "
+           "edges, divided by its sum (so the pattern sums to 1 and only the shape, not the intensity, counts). "
+           f"The {2 * div['n']} patterns of base and tuned together are centred and projected onto their first "
+           "two principal components (one shared PCA, so both models sit in the same axes); hover shows the "
+           "question idx. Pattern diversity is the mean cosine distance 1 − cos(p_n, p_m) over all pairs of "
+           "questions within one model, computed on the full patterns, not on the 2D projection: a wider "
+           "cloud in the plot suggests, but does not define, a higher diversity.")
+summary = pd.DataFrame({"pattern_diversity": [div["base"], div["tuned"]],
+                        "n_questions": [div["n"], div["n"]], "n_edges": [div["n_edges"], div["n_edges"]]},
+                       index=pd.Index(["base", "tuned"], name="model"))
+summary.loc["relative change (%)"] = [div["relative_change"], np.nan, np.nan]
+show_table(summary, f"pattern_diversity_{info.pair}_{info.dataset}_a{info.alpha:g}", "pattern_div",
+           caption="Pattern diversity (mean pairwise cosine distance of per-question normalised |s|)")
+with st.expander(f"PCA coordinates ({len(points)} points)"):
+    show_table(points, name, "pattern_points", index=False,
+               caption="2D PCA of per-question normalised |s| patterns (paper Fig. 3a)")

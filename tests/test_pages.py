@@ -97,6 +97,9 @@ def test_distributions_plot_kind(monkeypatch, cache):
     assert any("Pooled distribution of |edge score|" in t for t in _titles(at))
     text = " ".join(m.value for m in at.markdown)
     assert "Wilcoxon" in text and "bootstrap CI" in text
+    assert any("Diversity of activation patterns" in t and "Fig. 3a" in t for t in _titles(at)), _titles(at)
+    assert any("Diversity of activation patterns (paper Fig. 3a)" in h.value for h in at.subheader)
+    assert "mean pairwise cosine distance" in text
 
 
 def test_groups_page_compares_four_groups(monkeypatch, cache):

@@ -94,6 +94,30 @@ def test_per_sample_and_stats(cache):
     assert len(hist) == 40 and hist["base"].sum() == pytest.approx(1.0)
 
 
+
+def test_pattern_view_matches_analysis(cache):
+    root, keys = cache
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    points, stats = query.pattern_view(data)
+    b = metrics.real_edge_scores(data.base.scores, data.mask)
+    t = metrics.real_edge_scores(data.tuned.scores, data.mask)
+    n = len(data.sample_ids)
+    assert stats["base"] == pytest.approx(analysis.pattern_diversity(b))
+    assert stats["tuned"] == pytest.approx(analysis.pattern_diversity(t))
+    assert stats["relative_change"] == pytest.approx(100 * (stats["tuned"] - stats["base"]) / stats["base"])
+    assert stats["n"] == n and stats["n_edges"] == int(data.mask.sum()) and stats["undefined"] == {}
+    (cb, ct), ratio = analysis.pca_2d(b, t)
+    np.testing.assert_allclose(stats["explained"], ratio)
+    assert list(points.columns) == ["pc1", "pc2", "model", "idx"] and len(points) == 2 * n
+    for model, c in (("base", cb), ("tuned", ct)):
+        sub = points[points.model == model]
+        np.testing.assert_allclose(sub[["pc1", "pc2"]].to_numpy(), c)
+        assert list(sub["idx"]) == data.sample_ids
+    fig = figures.pattern_scatter_figure(points, stats)
+    assert "paper Fig. 3a" in fig.layout.title.text and f"n = {n}" in fig.layout.title.text
+    assert [tr.marker.color for tr in fig.data] == [figures.MODEL_COLORS["base"], figures.MODEL_COLORS["tuned"]]
+    assert "% of variance" in fig.layout.xaxis.title.text
+
 def test_groups_summary_accuracy(cache):
     root, keys = cache
     runs = query.finished_runs(root)
