@@ -388,22 +388,23 @@ def pattern_diversity(s: np.ndarray) -> float:
 
 def pca_2d(*groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """Project the normalised |s| patterns of several groups (each [N_i, E]) onto the first two
-    principal components of all of them together (numpy SVD).
+    principal components of all of them together.
 
+    Computed from the [N, N] Gram matrix of the centred patterns (N = all questions, E edges, and
+    usually N << E), whose eigenvectors scaled by the singular values are the projections.
     Returns ([coords_i float64 [N_i, 2]], explained variance ratio [2]).
     """
     patterns = [_normalised_patterns(g) for g in groups]
     stacked = np.concatenate(patterns)
     centred = stacked - stacked.mean(axis=0)
-    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
-    var = sv ** 2
+    var, u = np.linalg.eigh(centred @ centred.T)  # ascending eigenvalues = squared singular values
+    var, u = np.clip(var[::-1], 0, None), u[:, ::-1]
+    k = min(2, len(var))
     ratio = np.zeros(2)
-    k = min(2, len(sv))
     if var.sum() > 0:
         ratio[:k] = var[:k] / var.sum()
-    axes = np.zeros((2, stacked.shape[1]))
-    axes[:k] = vt[:k]
-    coords = centred @ axes.T
+    coords = np.zeros((len(stacked), 2))
+    coords[:, :k] = u[:, :k] * np.sqrt(var[:k])
     bounds = np.cumsum([0] + [len(p) for p in patterns])
     return [coords[bounds[i]:bounds[i + 1]] for i in range(len(patterns))], ratio
 
