@@ -15,7 +15,6 @@ Inputs are real-edge score matrices `s` float64 [N, E] (`metrics.real_edge_score
 """
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Any, Sequence
 
@@ -25,6 +24,7 @@ from scipy.special import xlogy
 
 from eapcore.metrics import (METRICS, compute_metrics, per_sample_metrics, relative_change,
                              resampled_metrics)
+from eapcore.graph import parse_node as _graph_node
 from eapcore.specs import MetricSettings
 
 SMALL_N_PAIRS = 5  # below this many model pairs a cross-pair correlation gets a caveat
@@ -228,30 +228,22 @@ def select_samples(s: np.ndarray, sample_ids: Sequence[Any], wanted: Sequence[An
 
 # ---- where in the network ----------------------------------------------------------------------
 
-_NODE = re.compile(r"^(?:(input|logits)|([am])(\d+)(?:\.(h|kv)(\d+))?(?:\.([qkv]))?)$")
 SOURCE_TYPES = ("input", "attention", "mlp")
 DEST_TYPES = ("q", "k", "v", "mlp", "logits")
 
 
 def parse_node(name: str, n_layers: int) -> tuple[int, str, int]:
-    """Node name -> (layer, type, head).
+    """Node name -> (layer, type, head), from `eapcore.graph.parse_node`.
 
     layer: -1 for input, n_layers for logits. type: input | attention | mlp for sources,
     q | k | v | mlp | logits for destinations. head: query head (a{l}.h{h}[.q]) or key-value head
     (a{l}.kv{g}.k / .v) at head granularity, else -1.
     """
-    m = _NODE.match(name)
-    if not m:
-        raise ValueError(f"not a node name: {name!r}")
-    special, kind, layer, _, head, port = m.groups()
-    if special == "input":
-        return -1, "input", -1
-    if special == "logits":
-        return n_layers, "logits", -1
-    head_i = -1 if head is None else int(head)
-    if kind == "m":
-        return int(layer), "mlp", head_i
-    return int(layer), port or "attention", head_i
+    info = _graph_node(name)
+    if info.kind in ("input", "logits"):
+        return (-1 if info.kind == "input" else n_layers), info.kind, -1
+    head = -1 if info.head is None else info.head
+    return info.layer, "mlp" if info.kind == "mlp" else info.port or "attention", head
 
 
 def edge_mean_abs(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:

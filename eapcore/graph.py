@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-import torch
-
 _NAME = re.compile(r"^(?:(input|logits)|([am])(\d+)(?:\.(h|kv)(\d+))?(?:\.([qkv]))?)$")
 
 
@@ -133,8 +131,11 @@ class Graph:
         return self.mlp_source(layer)
 
     @cached_property
-    def real_edge_mask(self) -> torch.Tensor:
-        """bool [F, B]: True where a source can feed the destination (it runs strictly before)."""
+    def real_edge_mask(self):
+        """bool torch.Tensor [F, B]: True where a source can feed the destination (it runs
+        strictly before). torch is imported here only, so node-name parsing needs no torch."""
+        import torch
+
         mask = torch.zeros(self.n_forward, self.n_backward, dtype=torch.bool)
         for l in range(self.n_layers):
             dst = self.layer_destinations(l)
