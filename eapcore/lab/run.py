@@ -53,9 +53,9 @@ class LabConfig:
     pair_samples: int = 4
     dpo_steps: int = 100
     dpo_batch: int = 32
-    dpo_lr: float = 2e-5
+    dpo_lr: float = 1e-5
     dpo_beta: float = 0.1
-    dpo_sft_weight: float = 0.0
+    dpo_sft_weight: float = 1.0  # RPO: plain DPO (0.0) collapsed to 52.9% here
     dpo_reference_fallback: bool = False  # smoke runs only: see train.preference_pairs
     # model
     hidden: int = 128
