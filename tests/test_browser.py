@@ -101,9 +101,12 @@ def _check(page, name: str, n_charts: int = 1, n_tables: int = 0) -> None:
     page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)
 
 
-def _plot_titles(page) -> list[str]:
-    return page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => (e.layout && e.layout.title && "
-                                                        "(e.layout.title.text || e.layout.title)) || '')")
+def _wait_title(page, text: str, timeout: float = 30_000) -> None:
+    """Wait until some Plotly figure on the page has a title containing `text` (figures draw
+    after the script finishes, so an immediate read can see the previous or no figure)."""
+    page.wait_for_function("t => [...document.querySelectorAll('.js-plotly-plot')].some("
+                           "e => e.layout && String((e.layout.title && (e.layout.title.text || e.layout.title)) || '')"
+                           ".includes(t))", arg=text, timeout=timeout)
 
 
 def _choose(page, label: str, option: str) -> None:
@@ -125,18 +128,15 @@ def test_every_page_in_a_browser(server, page):
     # Heatmaps: default view, then change the aggregation; the figure title must follow
     _open(page, f"{server}/heatmaps?pair=Demo-Tiny&dataset=gsm8k&alpha=0.5", "Heatmaps: where the circuitry changes")
     _check(page, "heatmaps", n_charts=2)
-    titles = _plot_titles(page)
-    assert any("destination layer and module" in t for t in titles), titles
+    _wait_title(page, "destination layer and module")
     _choose(page, "Aggregation", "Source layer × destination layer")
-    page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')].some("
-                           "e => e.layout && String(e.layout.title.text || '').includes('source layer × destination layer'))",
-                           timeout=30_000)
+    _wait_title(page, "source layer × destination layer")
     assert "view=layers" in page.url  # page state lives in the URL
     _check(page, "heatmaps_layers", n_charts=2)
 
     # The URL alone reproduces the view (shareable link)
     _open(page, page.url, "Heatmaps: where the circuitry changes")
-    assert any("source layer × destination layer" in t for t in _plot_titles(page))
+    _wait_title(page, "source layer × destination layer")
 
     # Distributions: 3 metric charts + |s| histogram, switch the plot type
     _open(page, f"{server}/distributions", "Pooled distribution of |s|")
@@ -150,12 +150,12 @@ def test_every_page_in_a_browser(server, page):
     # Correct vs incorrect: the four groups of Demo-Tiny / gsm8k / 0.5
     _open(page, f"{server}/groups?pair=Demo-Tiny&dataset=gsm8k&alpha=0.5", "groups cached: 4 of 4")
     _check(page, "groups", n_charts=1, n_tables=2)
-    assert any("by answer group" in t for t in _plot_titles(page))
+    _wait_title(page, "by answer group")
 
     # Summary: one table per metric, accuracy, change vs gain
     _open(page, f"{server}/summary", "Metric change vs accuracy gain")
     _check(page, "summary", n_charts=1, n_tables=5)
-    assert any("change vs accuracy gain" in t for t in _plot_titles(page))
+    _wait_title(page, "change vs accuracy gain")
 
     # Samples: decoded answers with the truncation marker
     _open(page, f"{server}/samples", "This question's metrics")
