@@ -254,7 +254,6 @@ class EngineOptions:
     """Engine knobs that do not change the scores (beyond float rounding)."""
 
     position_chunk: int = 0  # positions per contraction block at head granularity (0: auto)
-    loss_chunk: int = 1024  # positions per chunk of the loss's logits
     keep_graph_layers: int | None = None  # layers whose autograd graph the forward keeps (None: fit memory)
 
 
@@ -406,8 +405,7 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
     dtype = next(adapter.hf.parameters()).dtype
     B, T = batch.ids.shape
     mask = batch.position_mask
-    loss_of = lambda x: loss_fn(adapter, x, batch) if loss_fn is not self_ce_loss \
-        else self_ce_loss(adapter, x, batch, opts.loss_chunk)  # noqa: E731
+    loss_of = lambda x: loss_fn(adapter, x, batch)  # noqa: E731
     scores = torch.zeros(B, graph.n_forward, graph.n_backward, dtype=torch.float32, device=dev)
     keep = layers_to_keep(adapter, B, T, opts, dev, dtype)
 

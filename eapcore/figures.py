@@ -13,7 +13,6 @@ LaTeX through pandas' Styler.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil

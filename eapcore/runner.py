@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import gc
 import hashlib
-import io
 import itertools
 import json
 import math

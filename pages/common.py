@@ -151,6 +151,19 @@ def load(info: query.RunInfo) -> query.RunData | None:
         return None
 
 
+def open_run(what: str) -> query.RunData:
+    """The page's run: sidebar picker, then load; stops the page with a message if there is none."""
+    info = run_picker()
+    if info is None:
+        no_runs_message(what)
+        st.stop()
+    data = load(info)
+    if data is None:
+        st.stop()
+    st.markdown(run_caption(data))
+    return data
+
+
 # ---- bounded caches over query (keyed by run key + file signature) ------------------------------------
 
 @st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)

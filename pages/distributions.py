@@ -4,22 +4,15 @@ import pandas as pd
 import streamlit as st
 
 from eapcore import figures, query
-from pages.common import (cached, load, no_runs_message, page_header, run_caption, run_picker, show_figure,
-                          show_table, url_select)
+from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
 
 page_header("Distributions: base vs tuned, question by question",
             "Each metric computed on every question alone (same settings as the run's pooled metrics), "
             "with the stored paired comparison: Wilcoxon signed-rank and paired permutation tests, bootstrap "
             "CI of the relative change, effect sizes.")
 
-info = run_picker()
-if info is None:
-    no_runs_message("the distributions")
-    st.stop()
-data = load(info)
-if data is None:
-    st.stop()
-st.markdown(run_caption(data))
+data = open_run("the distributions")
+info = data.info
 
 KINDS = {"histogram": "Histograms", "violin": "Violins", "ecdf": "ECDFs", "paired": "Paired lines"}
 kind = url_select("Plot", list(KINDS), "plot", format_func=KINDS.get, horizontal_radio=True)
@@ -48,7 +41,7 @@ for metric in query.METRICS:
         show_figure(_fig(info.key, info.signature, metric, kind),
                     f"{metric}_{kind}_{info.pair}_{info.dataset}_a{info.alpha:g}", f"dist_{metric}")
     with right:
-        st.metric(f"Relative change (pooled, tuned vs base)", _num(r["relative_change"], "{:+.2f} %"),
+        st.metric("Relative change (pooled, tuned vs base)", _num(r["relative_change"], "{:+.2f} %"),
                   help="100·(M_tuned − M_base)/|M_base| of the pooled metric over all questions and edges")
         st.markdown(
             f"- base **{_num(r['base'])}**, tuned **{_num(r['tuned'])}** ({query.METRIC_UNITS[metric]})\n"

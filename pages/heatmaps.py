@@ -4,21 +4,14 @@ import pandas as pd
 import streamlit as st
 
 from eapcore import figures, query
-from pages.common import (cached, finished_runs, load, no_runs_message, page_header, run_caption, run_picker,
-                          show_figure, show_table, url_select)
+from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
 
 page_header("Heatmaps: where the circuitry changes",
             "Per-edge mean |EAP score| over the run's questions for the base and tuned model, and the "
             "relative change 100·(tuned − base)/base, aggregated by layer and module.")
 
-info = run_picker()
-if info is None:
-    no_runs_message("the heatmaps")
-    st.stop()
-data = load(info)
-if data is None:
-    st.stop()
-st.markdown(run_caption(data))
+data = open_run("the heatmaps")
+info = data.info
 
 VIEWS = {"dst": "Destination layer × module (q, k, v, MLP, logits)",
          "src": "Source layer × module (input, attention, MLP)",

@@ -2,7 +2,6 @@
 import time
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from eapcore import query

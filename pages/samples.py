@@ -1,26 +1,18 @@
 """Samples: one question at a time: answers, truncation point, correctness, metrics, heatmap."""
 import html
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from eapcore import figures, query
-from pages.common import (cached, load, no_runs_message, page_header, run_caption, run_picker, show_figure,
-                          show_table, url_select)
+from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
 
 page_header("Samples: one question at a time",
             "Each model's own greedy answer to the question; the highlighted part (the first T_cut answer "
             "tokens) is what the EAP loss scores, the rest is not seen by the attribution.")
 
-info = run_picker()
-if info is None:
-    no_runs_message("the samples")
-    st.stop()
-data = load(info)
-if data is None:
-    st.stop()
-st.markdown(run_caption(data))
+data = open_run("the samples")
+info = data.info
 
 ids = data.sample_ids
 

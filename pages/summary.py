@@ -1,5 +1,4 @@
 """Summary: the paper's Table 1, one readable table per metric; accuracy; change vs accuracy gain."""
-import numpy as np
 import pandas as pd
 import streamlit as st
 
