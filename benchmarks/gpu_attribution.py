@@ -6,8 +6,11 @@
 Models are built from the paper's exact configs with random bf16 weights on the GPU (speed and
 memory do not depend on the weights; nothing is downloaded). Each sample has a prompt of T/2 tokens
 and T_cut = T - T/2 + 1 answer tokens, so the model sees exactly T tokens and the loss covers the
-answer half. Short sequences are batched as the runner batches them (--batch-tokens), and the
-time is reported per sample; the baseline runs one sample at a time, as the authors did.
+answer half. Short sequences are batched as the runner batches them (by default the engine's own
+choice, `default_batch_tokens`: as many tokens as fit with every layer's autograd graph kept), and
+the time is reported per sample; the baseline runs one sample at a time, as the authors did. The
+engine's memory model (`memory_per_token`) is checked against the memory one layer's graph
+really takes on the card (rows with method "memory-model").
 
 Reported per (shape, T, granularity): seconds per sample (median of `--reps` after one warm-up),
 tokens per second, peak GPU memory, and time / floor, where the floor is the floating-point work
@@ -32,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eapcore.attribution import EngineOptions, attribute_batch, graph_of, make_batch  # noqa: E402
+from eapcore.attribution import (EngineOptions, _layer, attribute_batch, default_batch_tokens,  # noqa: E402
+                                 graph_of, make_batch, memory_per_token)
 from eapcore.harness import Sample  # noqa: E402
 from eapcore.models import LoadedModel, make_adapter  # noqa: E402
 
@@ -167,8 +171,8 @@ def main() -> int:
     p.add_argument("--head-max-len", type=int, default=32768)
     p.add_argument("--baseline-lengths", default="512,1024")
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--batch-tokens", type=int, default=16384,
-                   help="sequences shorter than this are batched, up to this many tokens (seconds are per sample)")
+    p.add_argument("--batch-tokens", type=int, default=0,
+                   help="batch shorter sequences up to this many tokens (0: the engine's default; seconds are per sample)")
     p.add_argument("--generation", action="store_true", help="also time batched generation")
     p.add_argument("--out", default="gpu_attribution.json")
     args = p.parse_args()
@@ -181,10 +185,13 @@ def main() -> int:
         vocab = model.hf.config.vocab_size
         for gran in args.granularity.split(","):
             graph = graph_of(model.adapter, gran)
+            rows.append(memory_check(model, graph))
+            print(json.dumps(rows[-1]), flush=True)
+            batch_tokens = args.batch_tokens or default_batch_tokens(model, graph)
             for T in map(int, args.lengths.split(",")):
                 if gran == "head" and T > args.head_max_len:
                     continue
-                n = max(1, args.batch_tokens // T)
+                n = max(1, batch_tokens // T)
                 samples, cut = samples_of(T, vocab, n)
                 batch = make_batch(samples, cut, vocab)
                 sec, mem = timed(lambda: attribute_batch(model, batch, graph, opts=EngineOptions()), args.reps)
@@ -219,6 +226,20 @@ def main() -> int:
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps({"card": card, "matmul_tflops": rate / 1e12, "rows": rows}, indent=1))
     return 0
+
+
+def memory_check(model: LoadedModel, graph, T: int = 4096) -> dict:
+    """GPU memory one layer's kept autograd state takes, against the engine's memory model."""
+    x = torch.randn(1, T, model.adapter.d_model, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    state = _layer(model.adapter, 0, x, True, graph.granularity == "layer")
+    torch.cuda.synchronize()
+    measured = (torch.cuda.memory_allocated() - before) / T
+    del state
+    return dict(shape=model.name, method="memory-model", granularity=graph.granularity, tokens=T,
+                graph_bytes_per_token=measured,
+                model_bytes_per_token=memory_per_token(model.adapter, graph, 2)["graph"])
 
 
 def generation_rate(model: LoadedModel, batch: int = 32, prompt: int = 256, new: int = 256) -> dict:

@@ -224,17 +224,20 @@ class _Sources:
         if self.graph.granularity == "layer":
             return self.resid[:, :n, t0:t1]
         g, ad = self.graph, self.adapter
-        parts = [self.resid[:, :1, t0:t1]]
+        out = self.resid.new_empty(self.resid.shape[0], n, t1 - t0, ad.d_model)
+        out[:, 0] = self.resid[:, 0, t0:t1]
         for l in range(g.n_layers):
-            if g.attn_sources(l).start >= n:
+            heads = g.attn_sources(l)
+            if heads.start >= n:
                 break
             if l not in self._w_o:
                 self._w_o[l] = ad.head_out_weight(l)
-            z = self.z[:, l, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))
-            parts.append(torch.einsum("bthk,hkd->bhtd", z, self._w_o[l]))
+            h = min(heads.stop, n) - heads.start
+            z = self.z[:, l, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))[:, :, :h]
+            out[:, heads.start: heads.start + h] = torch.einsum("bthk,hkd->bhtd", z, self._w_o[l][:h])
             if g.mlp_source(l) < n:
-                parts.append(self.resid[:, 1 + l: 2 + l, t0:t1])
-        return torch.cat(parts, dim=1)[:, :n]
+                out[:, g.mlp_source(l)] = self.resid[:, 1 + l, t0:t1]
+        return out
 
     def scale_(self, factor: float, mask: torch.Tensor):
         """Multiply by `factor` and zero padded positions (mask [B, T])."""
@@ -262,7 +265,7 @@ class _Layer:
     """One layer's computation from its residual input, with the handles the backward needs."""
 
     leaves: tuple[torch.Tensor, ...]  # (x,) or (x_q, x_k, x_v): the attention's residual input(s)
-    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # projections before RoPE [B,T,heads*dh]
+    qkv: tuple[torch.Tensor, ...]  # head granularity: projections before RoPE [B,T,heads*dh]; else ()
     z: torch.Tensor  # attention values [B,T,H*dh]
     attn: torch.Tensor  # attention output [B,T,d]
     xm: torch.Tensor  # MLP residual input [B,T,d]
@@ -281,7 +284,7 @@ def _layer(adapter: Adapter, l: int, x: torch.Tensor, grad: bool, split_qkv: boo
         a = adapter.attn_out(l, z)
         xm = (x + a.detach()).requires_grad_(grad)
         m = adapter.mlp(l, adapter.ln2(l)(xm))
-    return _Layer(leaves, (q, k, v), z, a, xm, m)
+    return _Layer(leaves, () if split_qkv else (q, k, v), z, a, xm, m)
 
 
 def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources | None,
@@ -329,7 +332,8 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
     dtype = resid[0].dtype
     B, T, d = g_final.shape
     head = graph.granularity == "head"
-    chunk = opts.position_chunk or max(1, min(T, int(2 ** 27 // max(1, graph.n_forward * B * d))))
+    chunk = opts.position_chunk or max(1, min(T, block_bytes(g_final.device) // (
+        B * (graph.n_forward + 2 * graph.dst_per_layer) * d * g_final.element_size())))
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
         """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [B,V,T,d]>; at head
@@ -350,25 +354,50 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
         del st
         cols = graph.layer_destinations(l)
         n_attn, n_mlp = graph.n_sources_before_attn(l), graph.n_sources_before_mlp(l)
-        add(n_mlp, slice(cols.stop - 1, cols.stop), g_m[:, None])
         if head:
+            add(n_mlp, slice(cols.stop - 1, cols.stop), g_m[:, None])
             dq, dk, dv = grads[1:]
             x = resid[l]
             add(n_attn, slice(cols.start, cols.stop - 1),
                 lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, t0, t1))
             g = g_mid + grads[0].float()
-        else:
-            add(n_attn, slice(cols.start, cols.stop - 1), torch.stack(grads, dim=1))
+        else:  # q, k, v and MLP input in one pass over the sources; the one non-edge among them
+            # (this attention's output into its own q, k, v) is zeroed by the real-edge mask
+            add(n_mlp, cols, torch.stack(grads + (g_m,), dim=1))
             g = g_mid + sum(gi.float() for gi in grads)
 
 
-def graph_bytes_per_token(adapter: Adapter, dtype_bytes: int) -> int:
-    """Memory autograd keeps per token for one layer's backward (projection inputs, attention
-    q/k/v/output, the gated MLP's intermediates)."""
-    d = adapter.d_model
-    d_ff = getattr(adapter.config, "intermediate_size", None) or 4 * d
-    qkv = (adapter.n_heads + 2 * adapter.n_kv_heads) * adapter.d_head
-    return dtype_bytes * (8 * d + 2 * qkv + 5 * d_ff) + 4 * 4 * d  # + float32 norm statistics
+def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[str, int]:
+    """Activation bytes per token of one sample, by what holds them:
+    stored  - the residual stream before each layer and the sources, kept from forward to backward;
+    graph   - one layer's autograd state (weights frozen, fused attention: nothing T x T): rotated
+              q and k, v, attention values and output, MLP input and output, the gated MLP's gate
+              and up (GPT-2's GELU keeps about five d_ff-wide tensors), float32 norm statistics;
+              at head granularity also q, k, v before rotation;
+    working - the backward's transients at one layer (float32 residual gradients, the stacked
+              destination gradients, the MLP's and attention's input gradients)."""
+    c = adapter.config
+    d, dh = adapter.d_model, adapter.d_head
+    q, kv = adapter.n_heads * dh, adapter.n_kv_heads * dh
+    d_ff = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+    mlp = 2 * d_ff if getattr(c, "hidden_act", None) == "silu" else 5 * d_ff
+    n_stored = adapter.n_layers + 1 + (graph.n_forward if graph.granularity == "layer" else adapter.n_layers + 1)
+    stored = dtype_bytes * n_stored * d + (dtype_bytes * adapter.n_layers * q if graph.granularity == "head" else 0)
+    saved = 3 * d + 2 * q + 2 * kv + mlp + (q + 2 * kv if graph.granularity == "head" else 0)
+    return {"stored": stored, "graph": dtype_bytes * saved + 16,
+            "working": dtype_bytes * (8 * d + 3 * d_ff + 2 * (q + 2 * kv)) + 4 * (4 * d + q)}
+
+
+def fixed_bytes(adapter: Adapter, graph: Graph, device) -> int:
+    """Activation bytes that do not grow with the batch: the loss's logits chunk (float32 logits,
+    softmax and gradient over 1024 positions), the head-granularity contraction block, slack."""
+    vocab = getattr(adapter.config, "vocab_size", 50257)
+    return 1024 * vocab * 16 + (block_bytes(device) if graph.granularity == "head" else 0) + 2 ** 30
+
+
+def block_bytes(device) -> int:
+    """Memory for one block of sources and destinations at head granularity."""
+    return 4 * 2 ** 30 if torch.device(device).type == "cuda" else 2 ** 28
 
 
 def free_cuda_bytes(device) -> int:
@@ -378,17 +407,30 @@ def free_cuda_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def layers_to_keep(adapter: Adapter, B: int, T: int, opts: EngineOptions, device, dtype) -> int:
+def layers_to_keep(adapter: Adapter, graph: Graph, B: int, T: int, opts: EngineOptions, device, dtype) -> int:
     """How many layers' graphs the forward keeps: opts.keep_graph_layers, or as many as fit in the
-    free GPU memory (on CPU: up to 2 GiB of them)."""
+    free GPU memory once the stored activations and the backward's working set are set aside, with
+    room to recompute one more layer (on CPU: up to 2 GiB of them). Call after allocating the sources."""
     if opts.keep_graph_layers is not None:
         return min(opts.keep_graph_layers, adapter.n_layers)
-    per_layer = graph_bytes_per_token(adapter, torch.finfo(dtype).bits // 8) * B * T
-    if device.type == "cuda":  # leave room for recomputed layers, the loss chunk and scratch
-        budget = 0.75 * (free_cuda_bytes(device) - 3 * per_layer) - 6 * 2 ** 30
+    mem = memory_per_token(adapter, graph, torch.finfo(dtype).bits // 8)
+    per_layer = mem["graph"] * B * T
+    if torch.device(device).type == "cuda":
+        resid = (adapter.n_layers + 1) * adapter.d_model * (torch.finfo(dtype).bits // 8) * B * T
+        budget = 0.9 * (free_cuda_bytes(device) - resid - mem["working"] * B * T
+                        - fixed_bytes(adapter, graph, device)) - per_layer
     else:
         budget = 2 * 2 ** 30
-    return int(min(adapter.n_layers, budget // max(per_layer, 1)))
+    return int(max(0, min(adapter.n_layers, budget // max(per_layer, 1))))
+
+
+def fit_batch_tokens(adapter: Adapter, graph: Graph, dtype_bytes: int, free_bytes: int, device) -> int:
+    """Padded tokens per batch such that every layer's graph can be kept (no recomputation) within
+    85% of free_bytes (the memory left once the model is loaded); at least 1. Longer samples still
+    run, alone, recomputing the layers that do not fit."""
+    mem = memory_per_token(adapter, graph, dtype_bytes)
+    per_token = mem["stored"] + mem["working"] + adapter.n_layers * mem["graph"]
+    return max(1, int(0.85 * (free_bytes - fixed_bytes(adapter, graph, device))) // per_token)
 
 
 def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, loss_fn: LossFn = self_ce_loss,
@@ -407,12 +449,12 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
     mask = batch.position_mask
     loss_of = lambda x: loss_fn(adapter, x, batch)  # noqa: E731
     scores = torch.zeros(B, graph.n_forward, graph.n_backward, dtype=torch.float32, device=dev)
-    keep = layers_to_keep(adapter, B, T, opts, dev, dtype)
 
     with torch.no_grad():
         e_clean = adapter.embed(batch.ids)
     if ablation == "zero" and ig_steps == 0:  # the paper's setting: one pass does it all
         sources = _Sources(graph, adapter, B, T, dtype, dev)
+        keep = layers_to_keep(adapter, graph, B, T, opts, dev, dtype)
         resid, kept = _forward(adapter, graph, e_clean, sources, keep)
         sources.scale_(-1.0, mask)
         loss, g_final = loss_of(resid[-1])
@@ -432,6 +474,7 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
             e_base = torch.zeros_like(e_clean)
             sources.scale_(-1.0, mask)
         steps = max(ig_steps, 1)
+        keep = layers_to_keep(adapter, graph, B, T, opts, dev, dtype)
         for k in range(1, steps + 1):
             e = e_clean if k == steps else e_base + (k / steps) * (e_clean - e_base)
             resid, kept = _forward(adapter, graph, e, None, keep)
@@ -456,16 +499,6 @@ def pack_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
-
-
-def bytes_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> int:
-    """Rough activation memory per token of one sample: stored residuals and sources plus one
-    layer's working set (see module docstring); used to size batches."""
-    d, L = adapter.d_model, adapter.n_layers
-    d_ff = getattr(adapter.config, "intermediate_size", None) or 4 * d
-    stored = (L + 1) * d + (graph.n_forward if graph.granularity == "layer" else 2 * L + 1) * d
-    working = 12 * d + 4 * d_ff
-    return dtype_bytes * (stored + working) + 8 * d  # + fp32 residual gradient
 
 
 @dataclass
@@ -533,12 +566,12 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
 
 
 def default_batch_tokens(model: LoadedModel, graph: Graph) -> int:
-    """Tokens per batch: from free GPU memory (60% of it) on CUDA, 2048 on CPU."""
+    """Tokens per batch: every layer's graph kept in the free GPU memory (fit_batch_tokens) on
+    CUDA; 2048 on CPU."""
     if model.device.type != "cuda":
         return 2048
-    free = free_cuda_bytes(model.device)
-    per_tok = bytes_per_token(model.adapter, graph, torch.finfo(model.dtype).bits // 8)
-    return max(1, int(0.6 * free // per_tok))
+    return fit_batch_tokens(model.adapter, graph, torch.finfo(model.dtype).bits // 8,
+                            free_cuda_bytes(model.device), model.device)
 
 
 def _progress(total: int, enabled: bool):

@@ -236,16 +236,18 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     """Memory to attribute `spec` on its device, and the batch size (tokens) that fits.
 
     Model bytes = parameter count (from the config) x dtype size, the larger of the two models
-    (they are loaded one at a time); activations = attribution.bytes_per_token x tokens; plus the
-    loss's logits chunk. sample_tokens: the longest truncated input (known after selection);
-    before it, estimated as prompt_tokens + alpha x max_new_tokens (an upper bound for the
-    answer part). Returns bytes_needed (model + one sample; fits if within 90% of what is free),
-    bytes_available (free GPU memory, or free RAM on CPU), fits, batch_tokens (the spec's
-    max_batch_tokens if set; else 60% of the free memory left by the model, capped by
-    MAX_BATCH_TOKENS) and a message."""
+    (they are loaded one at a time); activations from attribution.memory_per_token: one sample
+    needs its stored activations, the working set and one layer's graph (the engine recomputes
+    the layers whose graphs do not fit), plus the loss's logits chunk (attribution.fixed_bytes).
+    sample_tokens: the longest truncated input (known after selection); before it, estimated as
+    prompt_tokens + alpha x max_new_tokens (an upper bound for the answer part). Returns
+    bytes_needed (model + one sample; fits if within 90% of what is free), bytes_available (free
+    GPU memory, or free RAM on CPU), fits, batch_tokens (the spec's max_batch_tokens if set; else
+    attribution.fit_batch_tokens of the memory the model leaves, capped by MAX_BATCH_TOKENS) and
+    a message."""
     from types import SimpleNamespace
 
-    from eapcore.attribution import bytes_per_token
+    from eapcore.attribution import fit_batch_tokens, fixed_bytes, memory_per_token
     from eapcore.graph import Graph
     from eapcore.models import resolve_device
 
@@ -257,18 +259,21 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     n_params, config = max(counts, key=lambda c: c[0])
     dims = _dims(config)
     graph = Graph(dims["n_layers"], dims["n_heads"], dims["n_kv_heads"], att.granularity)
-    adapter = SimpleNamespace(d_model=dims["d_model"], n_layers=dims["n_layers"], config=config)
-    per_token = bytes_per_token(adapter, graph, dtype_bytes)
+    d_head = getattr(config, "head_dim", None) or dims["d_model"] // dims["n_heads"]
+    adapter = SimpleNamespace(config=config, d_head=d_head,
+                              **{k: dims[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads")})
+    mem = memory_per_token(adapter, graph, dtype_bytes)
+    per_token = mem["stored"] + mem["working"] + mem["graph"]
     estimated = sample_tokens is None
     if estimated:
         sample_tokens = prompt_tokens + max(1, math.floor(spec.selection.alpha * max_new_tokens(spec)))
     model_bytes = n_params * dtype_bytes
-    fixed = model_bytes + 3 * 1024 * dims["vocab"] * 4 + (512 << 20 if device.type == "cuda" else 0)
+    fixed = model_bytes + fixed_bytes(adapter, graph, device)
     available = _available_bytes(device)
     usable = int(0.9 * available)
     needed = fixed + per_token * sample_tokens
     fits = needed <= usable
-    fit_tokens = int(0.6 * max(0, available - fixed)) // per_token  # the engine's margin for its rough estimate
+    fit_tokens = fit_batch_tokens(adapter, graph, dtype_bytes, max(0, available - model_bytes), device)
     batch = att.max_batch_tokens or min(MAX_BATCH_TOKENS.get(device.type, 2048), fit_tokens)
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     what = "up to " if estimated else ""

@@ -54,6 +54,29 @@ def test_adapter_forward_equals_model(models):
         torch.testing.assert_close(m.adapter.forward_logits(ids), m.hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_silu_keeps_gate_and_up_only_and_matches_autograd(models, dtype):
+    """The adapter's gated MLP: same output and input gradients as autograd on the module's own
+    expression, bit for bit, while autograd keeps two d_ff-wide tensors instead of three."""
+    mlp = models["llama"].hf.model.layers[0].mlp.to(dtype)
+    ad = models["llama"].adapter
+    h = torch.randn(2, 7, ad.d_model, dtype=dtype)
+    g = torch.randn(2, 7, ad.d_model, dtype=dtype)
+    saved = []
+    outs, grads = [], []
+    for fn in (lambda x: ad.mlp(0, x), mlp.forward):
+        x = h.clone().requires_grad_(True)
+        n = len(saved)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(x)
+        saved_ff = sum(t.shape == (2, 7, mlp.intermediate_size) for t in saved[n:])  # weights are 2-d
+        outs.append((out, saved_ff))
+        grads.append(torch.autograd.grad(out, x, g)[0])
+    mlp.float()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(grads[0], grads[1])
+    assert (outs[0][1], outs[1][1]) == (2, 3)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_scores_equal_reference(models, arch, granularity):

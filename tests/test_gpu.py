@@ -69,3 +69,24 @@ def test_adapter_forward_equals_model_in_bf16_on_cuda(arch):
     with torch.no_grad():
         ours, theirs = m.adapter.forward_logits(ids).float(), m.hf(ids).logits.float()
     assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_memory_model_matches_what_a_kept_layer_takes(granularity):
+    """attribution.memory_per_token's graph term (which sizes batches and decides which layers are
+    recomputed) within -20% / +10% of the memory one layer's kept autograd state really takes."""
+    from eapcore.attribution import _layer, memory_per_token
+
+    m = small_model("qwen2", torch.bfloat16, "cuda")
+    B, T = 2, 2048
+    x = torch.randn(B, T, m.adapter.d_model, device="cuda", dtype=torch.bfloat16)
+    m.adapter.rotary(T, x)  # the rotary cache is shared by all layers: not per-layer state
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    state = _layer(m.adapter, 0, x, True, granularity == "layer")
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    model = memory_per_token(m.adapter, graph_of(m.adapter, granularity), 2)["graph"] * B * T
+    print(f"{granularity}: kept {kept / B / T:.0f} bytes per token, model {model / B / T:.0f}")
+    assert 0.8 * model <= kept <= 1.1 * model
+    del state
