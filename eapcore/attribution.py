@@ -344,13 +344,13 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
             d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1]
             scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), d_blk)
 
-    g = g_final.float()
+    g = g_final.float()  # dL/d(residual stream), float32, updated in place layer by layer
     add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[:, None])
     for l in reversed(range(graph.n_layers)):
         st = kept.pop(l, None) or _layer(adapter, l, resid[l], True, not head)
         (g_m,) = torch.autograd.grad(st.mlp, st.xm, g.to(dtype))
-        g_mid = g + g_m.float()
-        grads = torch.autograd.grad(st.attn, st.leaves + (st.qkv if head else ()), g_mid.to(dtype))
+        g.add_(g_m)  # now at the MLP's residual input
+        grads = torch.autograd.grad(st.attn, st.leaves + (st.qkv if head else ()), g.to(dtype))
         del st
         cols = graph.layer_destinations(l)
         n_attn, n_mlp = graph.n_sources_before_attn(l), graph.n_sources_before_mlp(l)
@@ -360,11 +360,12 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
             x = resid[l]
             add(n_attn, slice(cols.start, cols.stop - 1),
                 lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, t0, t1))
-            g = g_mid + grads[0].float()
+            g.add_(grads[0])
         else:  # q, k, v and MLP input in one pass over the sources; the one non-edge among them
             # (this attention's output into its own q, k, v) is zeroed by the real-edge mask
             add(n_mlp, cols, torch.stack(grads + (g_m,), dim=1))
-            g = g_mid + sum(gi.float() for gi in grads)
+            for gi in grads:
+                g.add_(gi)
 
 
 def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[str, int]:
