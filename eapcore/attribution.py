@@ -353,16 +353,17 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
         grads = torch.autograd.grad(st.attn, st.leaves + (st.qkv if head else ()), g.to(dtype))
         del st
         cols = graph.layer_destinations(l)
-        n_attn, n_mlp = graph.n_sources_before_attn(l), graph.n_sources_before_mlp(l)
+        n_mlp = graph.n_sources_before_mlp(l)
+        # q, k, v and MLP input in one pass over the sources (at head granularity: one forming of
+        # the head outputs); the non-edges among them (this attention's outputs into its own q, k,
+        # v) are zeroed by the real-edge mask
         if head:
-            add(n_mlp, slice(cols.stop - 1, cols.stop), g_m[:, None])
             dq, dk, dv = grads[1:]
             x = resid[l]
-            add(n_attn, slice(cols.start, cols.stop - 1),
-                lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, t0, t1))
+            add(n_mlp, cols, lambda t0, t1: torch.cat(
+                [_head_destinations(adapter, l, x, dq, dk, dv, t0, t1), g_m[:, None, t0:t1]], dim=1))
             g.add_(grads[0])
-        else:  # q, k, v and MLP input in one pass over the sources; the one non-edge among them
-            # (this attention's output into its own q, k, v) is zeroed by the real-edge mask
+        else:
             add(n_mlp, cols, torch.stack(grads + (g_m,), dim=1))
             for gi in grads:
                 g.add_(gi)
