@@ -165,16 +165,17 @@ def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn
 # ---------------------------------------------------------------------------------------------
 
 def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -> torch.Tensor:
-    """[B,U,T,d] x [B,V,T,d] -> [B,U,V] float32: sums over positions and width.
+    """[U,B,T,d] x [V,B,T,d] -> [B,U,V] float32: sums over positions and width, per sample.
 
-    Half precision on a GPU: one matmul per sample whose products accumulate and are written in
-    float32 (`out_dtype`). Elsewhere, blocks of positions are upcast to float32 and reduced with
-    batched matmuls; U and V are small and T*d large, so a small batch's reduction is also split
-    into pieces (strided views, no copies) that one call computes in parallel."""
-    B, U, T, d = src.shape
-    V = dst.shape[1]
+    Inputs may be strided along U and B (views into the stored sources); each sample's [T, d] must
+    be contiguous. Half precision on a GPU: one matmul per sample whose products accumulate and are
+    written in float32 (`out_dtype`). Elsewhere, blocks of positions are upcast to float32 and
+    reduced with matmuls; U and V are small and T*d large, so each reduction is also split into
+    pieces (strided views, no copies) that one batched call computes in parallel."""
+    U, B, T, d = src.shape
+    V = dst.shape[0]
     if src.is_cuda and src.dtype in (torch.bfloat16, torch.float16):
-        return torch.stack([torch.mm(src[b].reshape(U, -1), dst[b].reshape(V, -1).T, out_dtype=torch.float32)
+        return torch.stack([torch.mm(src[:, b].reshape(U, -1), dst[:, b].reshape(V, -1).T, out_dtype=torch.float32)
                             for b in range(B)])
     out = torch.zeros(B, U, V, dtype=torch.float32, device=src.device)
     tb = max(1, min(T, block_bytes // (4 * B * (U + V) * d)))
@@ -183,49 +184,55 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -
         c = dst[:, :, t0:t0 + tb].float()
         K = a.shape[2] * d
         n = math.gcd(max(1, 32 // B), K)
-        if n == 1:
-            out += torch.bmm(a.reshape(B, U, K), c.reshape(B, V, K).transpose(1, 2))
-            continue
         for b in range(B):
-            out[b] += torch.bmm(a[b].reshape(U, n, K // n).transpose(0, 1),
-                                c[b].reshape(V, n, K // n).permute(1, 2, 0)).sum(0)
+            out[b] += torch.bmm(a[:, b].reshape(U, n, K // n).transpose(0, 1),
+                                c[:, b].reshape(V, n, K // n).permute(1, 2, 0)).sum(0)
+    return out
+
+
+def _per_head(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[h] = x[:, :, h] @ w[h] for each head: x [B, c, h, k], w [h, k, d] -> out [h, B, c, d]
+    (contiguous; written in place by one batched matmul)."""
+    h, B, c, d = out.shape
+    torch.bmm(x.permute(2, 0, 1, 3).reshape(h, B * c, -1), w, out=out.view(h, B * c, d))
     return out
 
 
 class _Sources:
-    """What each source node wrote into the residual stream, per sample and position.
+    """What each source node wrote into the residual stream, per sample and position, source-major
+    (so a block of sources is one strided view and head outputs are written into place).
 
-    Layer granularity: `resid` [B, 2L+1, T, d] in forward-node order.
-    Head granularity:  `resid` [B, L+1, T, d] (input, m0 .. m{L-1}) and `z` [B, L, T, H*dh], the
-    per-head attention values; head h of layer l writes z_h @ W_O[h] (materialised on demand)."""
+    Layer granularity: `resid` [2L+1, B, T, d] in forward-node order.
+    Head granularity:  `resid` [L+1, B, T, d] (input, m0 .. m{L-1}) and `z` [L, B, T, H*dh], the
+    per-head attention values; head h of layer l writes z_h @ W_O[h] (formed on demand)."""
 
     def __init__(self, graph: Graph, adapter: Adapter, B: int, T: int, dtype, device):
         self.graph, self.adapter = graph, adapter
         L, d = graph.n_layers, adapter.d_model
         n_resid = graph.n_forward if graph.granularity == "layer" else L + 1
-        self.resid = torch.zeros(B, n_resid, T, d, dtype=dtype, device=device)
+        self.resid = torch.zeros(n_resid, B, T, d, dtype=dtype, device=device)
         self.z = None if graph.granularity == "layer" else \
-            torch.zeros(B, L, T, adapter.n_heads * adapter.d_head, dtype=dtype, device=device)
+            torch.zeros(L, B, T, adapter.n_heads * adapter.d_head, dtype=dtype, device=device)
         self._w_o: dict[int, torch.Tensor] = {}
 
     def put(self, node: str, layer: int | None, value: torch.Tensor):
         g = self.graph
         if node == "input":
-            self.resid[:, 0] = value
+            self.resid[0] = value
         elif g.granularity == "layer":
-            self.resid[:, g.mlp_source(layer) if node == "mlp" else g.attn_sources(layer).start] = value
+            self.resid[g.mlp_source(layer) if node == "mlp" else g.attn_sources(layer).start] = value
         elif node == "mlp":
-            self.resid[:, 1 + layer] = value
+            self.resid[1 + layer] = value
         else:
-            self.z[:, layer] = value
+            self.z[layer] = value
 
     def block(self, n: int, t0: int, t1: int) -> torch.Tensor:
-        """The first `n` forward nodes' contributions at positions [t0, t1): [B, n, c, d]."""
+        """The first `n` forward nodes' contributions at positions [t0, t1): [n, B, c, d]."""
         if self.graph.granularity == "layer":
-            return self.resid[:, :n, t0:t1]
+            return self.resid[:n, :, t0:t1]
         g, ad = self.graph, self.adapter
-        out = self.resid.new_empty(self.resid.shape[0], n, t1 - t0, ad.d_model)
-        out[:, 0] = self.resid[:, 0, t0:t1]
+        out = self.resid.new_empty(n, self.resid.shape[1], t1 - t0, ad.d_model)
+        out[0] = self.resid[0, :, t0:t1]
         for l in range(g.n_layers):
             heads = g.attn_sources(l)
             if heads.start >= n:
@@ -233,15 +240,15 @@ class _Sources:
             if l not in self._w_o:
                 self._w_o[l] = ad.head_out_weight(l)
             h = min(heads.stop, n) - heads.start
-            z = self.z[:, l, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))[:, :, :h]
-            out[:, heads.start: heads.start + h] = torch.einsum("bthk,hkd->bhtd", z, self._w_o[l][:h])
+            z = self.z[l, :, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))[:, :, :h]
+            _per_head(z, self._w_o[l][:h], out[heads.start: heads.start + h])
             if g.mlp_source(l) < n:
-                out[:, g.mlp_source(l)] = self.resid[:, 1 + l, t0:t1]
+                out[g.mlp_source(l)] = self.resid[1 + l, :, t0:t1]
         return out
 
     def scale_(self, factor: float, mask: torch.Tensor):
         """Multiply by `factor` and zero padded positions (mask [B, T])."""
-        m = mask[:, None, :, None].to(self.resid.dtype) * factor
+        m = mask[None, :, :, None].to(self.resid.dtype) * factor
         self.resid.mul_(m)
         if self.z is not None:
             self.z.mul_(m)
@@ -313,16 +320,16 @@ def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources 
 
 def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, t0: int, t1: int) -> torch.Tensor:
     """Residual-space gradients of each head's q, k and v inputs at positions [t0, t1):
-    [B, H+2G, c, d]: the layer norm's vector-Jacobian product of dq_h @ W_q[h] (likewise k, v)."""
-    cot = []
+    [H+2G, B, c, d]: the layer norm's vector-Jacobian product of dq_h @ W_q[h] (likewise k, v)."""
+    B, c = x.shape[0], t1 - t0
+    cot = x.new_empty(adapter.n_heads + 2 * adapter.n_kv_heads, B, c, adapter.d_model)
+    i = 0
     for which, dproj in (("q", dq), ("k", dk), ("v", dv)):
         w = adapter.head_in_weight(layer, which)  # [heads, dh, d]
-        dh = dproj[:, t0:t1].unflatten(-1, (w.shape[0], adapter.d_head))  # [B, c, heads, dh]
-        cot.append(torch.einsum("bchk,hkd->hbcd", dh, w))
-    cot = torch.cat(cot, dim=0)  # [V, B, c, d]
+        _per_head(dproj[:, t0:t1].unflatten(-1, (w.shape[0], adapter.d_head)), w, cot[i: i + w.shape[0]])
+        i += w.shape[0]
     _, vjp = torch.func.vjp(adapter.ln1(layer), x[:, t0:t1])
-    (g,) = torch.func.vmap(vjp)(cot)
-    return g.transpose(0, 1)  # [B, V, c, d]
+    return torch.func.vmap(vjp)(cot)[0]
 
 
 def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: dict[int, _Layer],
@@ -336,16 +343,16 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
         B * (graph.n_forward + 2 * graph.dst_per_layer) * d * g_final.element_size())))
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
-        """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [B,V,T,d]>; at head
+        """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [V,B,T,d]>; at head
         granularity one block of positions at a time (sources and callable dst are formed per block)."""
         step = chunk if head else T
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
-            d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1]
+            d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1]  # [V, B, c, d]
             scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), d_blk)
 
     g = g_final.float()  # dL/d(residual stream), float32, updated in place layer by layer
-    add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[:, None])
+    add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[None])
     for l in reversed(range(graph.n_layers)):
         st = kept.pop(l, None) or _layer(adapter, l, resid[l], True, not head)
         (g_m,) = torch.autograd.grad(st.mlp, st.xm, g.to(dtype))
@@ -361,10 +368,10 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
             dq, dk, dv = grads[1:]
             x = resid[l]
             add(n_mlp, cols, lambda t0, t1: torch.cat(
-                [_head_destinations(adapter, l, x, dq, dk, dv, t0, t1), g_m[:, None, t0:t1]], dim=1))
+                [_head_destinations(adapter, l, x, dq, dk, dv, t0, t1), g_m[None, :, t0:t1]]))
             g.add_(grads[0])
         else:
-            add(n_mlp, cols, torch.stack(grads + (g_m,), dim=1))
+            add(n_mlp, cols, torch.stack(grads + (g_m,)))
             for gi in grads:
                 g.add_(gi)
 
