@@ -318,18 +318,22 @@ def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources 
     return resid, kept
 
 
-def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, t0: int, t1: int) -> torch.Tensor:
-    """Residual-space gradients of each head's q, k and v inputs at positions [t0, t1):
-    [H+2G, B, c, d]: the layer norm's vector-Jacobian product of dq_h @ W_q[h] (likewise k, v)."""
+def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, g_m, t0: int, t1: int) -> torch.Tensor:
+    """Destination gradients of layer `layer` at head granularity, positions [t0, t1):
+    [H+2G+1, B, c, d]: for each head's q, k and v input the layer norm's vector-Jacobian product
+    of dq_h @ W_q[h] (likewise k, v), then the MLP input's gradient g_m."""
     B, c = x.shape[0], t1 - t0
-    cot = x.new_empty(adapter.n_heads + 2 * adapter.n_kv_heads, B, c, adapter.d_model)
+    V = adapter.n_heads + 2 * adapter.n_kv_heads
+    cot = x.new_empty(V, B, c, adapter.d_model)
     i = 0
     for which, dproj in (("q", dq), ("k", dk), ("v", dv)):
         w = adapter.head_in_weight(layer, which)  # [heads, dh, d]
         _per_head(dproj[:, t0:t1].unflatten(-1, (w.shape[0], adapter.d_head)), w, cot[i: i + w.shape[0]])
         i += w.shape[0]
-    _, vjp = torch.func.vjp(adapter.ln1(layer), x[:, t0:t1])
-    return torch.func.vmap(vjp)(cot)[0]
+    out = x.new_empty(V + 1, B, c, adapter.d_model)
+    adapter.ln1_vjp(layer, x[:, t0:t1], cot, out[:V])
+    out[V] = g_m[:, t0:t1]
+    return out
 
 
 def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: dict[int, _Layer],
@@ -339,8 +343,8 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
     dtype = resid[0].dtype
     B, T, d = g_final.shape
     head = graph.granularity == "head"
-    chunk = opts.position_chunk or max(1, min(T, block_bytes(g_final.device) // (
-        B * (graph.n_forward + 2 * graph.dst_per_layer) * d * g_final.element_size())))
+    chunk = opts.position_chunk or max(1, min(T, block_bytes(g_final.device) // (  # destinations: 6x
+        B * (graph.n_forward + 6 * graph.dst_per_layer) * d * g_final.element_size())))  # for float32 temporaries
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
         """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [V,B,T,d]>; at head
@@ -367,8 +371,7 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
         if head:
             dq, dk, dv = grads[1:]
             x = resid[l]
-            add(n_mlp, cols, lambda t0, t1: torch.cat(
-                [_head_destinations(adapter, l, x, dq, dk, dv, t0, t1), g_m[None, :, t0:t1]]))
+            add(n_mlp, cols, lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, g_m, t0, t1))
             g.add_(grads[0])
         else:
             add(n_mlp, cols, torch.stack(grads + (g_m,)))

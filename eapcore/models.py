@@ -168,6 +168,12 @@ class Adapter:
         w = self.proj_weight(layer, "o")  # [d, H*dh]
         return w.T.reshape(self.n_heads, self.d_head, self.d_model)
 
+    def ln1_vjp(self, layer: int, x: torch.Tensor, cot: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Vector-Jacobian products of ln1 at x [B,c,d] for a stack of cotangents cot [V,B,c,d],
+        written into out [V,B,c,d] (generic: autograd, vectorised over V)."""
+        _, vjp = torch.func.vjp(self.ln1(layer), x)
+        return out.copy_(torch.func.vmap(vjp)(cot)[0])
+
     def head_in_weight(self, layer: int, which: str) -> torch.Tensor:
         """W_q / W_k / W_v split by head: [heads, dh, d]."""
         w = self.proj_weight(layer, which)  # [heads*dh, d]
@@ -246,6 +252,16 @@ class LlamaFamilyAdapter(Adapter):
 
     def ln2(self, layer):
         return partial(_rms_norm, self.layers[layer].post_attention_layernorm)
+
+    def ln1_vjp(self, layer, x, cot, out):
+        """RMSNorm's VJP in closed form, float32: r (w c) - x r^3 mean(x w c), r = 1/rms(x)
+        (x is shared by all V cotangents instead of copied per cotangent as vmap would)."""
+        norm = self.layers[layer].input_layernorm
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm.variance_epsilon)  # [B,c,1]
+        u = (norm.weight * cot).float()  # the gain is applied in the input dtype, as in the forward
+        s = (u * xf).mean(-1, keepdim=True)  # [V,B,c,1]
+        return out.copy_(u.mul_(r).addcmul_(xf * r.pow(3), s, value=-1.0))
 
     def ln_final(self):
         return partial(_rms_norm, self.hf.model.norm)

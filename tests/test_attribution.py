@@ -77,6 +77,17 @@ def test_gated_silu_keeps_gate_and_up_only_and_matches_autograd(models, dtype):
     assert (outs[0][1], outs[1][1]) == (2, 3)
 
 
+def test_closed_form_norm_vjp_equals_autograd(models):
+    """The Llama-family RMSNorm VJP (used for per-head destinations) equals the generic one."""
+    ad = models["qwen2"].adapter
+    x = torch.randn(2, 5, ad.d_model)
+    cot = torch.randn(7, 2, 5, ad.d_model)
+    ours = ad.ln1_vjp(1, x, cot, torch.empty_like(cot))
+    generic = Adapter.ln1_vjp(ad, 1, x, cot, torch.empty_like(cot))
+    torch.testing.assert_close(ours, generic, rtol=1e-5, atol=1e-6)
+    assert ours.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_scores_equal_reference(models, arch, granularity):
