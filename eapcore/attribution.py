@@ -168,16 +168,26 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -
     """[U,B,T,d] x [V,B,T,d] -> [B,U,V] float32: sums over positions and width, per sample.
 
     Inputs may be strided along U and B (views into the stored sources); each sample's [T, d] must
-    be contiguous. Half precision on a GPU: one matmul per sample whose products accumulate and are
+    be contiguous. Half precision on a GPU: matmuls per sample whose products accumulate and are
     written in float32 (`out_dtype`). Elsewhere, blocks of positions are upcast to float32 and
     reduced with matmuls; U and V are small and T*d large, so each reduction is also split into
     pieces (strided views, no copies) that one batched call computes in parallel."""
     U, B, T, d = src.shape
     V = dst.shape[0]
-    if src.is_cuda and src.dtype in (torch.bfloat16, torch.float16):
-        return torch.stack([torch.mm(src[:, b].reshape(U, -1), dst[:, b].reshape(V, -1).T, out_dtype=torch.float32)
-                            for b in range(B)])
     out = torch.zeros(B, U, V, dtype=torch.float32, device=src.device)
+    if src.is_cuda and src.dtype in (torch.bfloat16, torch.float16):
+        # With many destinations (head granularity) cuBLAS reads [U, K] x [K, V] at 0.8-1 TB/s on an
+        # H100 but computes the transposed product in pieces of <= 600 sources at 2-2.8 TB/s
+        # (BENCHMARKS.md); with a few destinations (layer granularity) the direct product is faster.
+        step = -(-U // -(-U // 600))  # equal pieces of at most 600 sources
+        for b in range(B):
+            a, c = src[:, b].reshape(U, -1), dst[:, b].reshape(V, -1)
+            if V < 16:
+                out[b] = torch.mm(a, c.T, out_dtype=torch.float32)
+                continue
+            for u0 in range(0, U, step):
+                out[b, u0:u0 + step] = torch.mm(c, a[u0:u0 + step].T, out_dtype=torch.float32).T
+        return out
     tb = max(1, min(T, block_bytes // (4 * B * (U + V) * d)))
     for t0 in range(0, T, tb):
         a = src[:, :, t0:t0 + tb].float()

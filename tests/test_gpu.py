@@ -90,3 +90,19 @@ def test_memory_model_matches_what_a_kept_layer_takes(granularity):
     print(f"{granularity}: kept {kept / B / T:.0f} bytes per token, model {model / B / T:.0f}")
     assert 0.8 * model <= kept <= 1.1 * model
     del state
+
+
+@pytest.mark.parametrize("U,V", [(57, 4), (700, 37)])
+def test_contraction_on_cuda_equals_float64(U, V):
+    """Both contraction paths (few destinations; many, in pieces of sources) on strided
+    source-major views, against float64 on the same bf16 values."""
+    from eapcore.attribution import contract
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    store = torch.randn(U + 3, 2, 40, 64, device="cuda", generator=g).bfloat16()
+    src = store[1: U + 1]  # a strided view, as the engine passes its stored sources
+    dst = torch.randn(V, 2, 40, 64, device="cuda", generator=g).bfloat16()
+    out = contract(src, dst)
+    ref = torch.einsum("ubtd,vbtd->buv", src.double(), dst.double())
+    assert out.dtype == torch.float32 and out.shape == (2, U, V)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
