@@ -16,16 +16,18 @@ self-cross-entropy of METHOD.md: input = prompt + first T_cut - 1 answer tokens,
 first T_cut answer tokens. A user metric (logits -> per-sample value) can replace it.
 
 The loop, per batch of right-padded samples:
-  1. forward without autograd, layer by layer, keeping the residual stream before each layer and
-     the sources (input embedding, attention outputs or per-head attention values z, MLP outputs);
+  1. forward layer by layer, keeping the residual stream before each layer, the sources (input
+     embedding, attention outputs or per-head attention values z, MLP outputs) and the autograd
+     state (activations only: weights are frozen) of as many layers as fit in memory;
   2. the loss gradient at the final residual stream, in chunks of positions;
-  3. backward layer by layer, recomputing one layer at a time with autograd on activations only
-     (weights are frozen): the q, k and v inputs are separate autograd leaves, so their gradients
-     are the q/k/v-path gradients without per-head copies of the residual stream; each layer's
-     destination gradients are contracted at once with the stored sources that precede them
-     (one batched matmul per layer, float32 accumulation) and then freed.
+  3. backward layer by layer, recomputing the layers whose state was not kept: the q, k and v
+     inputs are separate autograd leaves, so their gradients are the q/k/v-path gradients without
+     per-head copies of the residual stream; each layer's destination gradients are contracted at
+     once with the stored sources that precede them (matmuls per sample, float32 accumulation)
+     and then freed.
 Memory is the model, the stored residual streams and sources (about (3L+1) x T x d values per
-sample) and one layer's working set; nothing grows with T^2 (fused attention).
+sample), the kept layers' state and one layer's working set (`memory_per_token`); nothing grows
+with T^2 (fused attention).
 """
 from __future__ import annotations
 
