@@ -397,7 +397,7 @@ def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[s
     graph   - one layer's autograd state (weights frozen, fused attention: nothing T x T): rotated
               q and k, v, attention values and output, MLP input and output, the gated MLP's gate
               and up (GPT-2's GELU keeps about five d_ff-wide tensors), float32 norm statistics;
-              at head granularity also q, k, v before rotation;
+              at head granularity also q and k before rotation;
     working - the backward's transients at one layer (float32 residual gradients, the stacked
               destination gradients, the MLP's and attention's input gradients)."""
     c = adapter.config
@@ -407,7 +407,7 @@ def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[s
     mlp = 2 * d_ff if getattr(c, "hidden_act", None) == "silu" else 5 * d_ff
     n_stored = adapter.n_layers + 1 + (graph.n_forward if graph.granularity == "layer" else adapter.n_layers + 1)
     stored = dtype_bytes * n_stored * d + (dtype_bytes * adapter.n_layers * q if graph.granularity == "head" else 0)
-    saved = 3 * d + 2 * q + 2 * kv + mlp + (q + 2 * kv if graph.granularity == "head" else 0)
+    saved = 3 * d + 2 * q + 2 * kv + mlp + (q + kv if graph.granularity == "head" else 0)
     return {"stored": stored, "graph": dtype_bytes * saved + 16,
             "working": dtype_bytes * (8 * d + 3 * d_ff + 2 * (q + 2 * kv)) + 4 * (4 * d + q)}
 
