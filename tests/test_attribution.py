@@ -77,6 +77,36 @@ def test_gated_silu_keeps_gate_and_up_only_and_matches_autograd(models, dtype):
     assert (outs[0][1], outs[1][1]) == (2, 3)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_memory_model_matches_the_tensors_a_kept_layer_holds(models, granularity):
+    """memory_per_token's graph term (which sizes batches and decides recomputation) against the
+    tensors autograd saves for one layer plus those the engine holds, counted by storage (weights,
+    the shared rotary tables and the layer's input, which is stored anyway, excluded)."""
+    from eapcore.attribution import _layer, memory_per_token
+
+    for arch in ("llama", "mistral", "qwen2"):
+        m = models[arch]
+        ad = m.adapter
+        B, T = 2, 64
+        x = torch.randn(B, T, ad.d_model)
+        ad.rotary(T, x)
+        skip = {p.untyped_storage().data_ptr() for p in m.hf.parameters()} | {x.untyped_storage().data_ptr()}
+        skip |= {t.untyped_storage().data_ptr() for pair in ad._cos_sin.values() for t in pair}
+        held = {}
+
+        def count(t):
+            if t.untyped_storage().data_ptr() not in skip:
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            state = _layer(ad, 0, x, True, granularity == "layer")
+        for t in (state.attn, state.mlp, state.xm, state.z) + state.qkv:
+            count(t)
+        model = memory_per_token(ad, graph_of(ad, granularity), 4)["graph"] * B * T
+        assert 0.9 * model <= sum(held.values()) <= 1.1 * model, (arch, sum(held.values()), model)
+
+
 def test_closed_form_norm_vjp_equals_autograd(models):
     """The Llama-family RMSNorm VJP (used for per-head destinations) equals the generic one."""
     ad = models["qwen2"].adapter
