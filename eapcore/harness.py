@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from eapcore.cache import write_bytes_atomic
+
 OPTIONAL_FIELDS = ("question", "gt", "pred", "score", "code")
 
 
@@ -107,14 +109,9 @@ def read_samples(path: str | os.PathLike) -> tuple[list[Sample], ReadReport]:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write atomically (a temp file in the same folder, then rename: cache.write_bytes_atomic)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[Sample]) -> None:

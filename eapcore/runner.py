@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from eapcore import registry
-from eapcore.cache import MANIFEST, Cache, CacheError, replace_dir, sha256_file, write_json_atomic
+from eapcore.cache import MANIFEST, Cache, CacheError, replace_dir, sha256_file, write_bytes_atomic, write_json_atomic
 from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
                            ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key, to_dict)
 
@@ -695,10 +695,8 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
             selection = _select(cache, spec, keys, graded, rep)
             scores = _attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
-                shutil.copyfile(graded[which], folder / f".answers_{which}.tmp")
-                os.replace(folder / f".answers_{which}.tmp", folder / f"answers_{which}.jsonl")
-            shutil.copyfile(selection / "selection.json", folder / ".selection.tmp")
-            os.replace(folder / ".selection.tmp", folder / "selection.json")
+                write_bytes_atomic(folder / f"answers_{which}.jsonl", Path(graded[which]).read_bytes())
+            write_bytes_atomic(folder / "selection.json", (selection / "selection.json").read_bytes())
             _metrics(folder, rep)
             entries = [("generations", k) for k in keys["generations"].values()] + \
                       [("grades", k) for k in keys["grades"].values()] + [("selections", keys["selection"])] + scores

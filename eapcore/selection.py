@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from eapcore.cache import write_bytes_atomic
 from eapcore.grading import groups, scores_of, sort_idx
 from eapcore.harness import Sample, read_samples, write_samples
 from eapcore.specs import GROUPS, SelectionSettings
@@ -131,9 +132,7 @@ def write_selection(out_dir: str | Path, base: list[Sample], tuned: list[Sample]
             by_idx.setdefault(s.idx, s)
         write_samples(out_dir / f"{name}.jsonl", [by_idx[i] for i in selection.idx])
     meta = {**asdict(selection), "sources": dict(sources or {})}
-    tmp = out_dir / ".selection.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / "selection.json")
+    write_bytes_atomic(out_dir / "selection.json", (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def command(argv: list[str]) -> int:
