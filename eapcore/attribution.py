@@ -355,8 +355,10 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
     dtype = resid[0].dtype
     B, T, d = g_final.shape
     head = graph.granularity == "head"
-    chunk = opts.position_chunk or max(1, min(T, block_bytes(g_final.device) // (  # destinations: 6x
-        B * (graph.n_forward + 6 * graph.dst_per_layer) * d * g_final.element_size())))  # for float32 temporaries
+    # positions per block at head granularity: the sources, and the destinations with their float32
+    # temporaries (about 6x)
+    per_position = B * d * g_final.element_size() * (graph.n_forward + 6 * graph.dst_per_layer)
+    chunk = opts.position_chunk or max(1, min(T, head_block_bytes(g_final.device) // per_position))
 
     def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
         """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [V,B,T,d]>; at head
@@ -416,10 +418,10 @@ def fixed_bytes(adapter: Adapter, graph: Graph, device) -> int:
     """Activation bytes that do not grow with the batch: the loss's logits chunk (float32 logits,
     softmax and gradient over 1024 positions), the head-granularity contraction block, slack."""
     vocab = getattr(adapter.config, "vocab_size", 50257)
-    return 1024 * vocab * 16 + (block_bytes(device) if graph.granularity == "head" else 0) + 2 ** 30
+    return 1024 * vocab * 16 + (head_block_bytes(device) if graph.granularity == "head" else 0) + 2 ** 30
 
 
-def block_bytes(device) -> int:
+def head_block_bytes(device) -> int:
     """Memory for one block of sources and destinations at head granularity."""
     return 4 * 2 ** 30 if torch.device(device).type == "cuda" else 2 ** 28
 
@@ -437,10 +439,11 @@ def layers_to_keep(adapter: Adapter, graph: Graph, B: int, T: int, opts: EngineO
     room to recompute one more layer (on CPU: up to 2 GiB of them). Call after allocating the sources."""
     if opts.keep_graph_layers is not None:
         return min(opts.keep_graph_layers, adapter.n_layers)
-    mem = memory_per_token(adapter, graph, torch.finfo(dtype).bits // 8)
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    mem = memory_per_token(adapter, graph, dtype_bytes)
     per_layer = mem["graph"] * B * T
     if torch.device(device).type == "cuda":
-        resid = (adapter.n_layers + 1) * adapter.d_model * (torch.finfo(dtype).bits // 8) * B * T
+        resid = (adapter.n_layers + 1) * adapter.d_model * dtype_bytes * B * T
         budget = 0.9 * (free_cuda_bytes(device) - resid - mem["working"] * B * T
                         - fixed_bytes(adapter, graph, device)) - per_layer
     else:
