@@ -586,10 +586,18 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
             on_batch(idx, s, l_)
         bar.update(len(idx))
     bar.close()
-    manifest = {"model": model.name, "sample_ids": [s.idx for s in samples], "cut_len": cut_len,
-                "settings": asdict(settings), "scoring_version": SCORING_VERSION, "versions": library_versions(),
-                "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
+    manifest = result_manifest(model.name, samples, cut_len, settings,
+                               dtype=str(model.dtype).replace("torch.", ""), device=str(model.device))
     return AttributionResult(scores, loss, graph, manifest)
+
+
+def result_manifest(model_name: str, samples: Sequence[Sample], cut_len: int, settings: AttributionSettings,
+                    **extra) -> dict:
+    """manifest.json of an attribution result (format in the README): the model, the sample ids in
+    score order, T_cut, the settings, the scoring and library versions, then `extra`."""
+    return {"model": model_name, "sample_ids": [s.idx for s in samples], "cut_len": cut_len,
+            "settings": asdict(settings), "scoring_version": SCORING_VERSION, "versions": library_versions(),
+            **extra}
 
 
 def default_batch_tokens(model: LoadedModel, graph: Graph) -> int:

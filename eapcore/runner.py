@@ -580,7 +580,7 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
     import torch
     from safetensors.torch import load_file
 
-    from eapcore.attribution import AttributionResult, library_versions
+    from eapcore.attribution import AttributionResult, result_manifest
     from eapcore.graph import Graph
 
     entries = [cache.get("scores", k) for k in keys]
@@ -593,9 +593,8 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
         raise RunError(f"cached scores of {model_spec.name_or_path} disagree on the graph shape ({graphs}); "
                        "remove them with `python -m eapcore cache rm KEY` and run again")
     tensors = [load_file(str(e.file("scores.safetensors"))) for e in entries]
-    manifest = {"model": model_spec.name_or_path, "sample_ids": [s.idx for s in samples], "cut_len": cut_len,
-                "settings": to_dict(att), "scoring_version": SCORING_VERSION, "versions": library_versions(),
-                "dtype": att.dtype, "score_keys": keys, "max_batch_tokens": batch_tokens}
+    manifest = result_manifest(model_spec.name_or_path, samples, cut_len, att, dtype=att.dtype, score_keys=keys,
+                               max_batch_tokens=batch_tokens)
     return AttributionResult(torch.stack([t["scores"] for t in tensors]), torch.cat([t["loss"] for t in tensors]),
                              Graph(**json.loads(graphs.pop())), manifest)
 
