@@ -128,6 +128,15 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_json_or_none(path: Path) -> Any:
+    """The decoded JSON file, or None if it is missing or not valid JSON (for status and result
+    files that another process may be writing or may not have written yet)."""
+    try:
+        return _read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from eapcore import analysis, metrics
+from eapcore.cache import read_json_or_none
 from eapcore.graph import Graph
 from eapcore.specs import GROUP_LABELS, GROUPS, MetricSettings, RunSpec, from_dict
 
@@ -41,13 +42,6 @@ def cache_root(root: str | os.PathLike | None = None) -> Path:
 
 
 # ---- listing runs --------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -138,10 +132,10 @@ def _signature(path: Path) -> tuple:
 
 
 def read_run(path: Path) -> RunInfo | None:
-    spec = _read_json(path / "spec.json")
+    spec = read_json_or_none(path / "spec.json")
     if not isinstance(spec, dict):
         return None
-    status = _read_json(path / "status.json")
+    status = read_json_or_none(path / "status.json")
     return RunInfo(str(spec.get("key") or path.name), path, spec.get("spec") or {},
                    status if isinstance(status, dict) else {"stage": "unknown"}, _signature(path))
 
@@ -294,8 +288,8 @@ def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunD
     metrics.check_paired(base, tuned)
     for sf in (base, tuned):
         sf.scores.setflags(write=False)
-    data = RunData(info, base, tuned, _read_json(info.path / "selection.json") or {},
-                   _read_json(info.path / "metrics.json") or {},
+    data = RunData(info, base, tuned, read_json_or_none(info.path / "selection.json") or {},
+                   read_json_or_none(info.path / "metrics.json") or {},
                    {w: _read_answers(info.path / f"answers_{w}.jsonl") for w in ("base", "tuned")},
                    {w: _read_loss(info.path / w / "scores.safetensors") for w in ("base", "tuned")})
     with _LOCK:
@@ -514,7 +508,7 @@ def summary_rows(runs: Iterable[RunInfo]) -> pd.DataFrame:
     for r in runs:
         if not r.finished:
             continue
-        result = _read_json(r.path / "metrics.json") or {}
+        result = read_json_or_none(r.path / "metrics.json") or {}
         rows += metrics.long_rows(result, pair=r.pair, dataset=r.dataset, alpha=r.alpha, group=r.group,
                                   granularity=r.granularity, N=r.n_requested, key=r.key, updated=r.updated)
     cols = ["pair", "dataset", "alpha", "group", "granularity", "N", "key", "updated", "metric", "base", "tuned",

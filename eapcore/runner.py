@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from eapcore import registry
-from eapcore.cache import MANIFEST, Cache, CacheError, replace_dir, sha256_file, write_bytes_atomic, write_json_atomic
+from eapcore.cache import (MANIFEST, Cache, CacheError, read_json_or_none, replace_dir, sha256_file, write_bytes_atomic,
+                           write_json_atomic)
 from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
                            ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key, to_dict)
 
@@ -342,13 +343,6 @@ class Reporter:
             self.callback(dict(self.status))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -367,7 +361,7 @@ def status(key: str, cache: Cache | None = None) -> dict[str, Any]:
     cancel was asked); running it again resumes from its finished samples."""
     cache = cache or Cache()
     folder = cache.run_dir(key)
-    st = _read_json(folder / "status.json")
+    st = read_json_or_none(folder / "status.json")
     if not isinstance(st, dict):
         return {}
     proc = _WORKERS.get(key)
@@ -528,7 +522,7 @@ def _select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path], re
 def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int) -> int:
     """max_batch_tokens of this run: recorded in plan.json at the first attempt and reused on
     resume, so resumed batches equal the uninterrupted ones (bit-exact scores)."""
-    plan = _read_json(folder / "plan.json")
+    plan = read_json_or_none(folder / "plan.json")
     if isinstance(plan, dict) and plan.get("job") == job:
         return int(plan["max_batch_tokens"])
     memory = predict_memory(spec, sample_tokens=sample_tokens)
@@ -647,7 +641,7 @@ def _metrics(folder: Path, rep: Reporter) -> None:
 
 
 def _is_done(cache: Cache, key: str, selection: str) -> bool:
-    st = _read_json(cache.run_dir(key) / "status.json")
+    st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
     problems = cache.verify_run(key)
@@ -681,7 +675,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         keys = stage_keys(spec)
         if _is_done(cache, key, keys["selection"]):
             return folder
-        previous = _read_json(folder / "status.json")
+        previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
             (folder / "cancel").unlink(missing_ok=True)  # a stale request; a queued run's one stands
         (folder / MANIFEST).unlink(missing_ok=True)
@@ -822,7 +816,7 @@ def _on_sigterm(folder: Path):
 
 
 def _print_metrics(folder: Path) -> None:
-    m = _read_json(folder / "metrics.json") or {}
+    m = read_json_or_none(folder / "metrics.json") or {}
     for name in ("activation_intensity", "information_complexity", "kurtosis"):
         if isinstance(m.get(name), dict):
             r = m[name]
