@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eapcore.attribution import (EngineOptions, _layer, attribute_batch, default_batch_tokens,  # noqa: E402
+from eapcore.engine.attribution import (EngineOptions, _layer, attribute_batch, default_batch_tokens,  # noqa: E402
                                  graph_of, make_batch, memory_per_token)
 from eapcore.harness import Sample  # noqa: E402
-from eapcore.models import LoadedModel, make_adapter  # noqa: E402
+from eapcore.engine.models import LoadedModel, make_adapter  # noqa: E402
 
 SHAPES = {  # the paper's pairs (METHOD.md) and the numbers
     "qwen2-7b": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -204,7 +204,7 @@ def main() -> int:
             rows.append(generation_rate(model))
             print(json.dumps(rows[-1]), flush=True)
         if args.baseline_lengths:
-            from eapcore.models import to_hooked_transformer
+            from eapcore.engine.models import to_hooked_transformer
 
             graph = graph_of(model.adapter, "layer")
             tl = to_hooked_transformer(model, use_split_qkv_input=True, use_hook_mlp_in=True,

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_attribution as bench  # noqa: E402
 
-from eapcore.attribution import EngineOptions, attribute_batch, default_batch_tokens, graph_of, make_batch  # noqa: E402
+from eapcore.engine.attribution import EngineOptions, attribute_batch, default_batch_tokens, graph_of, make_batch  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--shape", default="qwen2-7b")

@@ -9,16 +9,16 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "attribute": ("eapcore.attribution:command", "EAP scores of one model on a samples file"),
-    "select": ("eapcore.selection:command", "pick and truncate samples of a base/tuned pair"),
-    "generate": ("eapcore.generation:command", "greedy answers of one model to a dataset"),
-    "grade": ("eapcore.grading:command", "grade an answers file and report accuracy"),
-    "metrics": ("eapcore.metrics:command", "the paper's three metrics of base vs tuned scores"),
-    "run": ("eapcore.runner:command_run", "one full run spec, cached"),
-    "sweep": ("eapcore.runner:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
-    "cache": ("eapcore.cache:command", "list, measure and remove cache entries"),
-    "export": ("eapcore.runner:command_export", "bundle cached runs into one file"),
-    "import": ("eapcore.runner:command_import", "load a bundle into the cache"),
+    "attribute": ("eapcore.engine.attribution:command", "EAP scores of one model on a samples file"),
+    "select": ("eapcore.answers.selection:command", "pick and truncate samples of a base/tuned pair"),
+    "generate": ("eapcore.answers.generation:command", "greedy answers of one model to a dataset"),
+    "grade": ("eapcore.answers.grading:command", "grade an answers file and report accuracy"),
+    "metrics": ("eapcore.stats.metrics:command", "the paper's three metrics of base vs tuned scores"),
+    "run": ("eapcore.runs.runner:command_run", "one full run spec, cached"),
+    "sweep": ("eapcore.runs.runner:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
+    "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
+    "export": ("eapcore.runs.runner:command_export", "bundle cached runs into one file"),
+    "import": ("eapcore.runs.runner:command_import", "load a bundle into the cache"),
     "lab": ("eapcore.lab:command", "train the demo pairs (SFT -> GRPO / DPO)"),
 }
 

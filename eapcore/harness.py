@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from eapcore.cache import write_bytes_atomic
+from eapcore.runs.cache import write_bytes_atomic
 
 OPTIONAL_FIELDS = ("question", "gt", "pred", "score", "code")
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import streamlit as st
 
-from eapcore import figures, query
+from eapcore.views import figures, query
 
 PAGES = {
     "home": "pages/home.py", "run": "pages/run.py", "heatmaps": "pages/heatmaps.py",

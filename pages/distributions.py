@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from eapcore import figures, query
+from eapcore.views import figures, query
 from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
 
 page_header("Distributions: base vs tuned, question by question",

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from eapcore import figures, query
+from eapcore.views import figures, query
 from pages.common import (PAGES, finished_runs, load, no_runs_message, page_header, run_picker,
                           show_figure, show_table, url_select)
 

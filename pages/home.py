@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from eapcore import query
+from eapcore.views import query
 from pages.common import PAGES, all_runs, page_header, show_table
 
 page_header("RL circuit diff: how RL fine-tuning rewires a language model",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from eapcore import query
+from eapcore.views import query
 from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec,
                            RunSpec, SelectionSettings, spec_key)
 from pages.common import PAGES, all_runs, page_header, show_table, url_select
@@ -15,7 +15,7 @@ page_header("Run an attribution",
             "changing α reuses the answers. The run works in a separate process; this page only watches it.")
 
 try:
-    from eapcore import registry, runner
+    from eapcore.runs import registry, runner
 except ImportError as err:  # the pages still work on cached runs without them
     registry = runner = None
     st.warning(f"The runner is not available in this installation ({err}); cached runs can still be browsed.")

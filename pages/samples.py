@@ -4,7 +4,7 @@ import html
 import pandas as pd
 import streamlit as st
 
-from eapcore import figures, query
+from eapcore.views import figures, query
 from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
 
 page_header("Samples: one question at a time",

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from eapcore import figures, query
+from eapcore.views import figures, query
 from pages.common import (finished_runs, no_runs_message, page_header, show_figure, show_table, url_select)
 
 page_header("Summary across pairs, datasets and α",

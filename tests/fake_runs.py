@@ -101,9 +101,9 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
     import torch  # noqa: F401  (Graph's mask is a torch tensor)
     from safetensors.numpy import save_file
 
-    from eapcore.analysis import paired_comparison
+    from eapcore.stats.analysis import paired_comparison
     from eapcore.graph import Graph
-    from eapcore.metrics import _jsonable, real_edge_scores
+    from eapcore.stats.metrics import _jsonable, real_edge_scores
 
     root = Path(root)
     models_dir = models_dir or root / "models"

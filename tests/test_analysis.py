@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from eapcore import analysis as A
-from eapcore import metrics as M
+from eapcore.stats import analysis as A
+from eapcore.stats import metrics as M
 from eapcore.specs import MetricSettings
 from test_metrics import OPTIONS, make_graph, make_mask, random_scores, ref_metrics, ref_shannon
 

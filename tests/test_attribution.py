@@ -9,11 +9,11 @@ import torch
 from scipy.stats import spearmanr
 
 import eap_reference as R
-from eapcore.attribution import (IGNORE, AttributionError, AttributionResult, EngineOptions, attribute,
+from eapcore.engine.attribution import (IGNORE, AttributionError, AttributionResult, EngineOptions, attribute,
                                  attribute_batch, graph_of, make_batch, metric_loss)
 from eapcore.graph import Graph
 from eapcore.harness import Sample, write_samples
-from eapcore.models import Adapter, ModelLoadError, load_model, to_hooked_transformer
+from eapcore.engine.models import Adapter, ModelLoadError, load_model, to_hooked_transformer
 from eapcore.specs import AttributionSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_memory_model_matches_the_tensors_a_kept_layer_holds(models, granularity
     """memory_per_token's graph term (which sizes batches and decides recomputation) against the
     tensors autograd saves for one layer plus those the engine holds, counted by storage (weights,
     the shared rotary tables and the layer's input, which is stored anyway, excluded)."""
-    from eapcore.attribution import _layer, memory_per_token
+    from eapcore.engine.attribution import _layer, memory_per_token
 
     for arch in ("llama", "mistral", "qwen2"):
         m = models[arch]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eapcore.cache import Cache, CacheError, export_bundle, import_bundle
+from eapcore.runs.cache import Cache, CacheError, export_bundle, import_bundle
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_get_or_compute_computes_once(cache):
 WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from eapcore.cache import Cache
+    from eapcore.runs.cache import Cache
 
     cache, counter = Cache(sys.argv[1]), Path(sys.argv[2])
     def write(folder):
@@ -115,7 +115,7 @@ def test_two_processes_compute_an_entry_once(cache, tmp_path):
 
 
 def test_lock_is_released_when_its_holder_is_killed(cache):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eapcore.cache import Cache; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eapcore.runs.cache import Cache; "
                                "l = Cache(sys.argv[1]).lock('run-x'); l.acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(cache.root)],
                               env={**os.environ, "PYTHONPATH": str(PROJECT)}, stdout=subprocess.PIPE)
@@ -209,7 +209,7 @@ def test_import_refuses_unsafe_or_damaged_bundles(cache, tmp_path, attack):
 
 
 def test_listing_size_remove_clear_and_cli(cache, monkeypatch, capsys):
-    from eapcore.cache import command
+    from eapcore.runs.cache import command
 
     make_run(cache)
     rows = cache.list_entries()

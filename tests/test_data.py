@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eapcore.data import (BUILTIN_SOURCES, TEMPLATES, encode_prompt, format_prompt, load_problems,
+from eapcore.answers.data import (BUILTIN_SOURCES, TEMPLATES, encode_prompt, format_prompt, load_problems,
                           read_problems_file, resolve_template, to_problem)
 from eapcore.specs import DatasetSpec
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eapcore import metrics, runner
-from eapcore.cache import Cache, import_bundle
+from eapcore.stats import metrics
+from eapcore.runs import runner
+from eapcore.runs.cache import Cache, import_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "demo" / "runs.zip"

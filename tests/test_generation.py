@@ -6,8 +6,8 @@ import json
 import pytest
 
 from eapcore import cli
-from eapcore.data import encode_prompt, format_prompt, read_problems_file
-from eapcore.generation import (TransformersBackend, cut_at_eos, generate_answers, import_answers,
+from eapcore.answers.data import encode_prompt, format_prompt, read_problems_file
+from eapcore.answers.generation import (TransformersBackend, cut_at_eos, generate_answers, import_answers,
                                 load_causal_lm, load_tokenizer)
 from eapcore.harness import read_samples
 from eapcore.specs import ModelSpec

@@ -6,9 +6,9 @@ Skipped without a CUDA device (CI has none); run on the GPU machine:
 import pytest
 import torch
 
-from eapcore.attribution import attribute_batch, graph_of, make_batch
+from eapcore.engine.attribution import attribute_batch, graph_of, make_batch
 from eapcore.harness import Sample
-from eapcore.models import LoadedModel, make_adapter
+from eapcore.engine.models import LoadedModel, make_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,7 +75,7 @@ def test_adapter_forward_equals_model_in_bf16_on_cuda(arch):
 def test_memory_model_matches_what_a_kept_layer_takes(granularity):
     """attribution.memory_per_token's graph term (which sizes batches and decides which layers are
     recomputed) within -20% / +10% of the memory one layer's kept autograd state really takes."""
-    from eapcore.attribution import _layer, memory_per_token
+    from eapcore.engine.attribution import _layer, memory_per_token
 
     m = small_model("qwen2", torch.bfloat16, "cuda")
     B, T = 2, 2048
@@ -96,7 +96,7 @@ def test_memory_model_matches_what_a_kept_layer_takes(granularity):
 def test_contraction_on_cuda_equals_float64(U, V):
     """Both contraction paths (few destinations; many, in pieces of sources) on strided
     source-major views, against float64 on the same bf16 values."""
-    from eapcore.attribution import contract
+    from eapcore.engine.attribution import contract
 
     g = torch.Generator(device="cuda").manual_seed(0)
     store = torch.randn(U + 3, 2, 40, 64, device="cuda", generator=g).bfloat16()

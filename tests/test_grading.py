@@ -18,8 +18,8 @@ import pytest
 import sympy
 
 from eapcore import cli
-from eapcore.data import read_problems_file
-from eapcore.grading import (accuracy, extract_answer, grade_pairs, groups, gsm8k_reference,
+from eapcore.answers.data import read_problems_file
+from eapcore.answers.grading import (accuracy, extract_answer, grade_pairs, groups, gsm8k_reference,
                              is_equivalent, last_boxed, parse_answer, scores_of)
 from eapcore.harness import Sample, read_samples
 

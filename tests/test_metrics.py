@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from eapcore import metrics as M
+from eapcore.stats import metrics as M
 from eapcore.specs import MetricSettings
 
 OPTIONS = [

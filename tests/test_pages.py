@@ -124,7 +124,7 @@ def test_samples_page(monkeypatch, cache):
     html = " ".join(m.value for m in at.markdown)
     assert "T_cut=" in html and "Tom starts with" in html  # decoded with the local tokenizer
     first = _titles(at)
-    from eapcore import query
+    from eapcore.views import query
 
     run = query.get_run(at.query_params["run"][0] if isinstance(at.query_params["run"], list)
                         else at.query_params["run"], cache_dir(at))
@@ -149,7 +149,7 @@ def run_lab(checkpoints, tmp_path, monkeypatch):
     """A temp cache and registry holding a tiny Llama pair (seeds 0 and 1, as in test_runner.py)
     and a tiny GSM8K-style dataset; the worker inherits this environment."""
     from conftest import make_checkpoint
-    from eapcore import registry, runner
+    from eapcore.runs import registry, runner
     from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
 
     monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
@@ -192,7 +192,7 @@ def _wait_status(key, condition, timeout: float, what: str) -> dict:
     import os
     import time
 
-    from eapcore import runner
+    from eapcore.runs import runner
 
     end = time.time() + timeout
     while time.time() < end:
@@ -227,8 +227,8 @@ def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
 
 
 def test_run_page_cancel_stops_the_worker_and_keeps_samples(monkeypatch, run_lab):
-    from eapcore import runner
-    from eapcore.cache import Cache
+    from eapcore.runs import runner
+    from eapcore.runs.cache import Cache
 
     monkeypatch.setenv(runner.SLEEP_ENV, "3")  # slow attribution; the worker inherits os.environ
     at, key = _start_run_from_page(monkeypatch, run_lab)

@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_runs import make_small_cache  # noqa: E402
 
-from eapcore import analysis, figures, metrics, query  # noqa: E402
+from eapcore.stats import analysis, metrics  # noqa: E402
+from eapcore.views import figures, query
 
 
 @pytest.fixture(scope="module")

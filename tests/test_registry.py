@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from eapcore import registry
-from eapcore.registry import RegistryError
+from eapcore.runs import registry
+from eapcore.runs.registry import RegistryError
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
 
 METHOD_TABLE = {  # pair: (base, tuned, algorithm, template, max new tokens, architecture)
@@ -43,7 +43,7 @@ def test_builtin_pairs_and_datasets():
     from eapcore.lab.run import MAX_NEW_TOKENS
 
     assert grpo.template == dpo.template == TEMPLATE_NAME and grpo.max_new_tokens == MAX_NEW_TOKENS
-    from eapcore.data import BUILTIN_SOURCES, resolve_template
+    from eapcore.answers.data import BUILTIN_SOURCES, resolve_template
 
     for p in pairs.values():
         resolve_template(p.template)  # every template is known to eapcore.data

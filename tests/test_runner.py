@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_checkpoint
-from eapcore import registry, runner
-from eapcore.cache import Cache
+from eapcore.runs import registry, runner
+from eapcore.runs.cache import Cache
 from eapcore.specs import (AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec, RunSpec,
                            SelectionSettings, from_dict, spec_key, to_dict)
 
@@ -69,8 +69,8 @@ def spec(lab, tmp_path, monkeypatch) -> RunSpec:
 @pytest.fixture
 def counters(monkeypatch) -> Counter:
     """Counts calls of the expensive stage functions (generation batches, attribution batches)."""
-    import eapcore.attribution
-    import eapcore.generation
+    import eapcore.engine.attribution
+    import eapcore.answers.generation
 
     calls: Counter = Counter()
 
@@ -80,8 +80,8 @@ def counters(monkeypatch) -> Counter:
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(eapcore.generation, "generate_answers", counted("generate", eapcore.generation.generate_answers))
-    monkeypatch.setattr(eapcore.attribution, "attribute", counted("attribute", eapcore.attribution.attribute))
+    monkeypatch.setattr(eapcore.answers.generation, "generate_answers", counted("generate", eapcore.answers.generation.generate_answers))
+    monkeypatch.setattr(eapcore.engine.attribution, "attribute", counted("attribute", eapcore.engine.attribution.attribute))
     return calls
 
 

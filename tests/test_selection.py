@@ -8,7 +8,7 @@ import pytest
 
 from eapcore import cli
 from eapcore.harness import Sample, read_samples, write_jsonl
-from eapcore.selection import Lengths, failed_rules, group_lengths, select
+from eapcore.answers.selection import Lengths, failed_rules, group_lengths, select
 from eapcore.specs import SelectionSettings
 
 # idx: (prompt_base, prompt_tuned, answer_base, answer_tuned, base_right, tuned_right)

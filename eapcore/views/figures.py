@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from eapcore.metrics import METRIC_LABELS, METRIC_UNITS
+from eapcore.stats.metrics import METRIC_LABELS, METRIC_UNITS
 from eapcore.specs import GROUP_LABELS
 
 MODEL_COLORS = {"base": "#4C78A8", "tuned": "#F58518"}

@@ -23,10 +23,10 @@ from typing import Any
 
 from filelock import FileLock
 
-from eapcore.cache import write_json_atomic
+from eapcore.runs.cache import write_json_atomic
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RegistryError(ValueError):
@@ -194,7 +194,7 @@ def check_model(model: ModelSpec, what: str) -> str | None:
         raise RegistryError(f"{what} model is empty: give a hub id (org/name) or a checkpoint folder")
     if not looks_local(model.name_or_path):
         return None
-    from eapcore.models import ModelLoadError, check_architecture, load_config
+    from eapcore.engine.models import ModelLoadError, check_architecture, load_config
 
     try:
         return check_architecture(load_config(resolve_path(model.name_or_path), trust_remote_code=False))
@@ -204,7 +204,7 @@ def check_model(model: ModelSpec, what: str) -> str | None:
 
 def validate_pair(pair: PairSpec) -> PairSpec:
     """The pair with its architecture filled in from local configs; RegistryError if invalid."""
-    from eapcore.data import resolve_template
+    from eapcore.answers.data import resolve_template
 
     _check_name(pair.name, "pair")
     try:
@@ -224,7 +224,7 @@ def validate_pair(pair: PairSpec) -> PairSpec:
 
 def validate_dataset(ds: DatasetSpec) -> DatasetSpec:
     """A user dataset is a local .jsonl/.csv file that yields problems; RegistryError if not."""
-    from eapcore.data import read_problems_file
+    from eapcore.answers.data import read_problems_file
 
     _check_name(ds.name, "dataset")
     if not ds.source:

@@ -23,12 +23,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from eapcore import analysis, metrics
-from eapcore.cache import read_json_or_none
+from eapcore.stats import analysis, metrics
+from eapcore.runs.cache import read_json_or_none
 from eapcore.graph import Graph
 from eapcore.specs import GROUP_LABELS, GROUPS, MetricSettings, RunSpec, from_dict
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 METRICS = metrics.METRICS
 METRIC_LABELS, METRIC_UNITS = metrics.METRIC_LABELS, metrics.METRIC_UNITS
 _RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
@@ -174,7 +174,7 @@ def registered(kind: str) -> list[Any]:
     """Registered pairs (kind="pairs") or datasets ("datasets") from eapcore.registry, [] if the
     registry is not available. Items are PairSpec / DatasetSpec (or whatever the registry returns)."""
     try:
-        from eapcore import registry
+        from eapcore.runs import registry
     except ImportError:
         return []
     for name in (kind, f"list_{kind}", f"all_{kind}", kind.upper()):
@@ -535,7 +535,7 @@ def table1(rows: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame,
 
 
 def _scores_of(answers: dict) -> dict:
-    from eapcore.grading import score_fields
+    from eapcore.answers.grading import score_fields
 
     out = {}
     for idx, row in answers.items():
@@ -548,7 +548,7 @@ def _scores_of(answers: dict) -> dict:
 def accuracy_table(runs: Iterable[RunInfo]) -> pd.DataFrame:
     """Per pair and dataset (answers of its latest run): graded questions, base and tuned accuracy
     (%), gain (percentage points) and the size of each answer group."""
-    from eapcore.grading import accuracy, groups
+    from eapcore.answers.grading import accuracy, groups
 
     latest: dict[tuple[str, str], RunInfo] = {}
     for r in sorted(runs, key=lambda r: r.updated):

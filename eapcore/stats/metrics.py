@@ -299,7 +299,7 @@ def metrics_result(base: ScoreFile, tuned: ScoreFile, settings: MetricSettings =
     Checks pairing (`check_paired`), then one object per metric as `analysis.paired_comparison`
     returns it, plus provenance; NaN becomes None.
     """
-    from eapcore.analysis import paired_comparison  # analysis builds on metrics
+    from eapcore.stats.analysis import paired_comparison  # analysis builds on metrics
 
     check_paired(base, tuned)
     result = paired_comparison(real_edge_scores(base.scores, base.mask),

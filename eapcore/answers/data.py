@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eapcore.grading import gsm8k_reference, last_boxed
+from eapcore.answers.grading import gsm8k_reference, last_boxed
 from eapcore.harness import ReadReport, read_jsonl
 from eapcore.specs import DatasetSpec
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eapcore.data import Problem, encode_prompt, format_prompt, load_problems
-from eapcore.grading import accuracy, extract_answer, grade_pairs, scores_of
+from eapcore.answers.data import Problem, encode_prompt, format_prompt, load_problems
+from eapcore.answers.grading import accuracy, extract_answer, grade_pairs, scores_of
 from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
 from eapcore.specs import DatasetSpec, GenerationSettings, ModelSpec
 

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 from scipy.special import xlogy
 
-from eapcore.metrics import (METRICS, compute_metrics, per_sample_metrics, relative_change,
+from eapcore.stats.metrics import (METRICS, compute_metrics, per_sample_metrics, relative_change,
                              resampled_metrics)
 from eapcore.graph import parse_node as _graph_node
 from eapcore.specs import MetricSettings

@@ -44,7 +44,7 @@ import torch
 
 from eapcore.graph import Graph
 from eapcore.harness import Sample
-from eapcore.models import Adapter, LoadedModel
+from eapcore.engine.models import Adapter, LoadedModel
 from eapcore.specs import SCORING_VERSION, AttributionSettings
 
 IGNORE = -100
@@ -633,7 +633,7 @@ def library_versions() -> dict[str, str]:
 
 def command(argv: list[str]) -> int:
     from eapcore.harness import read_samples
-    from eapcore.models import ModelLoadError, load_model
+    from eapcore.engine.models import ModelLoadError, load_model
 
     p = argparse.ArgumentParser(prog="python -m eapcore attribute", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="hub id or local checkpoint folder")

@@ -47,8 +47,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from eapcore import registry
-from eapcore.cache import (MANIFEST, Cache, CacheError, read_json_or_none, replace_dir, sha256_file, write_bytes_atomic,
+from eapcore.runs import registry
+from eapcore.runs.cache import (MANIFEST, Cache, CacheError, read_json_or_none, replace_dir, sha256_file, write_bytes_atomic,
                            write_json_atomic)
 from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
                            ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key, to_dict)
@@ -132,7 +132,7 @@ def grading_identity() -> dict[str, Any]:
     """The grading code (eapcore/grading.py source) and math-verify version: grades depend on them."""
     import importlib.metadata as md
 
-    from eapcore import grading
+    from eapcore.answers import grading
 
     try:
         mv = md.version("math-verify")
@@ -208,7 +208,7 @@ def _param_count(name_or_path: str, revision: str | None, trust_remote_code: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from eapcore.models import check_architecture, load_config
+    from eapcore.engine.models import check_architecture, load_config
 
     config = load_config(name_or_path, revision, trust_remote_code)
     check_architecture(config)
@@ -248,9 +248,9 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     a message."""
     from types import SimpleNamespace
 
-    from eapcore.attribution import fit_batch_tokens, fixed_bytes, memory_per_token
+    from eapcore.engine.attribution import fit_batch_tokens, fixed_bytes, memory_per_token
     from eapcore.graph import Graph
-    from eapcore.models import resolve_device
+    from eapcore.engine.models import resolve_device
 
     att = spec.attribution
     device = resolve_device(att.device)
@@ -442,8 +442,8 @@ def _count_lines(path: Path) -> int:
 
 def _generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[str, Path]:
     """Generation entries of base and tuned (answers.jsonl); resumable through work files."""
-    from eapcore.data import load_problems
-    from eapcore.generation import generate_answers, make_backend
+    from eapcore.answers.data import load_problems
+    from eapcore.answers.generation import generate_answers, make_backend
 
     models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
     todo = {w: keys["generations"][w] for w in models if cache.get("generations", keys["generations"][w]) is None}
@@ -476,7 +476,7 @@ def _generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[st
 
 def _grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporter) -> dict[str, Path]:
     """Grade entries: the answers regraded with the current grading code."""
-    from eapcore.grading import accuracy, regrade, scores_of
+    from eapcore.answers.grading import accuracy, regrade, scores_of
     from eapcore.harness import read_samples, write_samples
 
     rep.stage("grade", total=2)
@@ -495,7 +495,7 @@ def _grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporter) ->
 
 def _select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path], rep: Reporter) -> Path:
     from eapcore.harness import read_samples
-    from eapcore.selection import group_lengths, select, write_selection
+    from eapcore.answers.selection import group_lengths, select, write_selection
 
     rep.stage("select", total=1)
 
@@ -540,8 +540,8 @@ def _score_missing(cache: Cache, model_spec: ModelSpec, samples: list, keys: lis
     if any of its samples lacks an entry; on_batch(n new entries) follows each batch."""
     from safetensors.torch import save_file
 
-    from eapcore.attribution import attribute, pack_batches
-    from eapcore.models import load_model
+    from eapcore.engine.attribution import attribute, pack_batches
+    from eapcore.engine.models import load_model
 
     present = [cache.get("scores", k) is not None for k in keys]
     batches = [b for b in pack_batches(lengths, batch_tokens) if not all(present[i] for i in b)]
@@ -574,7 +574,7 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
     import torch
     from safetensors.torch import load_file
 
-    from eapcore.attribution import AttributionResult, result_manifest
+    from eapcore.engine.attribution import AttributionResult, result_manifest
     from eapcore.graph import Graph
 
     entries = [cache.get("scores", k) for k in keys]
@@ -596,7 +596,7 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
 def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: Reporter) -> list[tuple[str, str]]:
     """Score entries of every selected sample of both models, then base/ and tuned/ in the run
     folder. Returns the (kind, key) entries used."""
-    from eapcore.attribution import sample_tokens
+    from eapcore.engine.attribution import sample_tokens
     from eapcore.harness import read_samples
 
     att = spec.attribution
@@ -629,7 +629,7 @@ def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: 
 
 
 def _metrics(folder: Path, rep: Reporter) -> None:
-    from eapcore import metrics
+    from eapcore.stats import metrics
 
     rep.stage("metrics", total=1)
     try:
@@ -945,7 +945,7 @@ def _run_keys(cache: Cache, wanted: Sequence[str]) -> list[str]:
 
 def command_export(argv: list[str]) -> int:
     """`python -m eapcore export [KEY ...] [--all] [--preset/--pairs/--datasets/--alphas] --out FILE.zip`."""
-    from eapcore.cache import export_bundle
+    from eapcore.runs.cache import export_bundle
 
     p = argparse.ArgumentParser(prog="python -m eapcore export",
                                 description="Bundle finished runs and the cache entries they use into one zip.")
@@ -975,7 +975,7 @@ def command_export(argv: list[str]) -> int:
 
 def command_import(argv: list[str]) -> int:
     """`python -m eapcore import FILE.zip [--overwrite]`."""
-    from eapcore.cache import import_bundle
+    from eapcore.runs.cache import import_bundle
 
     p = argparse.ArgumentParser(prog="python -m eapcore import",
                                 description="Check a bundle's checksums and install its runs and entries in the cache.")

@@ -39,7 +39,7 @@ from filelock import FileLock, Timeout
 
 log = logging.getLogger("eapcore.cache")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KINDS: tuple[str, ...] = ("generations", "grades", "selections", "scores")
 RESERVED = ("runs", "work", "locks")
 MANIFEST = "manifest.json"

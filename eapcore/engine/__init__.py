@@ -1,0 +1,7 @@
+"""The attribution engine: model loading and architecture adapters (`models`), the EAP
+forward/backward loop and its memory model (`attribution`).
+
+Owns tensors and checkpoints only; knows nothing of caches, run specs or pages.
+May import: the shared top-level modules (`eapcore.specs`, `eapcore.graph`, `eapcore.harness`,
+`eapcore.files`). Never `eapcore.answers`, `eapcore.stats`, `eapcore.runs`, `eapcore.views`.
+"""
