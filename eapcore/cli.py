@@ -14,11 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("eapcore.answers.generation:command", "greedy answers of one model to a dataset"),
     "grade": ("eapcore.answers.grading:command", "grade an answers file and report accuracy"),
     "metrics": ("eapcore.stats.metrics:command", "the paper's three metrics of base vs tuned scores"),
-    "run": ("eapcore.runs.runner:command_run", "one full run spec, cached"),
-    "sweep": ("eapcore.runs.runner:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
+    "run": ("eapcore.runs.commands:command_run", "one full run spec, cached"),
+    "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
-    "export": ("eapcore.runs.runner:command_export", "bundle cached runs into one file"),
-    "import": ("eapcore.runs.runner:command_import", "load a bundle into the cache"),
+    "export": ("eapcore.runs.commands:command_export", "bundle cached runs into one file"),
+    "import": ("eapcore.runs.commands:command_import", "load a bundle into the cache"),
     "lab": ("eapcore.lab:command", "train the demo pairs (SFT -> GRPO / DPO)"),
 }
 

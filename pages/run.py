@@ -15,9 +15,9 @@ page_header("Run an attribution",
             "changing α reuses the answers. The run works in a separate process; this page only watches it.")
 
 try:
-    from eapcore.runs import registry, runner
+    from eapcore.runs import memory, registry, workers
 except ImportError as err:  # the pages still work on cached runs without them
-    registry = runner = None
+    memory = registry = workers = None
     st.warning(f"The runner is not available in this installation ({err}); cached runs can still be browsed.")
 
 pairs = {p.name: p for p in query.registered("pairs")}
@@ -134,7 +134,7 @@ with c1:
 @st.cache_data(max_entries=16, ttl=600, show_spinner="Predicting memory from the model configs…")
 def _memory(key: str, _spec: RunSpec) -> dict:
     try:
-        return runner.predict_memory(_spec)
+        return memory.predict_memory(_spec)
     except Exception as err:  # noqa: BLE001  (no config offline, unknown architecture, …)
         return {"error": str(err)}
 
@@ -156,12 +156,12 @@ def _configs_local(spec: RunSpec) -> bool:
 
 
 with c2:
-    if runner is not None and not _configs_local(spec) and not st.session_state.get(f"mem_{key}"):
+    if workers is not None and not _configs_local(spec) and not st.session_state.get(f"mem_{key}"):
         st.caption("The model configs are not on this machine yet: predicting memory fetches them from the hub.")
         if st.button("Predict GPU memory"):
             st.session_state[f"mem_{key}"] = True
             st.rerun()
-    elif runner is not None:
+    elif workers is not None:
         mem = _memory(key, spec)
         if "error" in mem:
             st.warning(f"Memory prediction unavailable: {mem['error']}")
@@ -175,13 +175,13 @@ def _start(spec: RunSpec) -> None:
     """on_click of Start: callbacks run before the script, so a rerun early in the script (the
     first-run navigation rerun in page_header) cannot swallow the click."""
     try:
-        st.session_state["active_run"] = runner.start(spec)
+        st.session_state["active_run"] = workers.start(spec)
         st.query_params["watch"] = st.session_state["active_run"]
     except Exception as err:  # noqa: BLE001
         st.session_state["start_error"] = f"Could not start: {err}"
 
 
-if runner is not None:
+if workers is not None:
     st.button("▶ Start run", type="primary", disabled=bool(existing and existing.finished), on_click=_start,
               args=(spec,))
     if st.session_state.get("start_error"):
@@ -192,12 +192,12 @@ active = st.session_state.get("active_run") or st.query_params.get("watch")
 
 def _cancel(key: str) -> None:
     """on_click of Cancel (a callback, for the same reason as _start)."""
-    st.session_state[f"cancel_requested_{key}"] = runner.cancel(key)
+    st.session_state[f"cancel_requested_{key}"] = workers.cancel(key)
 
 
 @st.fragment(run_every=1.0)
 def progress(key: str) -> None:
-    s = runner.status(key)
+    s = workers.status(key)
     if not s:
         st.caption(f"Run {key}: no status yet.")
         return
@@ -219,7 +219,7 @@ def progress(key: str) -> None:
         st.warning("Cancel requested: the worker keeps finished samples and stops after the current batch.")
 
 
-if active and runner is not None:
+if active and workers is not None:
     st.subheader("Progress")
     progress(active)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eapcore.stats import metrics
-from eapcore.runs import runner
+from eapcore.runs import commands
 from eapcore.runs.cache import Cache, import_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ BUNDLE = ROOT / "demo" / "runs.zip"
 def preset_keys() -> list[str]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert runner.command_sweep(["--preset", "demo", "--dry-run"]) == 0
+        assert commands.command_sweep(["--preset", "demo", "--dry-run"]) == 0
     return [line.split()[0] for line in out.getvalue().splitlines() if line.strip()]
 
 

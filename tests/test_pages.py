@@ -142,19 +142,19 @@ def test_no_runs_yet(monkeypatch, tmp_path):
             assert "No finished runs" in text, page
 
 
-# ---- Run page against a real worker process (runner.start) -----------------------------------------
+# ---- Run page against a real worker process (workers.start) ----------------------------------------
 
 @pytest.fixture
 def run_lab(checkpoints, tmp_path, monkeypatch):
     """A temp cache and registry holding a tiny Llama pair (seeds 0 and 1, as in test_runner.py)
     and a tiny GSM8K-style dataset; the worker inherits this environment."""
     from conftest import make_checkpoint
-    from eapcore.runs import registry, runner
+    from eapcore.runs import registry, stages
     from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
 
     monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker: one torch thread on a busy machine
-    monkeypatch.delenv(runner.SLEEP_ENV, raising=False)
+    monkeypatch.delenv(stages.SLEEP_ENV, raising=False)
     tuned = make_checkpoint(tmp_path / "tuned", "llama", seed=1)
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in
@@ -192,16 +192,16 @@ def _wait_status(key, condition, timeout: float, what: str) -> dict:
     import os
     import time
 
-    from eapcore.runs import runner
+    from eapcore.runs import workers
 
     end = time.time() + timeout
     while time.time() < end:
-        st = runner.status(key)
+        st = workers.status(key)
         if st and condition(st):
             return st
         time.sleep(0.2)
     log = Path(os.environ["EAP_CACHE_DIR"]) / "runs" / key / "worker.log"
-    raise AssertionError(f"timed out waiting for {what}; status {runner.status(key)}; worker.log:\n"
+    raise AssertionError(f"timed out waiting for {what}; status {workers.status(key)}; worker.log:\n"
                          f"{log.read_text()[-3000:] if log.is_file() else '(none)'}")
 
 
@@ -227,10 +227,10 @@ def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
 
 
 def test_run_page_cancel_stops_the_worker_and_keeps_samples(monkeypatch, run_lab):
-    from eapcore.runs import runner
+    from eapcore.runs import stages
     from eapcore.runs.cache import Cache
 
-    monkeypatch.setenv(runner.SLEEP_ENV, "3")  # slow attribution; the worker inherits os.environ
+    monkeypatch.setenv(stages.SLEEP_ENV, "3")  # slow attribution; the worker inherits os.environ
     at, key = _start_run_from_page(monkeypatch, run_lab)
     _wait_status(key, lambda s: s["stage"] == "attribute", 60, "the attribute stage")
     at.run()  # the progress fragment's next tick: Cancel is shown while the worker runs

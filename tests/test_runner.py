@@ -21,7 +21,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_checkpoint
-from eapcore.runs import registry, runner
+from eapcore.runs import keys as run_keys
+from eapcore.runs import memory, registry, runner, stages, workers
+from eapcore.runs.errors import RunError
 from eapcore.runs.cache import Cache
 from eapcore.specs import (AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec, RunSpec,
                            SelectionSettings, from_dict, spec_key, to_dict)
@@ -57,7 +59,7 @@ def spec(lab, tmp_path, monkeypatch) -> RunSpec:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
     monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(runner.SLEEP_ENV, raising=False)
+    monkeypatch.delenv(stages.SLEEP_ENV, raising=False)
     pair = registry.add_pair(PairSpec("tiny", ModelSpec(str(lab.base)), ModelSpec(str(lab.tuned)),
                                       "deepseek-math", 8, "GRPO"))
     ds = registry.add_dataset(DatasetSpec("tiny-set", str(lab.dataset)))
@@ -118,7 +120,7 @@ def test_run_layout_and_second_call_served_from_cache(spec, counters):
                  "metrics.json", "plan.json", "manifest.json", "base/scores.safetensors", "base/graph.json",
                  "base/manifest.json", "tuned/scores.safetensors"):
         assert (folder / name).is_file(), name
-    st = runner.status(spec_key(spec), cache)
+    st = workers.status(spec_key(spec), cache)
     assert st["stage"] == "done" and not st["running"]
     assert json.loads((folder / "spec.json").read_text()) == {"key": spec_key(spec), "spec": to_dict(spec)}
     n = len(json.loads((folder / "selection.json").read_text())["idx"])
@@ -144,19 +146,19 @@ def test_killed_run_resumes_bit_exact(spec, counters, tmp_path, monkeypatch):
     counters.clear()
 
     cache = Cache()
-    monkeypatch.setenv(runner.SLEEP_ENV, "0.4")
-    key = runner.start(spec, cache)
+    monkeypatch.setenv(stages.SLEEP_ENV, "0.4")
+    key = workers.start(spec, cache)
     pid = json.loads((cache.run_dir(key) / "status.json").read_text())["pid"]
     wait_for(lambda: n_score_entries(cache) >= 2, what="two finished samples")
     os.kill(pid, signal.SIGKILL)  # a real kill, mid-attribution
-    wait_for(lambda: not runner.status(key, cache)["running"], what="the killed worker to be gone")
-    st = runner.status(key, cache)
+    wait_for(lambda: not workers.status(key, cache)["running"], what="the killed worker to be gone")
+    st = workers.status(key, cache)
     assert st["stage"] == "error" and "resume" in st["message"]
     finished = n_score_entries(cache)
     total = 2 * len(json.loads((reference / "selection.json").read_text())["idx"])
     assert 2 <= finished < total
 
-    monkeypatch.delenv(runner.SLEEP_ENV)
+    monkeypatch.delenv(stages.SLEEP_ENV)
     folder = runner.run(spec, cache=cache)
     assert counters["generate"] == 0 and counters["attribute"] == total - finished  # only the missing ones
     for part in ("base/scores.safetensors", "tuned/scores.safetensors", "selection.json", "answers_base.jsonl"):
@@ -165,24 +167,24 @@ def test_killed_run_resumes_bit_exact(spec, counters, tmp_path, monkeypatch):
 
 def test_cancel_stops_cleanly_and_keeps_samples(spec, tmp_path, monkeypatch):
     cache = Cache()
-    monkeypatch.setenv(runner.SLEEP_ENV, "0.5")
-    key = runner.start(spec, cache)
-    assert runner.start(spec, cache) == key  # no second worker while one runs
+    monkeypatch.setenv(stages.SLEEP_ENV, "0.5")
+    key = workers.start(spec, cache)
+    assert workers.start(spec, cache) == key  # no second worker while one runs
     wait_for(lambda: n_score_entries(cache) >= 1, what="a finished sample")
-    assert runner.status(key, cache)["stage"] == "attribute"
-    assert runner.cancel(key, cache)
-    wait_for(lambda: runner.status(key, cache)["stage"] == "cancelled" and not runner.status(key, cache)["running"],
+    assert workers.status(key, cache)["stage"] == "attribute"
+    assert workers.cancel(key, cache)
+    wait_for(lambda: workers.status(key, cache)["stage"] == "cancelled" and not workers.status(key, cache)["running"],
              timeout=60, what="cancellation")
     assert n_score_entries(cache) >= 1
     assert cache.verify_run(key)  # not sealed: a cancelled run is not a finished one
-    assert not runner.cancel(key, cache)  # nothing running any more
+    assert not workers.cancel(key, cache)  # nothing running any more
 
 
 def test_corrupted_entries_detected_and_recomputed(spec, counters):
     cache = Cache()
     folder = runner.run(spec, cache=cache)
     good = tree_hashes(folder)
-    keys = runner.stage_keys(spec)
+    keys = run_keys.stage_keys(spec)
     score_file = next((cache.root / "scores").glob("*/scores.safetensors"))
     data = bytearray(score_file.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside a tensor
@@ -285,49 +287,49 @@ def test_keys_change_with_every_setting_and_only_then(spec, monkeypatch):
     assert spec_key(from_dict(RunSpec, json.loads(json.dumps(to_dict(spec))))) == key
     assert spec_key(_replace(spec, ("selection", "alpha"), 0.5)) == key  # same value, new object
     assert spec_key(_replace(spec, ("selection", "alpha"), 1)) == spec_key(_replace(spec, ("selection", "alpha"), 1.0))
-    assert runner.stage_keys(from_dict(RunSpec, to_dict(spec))) == runner.stage_keys(spec)
-    base_keys = runner.stage_keys(spec)
+    assert run_keys.stage_keys(from_dict(RunSpec, to_dict(spec))) == run_keys.stage_keys(spec)
+    base_keys = run_keys.stage_keys(spec)
     leaves = list(_leaves(spec))
     assert len(leaves) >= 30
     for path, hint in leaves:
         changed = _replace(spec, path, _changed(_get(spec, path), hint))
         assert spec_key(changed) != key, path
-        stages = runner.stage_keys(changed)
-        gen_changed = stages["generations"] != base_keys["generations"]
+        changed_keys = run_keys.stage_keys(changed)
+        gen_changed = changed_keys["generations"] != base_keys["generations"]
         assert gen_changed == _changes_generations(path), path
-        assert (stages["selection"] != base_keys["selection"]) == (gen_changed or path[0] == "selection"), path
+        assert (changed_keys["selection"] != base_keys["selection"]) == (gen_changed or path[0] == "selection"), path
 
     args = ("model-id", [1, 2, 3], [4, 5, 6, 7], 2)
-    score = runner.score_key(*args, spec.attribution)
-    assert runner.score_key("model-id", [1, 2, 3], [4, 5, 9, 9], 2, spec.attribution) == score  # past T_cut
+    score = run_keys.score_key(*args, spec.attribution)
+    assert run_keys.score_key("model-id", [1, 2, 3], [4, 5, 9, 9], 2, spec.attribution) == score  # past T_cut
     for name, hint in typing.get_type_hints(AttributionSettings).items():
         changed = dataclasses.replace(spec.attribution, **{name: _changed(getattr(spec.attribution, name), hint)})
-        assert (runner.score_key(*args, changed) != score) == (name in runner.SCORE_SETTINGS), name
-    monkeypatch.setattr(runner, "SCORING_VERSION", "next")
-    assert runner.score_key(*args, spec.attribution) != score
+        assert (run_keys.score_key(*args, changed) != score) == (name in run_keys.SCORE_SETTINGS), name
+    monkeypatch.setattr(run_keys, "SCORING_VERSION", "next")
+    assert run_keys.score_key(*args, spec.attribution) != score
 
 
 def test_memory_prediction_and_clear_errors(spec, monkeypatch):
-    m = runner.predict_memory(spec)
+    m = memory.predict_memory(spec)
     assert m["fits"] and m["device"] == "cpu" and m["batch_tokens"] == 1 and m["n_params"] > 0
     assert m["model_bytes"] == 4 * m["n_params"]
-    auto = runner.predict_memory(dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution,
+    auto = memory.predict_memory(dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution,
                                                                                            max_batch_tokens=0)))
     assert auto["batch_tokens"] == 2048
-    monkeypatch.setattr(runner, "_available_bytes", lambda device: 10_000)
-    small = runner.predict_memory(spec, sample_tokens=50)
+    monkeypatch.setattr(memory, "_available_bytes", lambda device: 10_000)
+    small = memory.predict_memory(spec, sample_tokens=50)
     assert not small["fits"] and "does not fit" in small["message"] and "bfloat16" in small["message"]
     cache = Cache()
-    with pytest.raises(runner.RunError, match="does not fit"):
+    with pytest.raises(RunError, match="does not fit"):
         runner.run(spec, cache=cache)
-    st = runner.status(spec_key(spec), cache)
+    st = workers.status(spec_key(spec), cache)
     assert st["stage"] == "error" and "does not fit" in st["message"]
     assert list((cache.root / "generations").iterdir())  # earlier stages are kept
 
     missing = dataclasses.replace(spec, pair=dataclasses.replace(spec.pair, tuned=ModelSpec("/nowhere/model")))
-    with pytest.raises(runner.RunError, match="/nowhere/model"):
+    with pytest.raises(RunError, match="/nowhere/model"):
         runner.run(missing, cache=cache)
-    with pytest.raises(runner.RunError, match="zero ablation"):
+    with pytest.raises(RunError, match="zero ablation"):
         runner.run(_replace(spec, ("attribution", "ablation"), "corrupted"), cache=cache)
 
 

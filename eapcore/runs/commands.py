@@ -1,0 +1,274 @@
+"""`python -m eapcore run | sweep | export | import`: the command lines of runs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from eapcore.runs import registry
+from eapcore.runs.cache import Cache, CacheError, read_json_or_none
+from eapcore.runs.errors import Cancelled, RunError
+from eapcore.runs.keys import check_spec
+from eapcore.runs.memory import predict_memory
+from eapcore.runs.runner import run
+from eapcore.runs.sweeps import PRESETS, label, sweep_specs
+from eapcore.runs.workers import FINAL
+from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec, RunSpec,
+                           SelectionSettings, from_dict, spec_key)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    g, s, a = GenerationSettings(), SelectionSettings(), AttributionSettings()
+    p.add_argument("--limit", type=int, help="first N problems of the dataset only")
+    p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the pair's)")
+    p.add_argument("--gen-batch-size", type=int, default=g.batch_size)
+    p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default=g.backend)
+    p.add_argument("--gen-dtype", choices=("float32", "bfloat16", "float16"), default=g.dtype)
+    p.add_argument("--beta", type=float, default=s.beta)
+    p.add_argument("--low", type=float, default=s.low)
+    p.add_argument("--high", type=float, default=s.high)
+    p.add_argument("--n", type=int, default=s.n, help="questions drawn (<= 0: all that pass)")
+    p.add_argument("--seed", type=int, default=s.seed)
+    p.add_argument("--group", choices=GROUPS, default=s.group)
+    p.add_argument("--granularity", choices=("layer", "head"), default=a.granularity)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=a.dtype, help="attribution dtype")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=a.device)
+    p.add_argument("--ig-steps", type=int, default=a.ig_steps)
+    p.add_argument("--max-batch-tokens", type=int, default=a.max_batch_tokens, help="0: fit to free memory")
+
+
+def _spec_from_args(args, pair: PairSpec, ds: DatasetSpec, alpha: float) -> RunSpec:
+    return RunSpec(
+        pair, dataclasses.replace(ds, limit=args.limit) if args.limit else ds,
+        GenerationSettings(args.max_new_tokens, args.gen_batch_size, args.backend, args.gen_dtype),
+        SelectionSettings(alpha, args.beta, args.low, args.high, args.n, args.seed, args.group),
+        AttributionSettings(granularity=args.granularity, dtype=args.dtype, device=args.device,
+                            ig_steps=args.ig_steps, max_batch_tokens=args.max_batch_tokens))
+
+
+def load_spec_json(text_or_path: str) -> RunSpec:
+    """A RunSpec from JSON text or a file: either to_dict(spec) or spec.json's {"key", "spec"}."""
+    path = Path(text_or_path)
+    text = path.read_text() if not text_or_path.lstrip().startswith("{") and path.is_file() else text_or_path
+    try:
+        data = json.loads(text)
+        return from_dict(RunSpec, data["spec"] if "spec" in data and "pair" not in data else data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunError(f"--spec-json: not a run spec ({type(err).__name__}: {err})") from None
+
+
+class _Bars:
+    """tqdm bars for progress callbacks: one bar per stage."""
+
+    def __init__(self, enabled: bool, position: int = 0):
+        self.enabled, self.position, self.bar, self.stage = enabled, position, None, None
+
+    def __call__(self, st: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if st["stage"] != self.stage:
+            self.close()
+            self.stage = st["stage"]
+            if st["stage"] in FINAL:
+                return
+            self.bar = tqdm(total=st["total"], initial=st["done"], desc=st["stage"], unit="item",
+                            position=self.position, leave=False, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.total = st["total"]
+            self.bar.n = st["done"]
+            self.bar.set_postfix_str(st.get("message") or "", refresh=False)
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _on_sigterm(folder: Path):
+    def handler(signum, frame):  # cooperative: the run stops at its next check, cleanly
+        (folder / "cancel").touch()
+    return handler
+
+
+def _print_metrics(folder: Path) -> None:
+    m = read_json_or_none(folder / "metrics.json") or {}
+    for name in ("activation_intensity", "information_complexity", "kurtosis"):
+        if isinstance(m.get(name), dict):
+            r = m[name]
+            print(f"  {name:<24} base {r['base']:.6g}  tuned {r['tuned']:.6g}  change {r['relative_change']:+.2f}%")
+
+
+def command_run(argv: list[str]) -> int:
+    """`python -m eapcore run --pair NAME --dataset NAME --alpha A [...]` or `--spec-json JSON|FILE`."""
+    p = argparse.ArgumentParser(prog="python -m eapcore run", description="Run one spec (cached, resumable).")
+    p.add_argument("--pair", help=f"a registered pair ({', '.join(registry.pairs())})")
+    p.add_argument("--dataset", help=f"a registered dataset ({', '.join(registry.datasets())})")
+    p.add_argument("--alpha", type=float, help="T_cut = max(floor(alpha * T_ref), 1)")
+    p.add_argument("--spec-json", help="a whole spec as JSON text or file (replaces the options)")
+    _add_settings(p)
+    p.add_argument("--predict", action="store_true", help="only print the memory prediction")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        if args.spec_json:
+            spec = load_spec_json(args.spec_json)
+        else:
+            if not (args.pair and args.dataset and args.alpha is not None):
+                p.error("give --pair, --dataset and --alpha (or --spec-json)")
+            spec = _spec_from_args(args, registry.get_pair(args.pair), registry.get_dataset(args.dataset), args.alpha)
+        check_spec(spec)
+        key = spec_key(spec)
+        if args.predict:
+            print(json.dumps(predict_memory(spec), indent=1))
+            return 0
+        cache = Cache()
+        cache.run_dir(key).mkdir(parents=True, exist_ok=True)
+        signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(key)))
+        bars = _Bars(not args.quiet)
+        print(f"run {key}: {label(spec)}", file=sys.stderr)
+        folder = run(spec, bars, cache)
+        bars.close()
+    except Cancelled as err:
+        print(f"cancelled: {err}", file=sys.stderr)
+        return 130
+    except (RunError, registry.RegistryError, CacheError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done: {folder}")
+    _print_metrics(folder)
+    return 0
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named grid (its parts can be overridden)")
+    p.add_argument("--pairs", nargs="+", help="pair names")
+    p.add_argument("--datasets", nargs="+", help="dataset names")
+    p.add_argument("--alphas", nargs="+", type=float, help="alpha values")
+
+
+def _parse_with_preset(p: argparse.ArgumentParser, argv: list[str]):
+    """Parse argv with the chosen preset's defaults (options given explicitly still win)."""
+    known, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS.get(known.preset, {}).get("defaults", {}))
+    return p.parse_args(argv)
+
+
+def _grid(p: argparse.ArgumentParser, args) -> list[RunSpec]:
+    preset = PRESETS.get(args.preset, {})
+    pairs, datasets, alphas = (args.pairs or preset.get("pairs"), args.datasets or preset.get("datasets"),
+                               args.alphas or preset.get("alphas"))
+    if not (pairs and datasets and alphas):
+        p.error("give --preset, or --pairs, --datasets and --alphas")
+    template = _spec_from_args(args, registry.get_pair(pairs[0]), registry.get_dataset(datasets[0]), alphas[0])
+    return sweep_specs(pairs, datasets, alphas, template, preset.get("groups", ()))
+
+
+def command_sweep(argv: list[str]) -> int:
+    """`python -m eapcore sweep [--preset table1|demo] [--pairs ...] [--datasets ...] [--alphas ...]`."""
+    from tqdm.auto import tqdm
+
+    p = argparse.ArgumentParser(prog="python -m eapcore sweep",
+                                description="Run a grid of specs (pairs x datasets x alphas), one after the other.")
+    _grid_args(p)
+    _add_settings(p)
+    p.add_argument("--dry-run", action="store_true", help="list the specs and their keys only")
+    p.add_argument("--quiet", action="store_true")
+    args = _parse_with_preset(p, argv)
+    try:
+        specs = _grid(p, args)
+    except (registry.RegistryError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        for s in specs:
+            print(f"{spec_key(s)}  {label(s)}")
+        return 0
+    cache, failed = Cache(), []
+    outer = tqdm(specs, desc="sweep", unit="run", disable=args.quiet, file=sys.stderr)
+    for s in outer:
+        outer.set_postfix_str(label(s))
+        bars = _Bars(not args.quiet, position=1)
+        cache.run_dir(spec_key(s)).mkdir(parents=True, exist_ok=True)
+        signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(spec_key(s))))
+        try:
+            run(s, bars, cache)
+        except Cancelled:
+            bars.close()
+            print("sweep cancelled", file=sys.stderr)
+            return 130
+        except RunError as err:
+            failed.append((s, str(err)))
+            tqdm.write(f"error in {spec_key(s)} ({s.pair.name} | {s.dataset.name} | alpha "
+                       f"{s.selection.alpha}): {err}", file=sys.stderr)
+        bars.close()
+    outer.close()
+    print(f"{len(specs) - len(failed)} of {len(specs)} runs done in {cache.root / 'runs'}")
+    return 1 if failed else 0
+
+
+def _run_keys(cache: Cache, wanted: Sequence[str]) -> list[str]:
+    """Full run keys for keys or unique prefixes; RunError if unknown or ambiguous."""
+    runs = sorted(p.name for p in (cache.root / "runs").iterdir() if p.is_dir()) if (cache.root / "runs").is_dir() else []
+    out = []
+    for w in wanted:
+        hits = [k for k in runs if k.startswith(w)]
+        if len(hits) != 1:
+            raise RunError(f"run key {w!r} matches {len(hits)} runs ({hits[:3]}); see `python -m eapcore cache list`")
+        out.append(hits[0])
+    return out
+
+
+def command_export(argv: list[str]) -> int:
+    """`python -m eapcore export [KEY ...] [--all] [--preset/--pairs/--datasets/--alphas] --out FILE.zip`."""
+    from eapcore.runs.cache import export_bundle
+
+    p = argparse.ArgumentParser(prog="python -m eapcore export",
+                                description="Bundle finished runs and the cache entries they use into one zip.")
+    p.add_argument("keys", nargs="*", help="run keys (or unique prefixes)")
+    p.add_argument("--all", action="store_true", help="every finished run")
+    _grid_args(p)
+    _add_settings(p)
+    p.add_argument("--out", required=True, help="bundle file to write (.zip)")
+    args = _parse_with_preset(p, argv)
+    cache = Cache()
+    try:
+        keys = _run_keys(cache, args.keys)
+        if args.preset or args.pairs:
+            keys += [spec_key(s) for s in _grid(p, args)]
+        if args.all:
+            keys += [q.name for q in sorted((cache.root / "runs").glob("*")) if not cache.verify_run(q.name)]
+        if not keys:
+            p.error("give run keys, --all, or a grid (--preset / --pairs ...)")
+        bundle = export_bundle(cache, keys, args.out)
+    except (RunError, CacheError, registry.RegistryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {len(bundle['runs'])} run(s), {len(bundle['entries'])} cache entries, "
+          f"{len(bundle['files'])} files")
+    return 0
+
+
+def command_import(argv: list[str]) -> int:
+    """`python -m eapcore import FILE.zip [--overwrite]`."""
+    from eapcore.runs.cache import import_bundle
+
+    p = argparse.ArgumentParser(prog="python -m eapcore import",
+                                description="Check a bundle's checksums and install its runs and entries in the cache.")
+    p.add_argument("bundle")
+    p.add_argument("--overwrite", action="store_true", help="replace runs that exist here already")
+    args = p.parse_args(argv)
+    cache = Cache()
+    try:
+        result = import_bundle(cache, args.bundle, overwrite=args.overwrite)
+    except CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"installed {len(result['installed'])}, kept {len(result['kept'])} existing, in {cache.root}")
+    return 0

@@ -1,0 +1,145 @@
+"""What a run's stages are keyed by (pure apart from reading the files they fingerprint), and
+whether a spec can run at all.
+
+    generations/<k>  k = (model identity, dataset identity, template, max_new_tokens, generation settings)
+    grades/<k>       k = (generation key, grading code identity)
+    selections/<k>   k = (both grade keys, selection settings)
+    scores/<k>       k = (model identity, the sample's prompt + first T_cut answer tokens, T_cut,
+                          scoring settings, SCORING_VERSION)
+
+Model identity is the hub id and revision, or for a local folder a fingerprint of its files;
+dataset identity likewise (a local file's sha256). The scoring settings are granularity, ablation,
+ig_steps, loss and dtype: `device` and `max_batch_tokens` change scores by rounding only and are
+not part of a score key (they are part of the run key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from eapcore.runs import registry
+from eapcore.runs.cache import sha256_file
+from eapcore.runs.errors import RunError
+from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
+                           SelectionSettings, spec_key, to_dict)
+
+SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
+
+
+def digest(obj: Any) -> str:
+    """32-hex sha256 of the canonical JSON of obj."""
+    return spec_key(obj, length=32)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_fingerprint(path: str, size: int, mtime_ns: int, whole_below: int = 256 << 20, part: int = 16 << 20) -> str:
+    """sha256 of a file; above `whole_below` bytes, of its first and last `part` bytes and size."""
+    if size <= whole_below:
+        return sha256_file(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(part))
+        fh.seek(size - part)
+        h.update(fh.read(part))
+    return "partial:" + h.hexdigest()
+
+
+def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """{name: fingerprint} of a file, or of the files directly in a folder (a HF checkpoint)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[f.name] = _file_fingerprint(str(f), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def model_identity(model: ModelSpec) -> dict[str, Any]:
+    """What a model's outputs depend on: a local folder's file fingerprints (wherever it lies), or
+    the hub id and revision."""
+    local = registry.resolve_path(model.name_or_path)
+    if Path(local).is_dir():
+        return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
+    return {"hub": model.name_or_path, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
+def dataset_identity(ds: DatasetSpec) -> dict[str, Any]:
+    local = registry.resolve_path(ds.source) if ds.source else ""
+    if local and Path(local).is_file():
+        return {"file": path_fingerprint(local), "limit": ds.limit}
+    return {"name": ds.name, "source": ds.source, "split": ds.split, "limit": ds.limit}
+
+
+def grading_identity() -> dict[str, Any]:
+    """The grading code (eapcore/grading.py source) and math-verify version: grades depend on them."""
+    import importlib.metadata as md
+
+    from eapcore.answers import grading
+
+    try:
+        mv = md.version("math-verify")
+    except md.PackageNotFoundError:
+        mv = None
+    return {"source": sha256_file(grading.__file__), "math_verify": mv}
+
+
+def max_new_tokens(spec: RunSpec) -> int:
+    return spec.generation.max_new_tokens or spec.pair.max_new_tokens
+
+
+def generation_key(model: ModelSpec, spec: RunSpec) -> str:
+    gen = dataclasses.replace(spec.generation, max_new_tokens=max_new_tokens(spec))
+    return digest({"stage": "generations", "model": model_identity(model), "dataset": dataset_identity(spec.dataset),
+                   "template": spec.pair.template, "settings": to_dict(gen)})
+
+
+def grades_key(generation: str) -> str:
+    return digest({"stage": "grades", "generation": generation, "grading": grading_identity()})
+
+
+def selection_key(base_grades: str, tuned_grades: str, settings: SelectionSettings) -> str:
+    return digest({"stage": "selections", "base": base_grades, "tuned": tuned_grades, "settings": to_dict(settings)})
+
+
+def score_key(model_id: str, prompt_ids: Sequence[int], answer_ids: Sequence[int], cut_len: int,
+              settings: AttributionSettings) -> str:
+    """Key of one sample's scores; model_id = digest(model_identity(model))."""
+    return digest({"stage": "scores", "model": model_id, "prompt": list(prompt_ids),
+                   "answer": list(answer_ids[:cut_len]), "cut_len": cut_len,
+                   "settings": {k: getattr(settings, k) for k in SCORE_SETTINGS},
+                   "scoring_version": SCORING_VERSION})
+
+
+def stage_keys(spec: RunSpec) -> dict[str, Any]:
+    """Keys of the generation, grade and selection entries of a spec (no data is read)."""
+    gen = {w: generation_key(m, spec) for w, m in (("base", spec.pair.base), ("tuned", spec.pair.tuned))}
+    grades = {w: grades_key(k) for w, k in gen.items()}
+    return {"generations": gen, "grades": grades,
+            "selection": selection_key(grades["base"], grades["tuned"], spec.selection)}
+
+
+def check_spec(spec: RunSpec) -> None:
+    """RunError for settings a run cannot honour (before anything is computed)."""
+    a, s = spec.attribution, spec.selection
+    problems = []
+    if spec.scoring_version != SCORING_VERSION:
+        problems.append(f"the spec is for scoring version {spec.scoring_version!r} but this code computes "
+                        f"{SCORING_VERSION!r}; build the spec again")
+    if a.ablation != "zero":
+        problems.append("runs use zero ablation (the paper's); clean/corrupted EAP needs corrupted prompts, "
+                        "available from Python via eapcore.engine.attribution.attribute(corrupt=...)")
+    if a.ig_steps < 0 or a.max_batch_tokens < 0:
+        problems.append("ig_steps and max_batch_tokens must be >= 0")
+    if not s.alpha > 0:
+        problems.append(f"alpha must be > 0, got {s.alpha}")
+    if s.group not in GROUPS:
+        problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
+    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
+        problems.append("max_new_tokens and the generation batch size must be >= 1")
+    if problems:
+        raise RunError("invalid run spec: " + "; ".join(problems))

@@ -1,0 +1,149 @@
+"""Worker control: a run's status.json (kept current by Reporter), start a worker process, read
+its status, cancel it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from eapcore.runs import registry
+from eapcore.runs.cache import Cache, read_json_or_none, write_json_atomic
+from eapcore.runs.errors import Cancelled
+from eapcore.runs.keys import check_spec
+from eapcore.specs import RunSpec, spec_key, to_dict
+
+STAGES = ("queued", "generate", "grade", "select", "attribute", "metrics", "done", "error", "cancelled")
+FINAL = ("done", "error", "cancelled")
+MUTABLE_FILES = ("status.json", "worker.log", "cancel")  # not sealed: they change after a run
+_WORKERS: dict[str, subprocess.Popen] = {}  # workers started by this process (reaped in status())
+
+Progress = Callable[[dict], None]
+
+
+def _gpu_mem_gb() -> float | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1e9, 3)
+
+
+class Reporter:
+    """Keeps status.json current (at most 2 writes a second, always at a stage change), calls the
+    progress callback, and raises Cancelled when the run's cancel flag appears."""
+
+    def __init__(self, folder: Path, callback: Progress | None = None):
+        self.folder, self.callback = folder, callback
+        self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,
+                                       "gpu_mem_gb": None, "message": "", "error": None, "pid": os.getpid()}
+        self._t0, self._done0, self._written = time.time(), 0, 0.0
+
+    def stage(self, name: str, total: int, done: int = 0, message: str = "") -> None:
+        self._t0, self._done0 = time.time(), done
+        self.status.update(stage=name, total=total, done=done, rate=None, eta_s=None, message=message, error=None)
+        self._emit(force=True)
+
+    def update(self, done: int, message: str | None = None) -> None:
+        self.check_cancel()
+        elapsed, computed = time.time() - self._t0, done - self._done0
+        rate = computed / elapsed if computed > 0 and elapsed > 0 else None
+        self.status.update(done=done, rate=rate, eta_s=(self.status["total"] - done) / rate if rate else None)
+        if message is not None:
+            self.status["message"] = message
+        self._emit()
+
+    def finish(self, stage: str, message: str = "", error: str | None = None) -> None:
+        self.status.update(stage=stage, message=message, error=error, rate=None, eta_s=None)
+        self._emit(force=True)
+
+    def check_cancel(self) -> None:
+        if (self.folder / "cancel").exists():
+            raise Cancelled("cancelled; finished samples are kept and a new run resumes from them")
+
+    def _emit(self, force: bool = False) -> None:
+        now = time.time()
+        self.status.update(updated=now, gpu_mem_gb=_gpu_mem_gb())
+        if force or now - self._written >= 0.5:
+            write_json_atomic(self.folder / "status.json", self.status)
+            self._written = now
+        if self.callback is not None:
+            self.callback(dict(self.status))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(key: str, cache: Cache | None = None) -> dict[str, Any]:
+    """status.json of run `key` ({} if there is none) plus `running` (a worker is on it). A run
+    whose worker died mid-way (killed, crashed) is reported as stage "error" (or "cancelled" if a
+    cancel was asked); running it again resumes from its finished samples."""
+    cache = cache or Cache()
+    folder = cache.run_dir(key)
+    st = read_json_or_none(folder / "status.json")
+    if not isinstance(st, dict):
+        return {}
+    proc = _WORKERS.get(key)
+    if proc is not None and proc.poll() is not None:
+        _WORKERS.pop(key, None)  # reaped; a zombie would look alive
+    running = cache.is_locked(f"run-{key}") or (st.get("stage") == "queued" and _alive(st.get("pid")))
+    if st.get("stage") not in FINAL and not running:
+        cancelled = (folder / "cancel").exists()
+        st.update(stage="cancelled" if cancelled else "error",
+                  message=("cancelled before it finished" if cancelled else
+                           "the worker stopped without finishing (killed or crashed; see worker.log); "
+                           "run the spec again to resume from its finished samples"))
+    return {**st, "running": running}
+
+
+def cancel(key: str, cache: Cache | None = None) -> bool:
+    """Ask run `key` to stop: its worker finishes the batch in hand, keeps every finished sample
+    and marks the run cancelled. Returns whether a worker was running or queued."""
+    cache = cache or Cache()
+    folder = cache.run_dir(key)
+    st = status(key, cache)
+    if not st.get("running"):
+        return False
+    (folder / "cancel").touch()
+    pid = st.get("pid")
+    if _alive(pid) and pid != os.getpid():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)  # a worker turns it into the cancel flag (see command_run)
+    return True
+
+
+def start(spec: RunSpec, cache: Cache | None = None) -> str:
+    """Launch `python -m eapcore run --spec-json runs/<key>/spec.json` in a new session and return
+    the key at once; its output goes to runs/<key>/worker.log. Returns the key without a second
+    worker if one is running."""
+    check_spec(spec)
+    cache = cache or Cache()
+    key = spec_key(spec)
+    if status(key, cache).get("running"):
+        return key
+    folder = cache.run_dir(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "spec.json", {"key": key, "spec": to_dict(spec)})
+    (folder / "cancel").unlink(missing_ok=True)
+    env = {**os.environ, "EAP_CACHE_DIR": str(cache.root.resolve())}
+    with open(folder / "worker.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "eapcore", "run", "--spec-json", str(folder / "spec.json"),
+                                 "--quiet"], cwd=str(registry.PROJECT_ROOT), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    _WORKERS[key] = proc
+    write_json_atomic(folder / "status.json", {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,
+                                               "gpu_mem_gb": None, "message": "worker starting", "error": None,
+                                               "pid": proc.pid, "updated": time.time()})
+    return key
