@@ -1,161 +1,26 @@
-"""The read-only layer the dashboard pages use over the cache (no Streamlit in here).
-
-A finished run is the folder `runs/<key>/` of DESIGN.md ("A finished run in the cache"). This
-module lists runs, loads one (scores, graph, selection, metrics.json, answers) and turns it into
-the tables the pages draw. Every number comes from the stored scores through eapcore.metrics /
-eapcore.analysis; nothing here computes attributions or writes to the cache.
-
-Loaded runs are memoised in a small LRU keyed by the run folder and the mtimes and sizes of its
-files (`RunInfo.signature`), so a page render after the first only slices cached arrays.
+"""The tables the dashboard pages draw, from a finished run (eapcore.runs.results) or the list of
+runs (no Streamlit in here). Every number comes from the stored scores through
+eapcore.stats.metrics / eapcore.stats.analysis; nothing here computes attributions or writes to
+the cache.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from eapcore.runs import results
+from eapcore.runs.results import (RunData, RunInfo, RunNotReady, cache_root, finished_runs, get_run,  # noqa: F401
+                                  list_runs, load_run)  # the pages read runs through this module
+from eapcore.specs import GROUP_LABELS, GROUPS  # noqa: F401  (GROUP_LABELS: for the pages)
 from eapcore.stats import analysis, metrics
-from eapcore.runs.cache import read_json_or_none
-from eapcore.graph import Graph
-from eapcore.specs import GROUP_LABELS, GROUPS, MetricSettings, RunSpec, from_dict
 
-PROJECT = Path(__file__).resolve().parents[2]
 METRICS = metrics.METRICS
 METRIC_LABELS, METRIC_UNITS = metrics.METRIC_LABELS, metrics.METRIC_UNITS
-_RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
-              "answers_tuned.jsonl", "base/scores.safetensors", "base/graph.json", "base/manifest.json",
-              "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json")
-
-
-def cache_root(root: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `root`, else $EAP_CACHE_DIR, else <project>/cache."""
-    return Path(root or os.environ.get("EAP_CACHE_DIR") or PROJECT / "cache")
-
-
-# ---- listing runs --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunInfo:
-    """One run folder: its spec (as stored), status and the signature of its files."""
-
-    key: str
-    path: Path
-    spec_dict: dict = field(compare=False, hash=False)
-    status: dict = field(compare=False, hash=False)
-    signature: tuple = ()
-
-    @cached_property
-    def spec(self) -> RunSpec | None:
-        try:
-            return from_dict(RunSpec, self.spec_dict)
-        except (TypeError, ValueError, KeyError):
-            return None
-
-    def _get(self, *path: str, default: Any = None) -> Any:
-        value: Any = self.spec_dict
-        for p in path:
-            if not isinstance(value, dict) or p not in value:
-                return default
-            value = value[p]
-        return value
-
-    @property
-    def stage(self) -> str:
-        return str(self.status.get("stage", "unknown"))
-
-    @property
-    def finished(self) -> bool:
-        """Done and every file a page reads is there."""
-        return self.stage == "done" and all((self.path / f).is_file() for f in _RUN_FILES)
-
-    @property
-    def pair(self) -> str:
-        return str(self._get("pair", "name", default="?"))
-
-    @property
-    def dataset(self) -> str:
-        return str(self._get("dataset", "name", default="?"))
-
-    @property
-    def alpha(self) -> float:
-        return float(self._get("selection", "alpha", default=float("nan")))
-
-    @property
-    def group(self) -> str:
-        return str(self._get("selection", "group", default="both_correct"))
-
-    @property
-    def granularity(self) -> str:
-        return str(self._get("attribution", "granularity", default="layer"))
-
-    @property
-    def n_requested(self) -> int:
-        return int(self._get("selection", "n", default=0))
-
-    @property
-    def updated(self) -> float:
-        return float(self.status.get("updated") or 0.0)
-
-    @property
-    def label(self) -> str:
-        return (f"{self.pair} · {self.dataset} · α={self.alpha:g} · {GROUP_LABELS.get(self.group, self.group)}"
-                f" · {self.granularity} · N={self.n_requested} · {self.key[:8]}")
-
-    def settings_without(self, *dropped: tuple[str, str]) -> str:
-        """Canonical JSON of the spec minus the (section, name) settings given: runs equal here
-        differ only in those settings."""
-        spec = json.loads(json.dumps(self.spec_dict))
-        for section, name in dropped:
-            if isinstance(spec.get(section), dict):
-                spec[section].pop(name, None)
-        return json.dumps(spec, sort_keys=True)
-
-
-def _signature(path: Path) -> tuple:
-    out = []
-    for name in _RUN_FILES:
-        try:
-            st = (path / name).stat()
-            out.append((name, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((name, None, None))
-    return tuple(out)
-
-
-def read_run(path: Path) -> RunInfo | None:
-    spec = read_json_or_none(path / "spec.json")
-    if not isinstance(spec, dict):
-        return None
-    status = read_json_or_none(path / "status.json")
-    return RunInfo(str(spec.get("key") or path.name), path, spec.get("spec") or {},
-                   status if isinstance(status, dict) else {"stage": "unknown"}, _signature(path))
-
-
-def list_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
-    """Every run folder with a readable spec.json, most recently updated first."""
-    runs_dir = cache_root(root) / "runs"
-    if not runs_dir.is_dir():
-        return []
-    runs = [r for p in sorted(runs_dir.iterdir()) if p.is_dir() and (r := read_run(p)) is not None]
-    return sorted(runs, key=lambda r: -r.updated)
-
-
-def finished_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
-    return [r for r in list_runs(root) if r.finished]
-
-
-def get_run(key: str, root: str | os.PathLike | None = None) -> RunInfo | None:
-    path = cache_root(root) / "runs" / key
-    return read_run(path) if path.is_dir() else None
 
 
 def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
@@ -189,114 +54,6 @@ def registered(kind: str) -> list[Any]:
     return []
 
 
-# ---- loading one run -------------------------------------------------------------------------------
-
-@dataclass
-class RunData:
-    """A finished run in memory. Arrays are read-only."""
-
-    info: RunInfo
-    base: metrics.ScoreFile
-    tuned: metrics.ScoreFile
-    selection: dict
-    metrics: dict
-    answers: dict  # {"base"|"tuned": {idx: row dict}}
-    loss: dict = field(default_factory=dict)  # {"base"|"tuned": float32 [N] clean loss} if stored
-
-    @property
-    def key(self) -> str:
-        return self.info.key
-
-    @cached_property
-    def graph(self) -> Graph:
-        return Graph.from_json(self.base.graph)
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.base.mask
-
-    @property
-    def sample_ids(self) -> list:
-        return list(self.base.manifest["sample_ids"])
-
-    @property
-    def t_cut(self) -> int:
-        return int(self.selection.get("t_cut") or self.base.manifest.get("cut_len") or 0)
-
-    @cached_property
-    def metric_settings(self) -> MetricSettings:
-        s = self.metrics.get("settings") or {}
-        known = {k: s[k] for k in ("entropy", "kurtosis", "kurtosis_of", "histogram_bins") if k in s}
-        return MetricSettings(**known)
-
-    @cached_property
-    def real_edges(self) -> dict[str, np.ndarray]:
-        """{"base"|"tuned": float64 [N, E]} real-edge scores."""
-        return {"base": metrics.real_edge_scores(self.base.scores, self.mask),
-                "tuned": metrics.real_edge_scores(self.tuned.scores, self.mask)}
-
-
-def _read_answers(path: Path) -> dict:
-    out = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and "idx" in row:
-                    out[row["idx"]] = row
-    return out
-
-
-def _read_loss(path: Path) -> np.ndarray | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            return fh.get_tensor("loss") if "loss" in fh.keys() else None
-    except (OSError, ValueError):
-        return None
-
-
-class RunNotReady(RuntimeError):
-    """The run folder is not a finished run (still running, failed or incomplete)."""
-
-
-_LOCK = threading.Lock()
-_MEMO: "OrderedDict[tuple, RunData]" = OrderedDict()
-MEMO_SIZE = 4
-
-
-def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunData:
-    """Load a finished run (memoised by folder + file signature, at most MEMO_SIZE runs)."""
-    if isinstance(info, str):
-        found = get_run(info, root)
-        if found is None:
-            raise KeyError(f"no run {info!r} in {cache_root(root) / 'runs'}")
-        info = found
-    if not info.finished:
-        missing = [f for f in _RUN_FILES if not (info.path / f).is_file()]
-        raise RunNotReady(f"run {info.key} is not finished (stage {info.stage}; missing {missing or 'nothing'})")
-    memo_key = (str(info.path), info.signature)
-    with _LOCK:
-        if memo_key in _MEMO:
-            _MEMO.move_to_end(memo_key)
-            return _MEMO[memo_key]
-    base, tuned = metrics.load_scores(info.path / "base"), metrics.load_scores(info.path / "tuned")
-    metrics.check_paired(base, tuned)
-    for sf in (base, tuned):
-        sf.scores.setflags(write=False)
-    data = RunData(info, base, tuned, read_json_or_none(info.path / "selection.json") or {},
-                   read_json_or_none(info.path / "metrics.json") or {},
-                   {w: _read_answers(info.path / f"answers_{w}.jsonl") for w in ("base", "tuned")},
-                   {w: _read_loss(info.path / w / "scores.safetensors") for w in ("base", "tuned")})
-    with _LOCK:
-        _MEMO[memo_key] = data
-        while len(_MEMO) > MEMO_SIZE:
-            _MEMO.popitem(last=False)
-    return data
 
 
 # ---- where in the network --------------------------------------------------------------------------
@@ -508,7 +265,7 @@ def summary_rows(runs: Iterable[RunInfo]) -> pd.DataFrame:
     for r in runs:
         if not r.finished:
             continue
-        result = read_json_or_none(r.path / "metrics.json") or {}
+        result = results.read_metrics(r)
         rows += metrics.long_rows(result, pair=r.pair, dataset=r.dataset, alpha=r.alpha, group=r.group,
                                   granularity=r.granularity, N=r.n_requested, key=r.key, updated=r.updated)
     cols = ["pair", "dataset", "alpha", "group", "granularity", "N", "key", "updated", "metric", "base", "tuned",
@@ -552,12 +309,12 @@ def accuracy_table(runs: Iterable[RunInfo]) -> pd.DataFrame:
 
     latest: dict[tuple[str, str], RunInfo] = {}
     for r in sorted(runs, key=lambda r: r.updated):
-        if (r.path / "answers_base.jsonl").is_file() and (r.path / "answers_tuned.jsonl").is_file():
+        if results.has_answers(r):
             latest[(r.pair, r.dataset)] = r
     rows = []
     for (pair, dataset), r in sorted(latest.items()):
-        sb = _scores_of(_read_answers(r.path / "answers_base.jsonl"))
-        st = _scores_of(_read_answers(r.path / "answers_tuned.jsonl"))
+        sb = _scores_of(results.read_answers(r, "base"))
+        st = _scores_of(results.read_answers(r, "tuned"))
         ab, at = accuracy(sb), accuracy(st)
         g = groups(sb, st)
         rows.append({"pair": pair, "dataset": dataset, "n": min(ab["n"], at["n"]),
