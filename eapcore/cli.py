@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "select": ("eapcore.answers.selection:command", "pick and truncate samples of a base/tuned pair"),
     "generate": ("eapcore.answers.generation:command", "greedy answers of one model to a dataset"),
     "grade": ("eapcore.answers.grading:command", "grade an answers file and report accuracy"),
-    "metrics": ("eapcore.stats.metrics:command", "the paper's three metrics of base vs tuned scores"),
+    "metrics": ("eapcore.stats.report:command", "the paper's three metrics of base vs tuned scores"),
     "run": ("eapcore.runs.commands:command_run", "one full run spec, cached"),
     "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),

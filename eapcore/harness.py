@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from eapcore.runs.cache import write_bytes_atomic
+from eapcore.files import write_bytes_atomic
 
 OPTIONAL_FIELDS = ("question", "gt", "pred", "score", "code")
+
+
+def first(value: Any) -> Any:
+    """A per-answer field's value: the harness stores pred / score / code as lists, one element per
+    sampled answer, of which the first is used; other values are returned as they are."""
+    return value[0] if isinstance(value, list) and value else value
 
 
 @dataclass
@@ -109,7 +115,7 @@ def read_samples(path: str | os.PathLike) -> tuple[list[Sample], ReadReport]:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
-    """Write atomically (a temp file in the same folder, then rename: cache.write_bytes_atomic)."""
+    """Write atomically (a temp file in the same folder, then rename: files.write_bytes_atomic)."""
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_bytes_atomic(path, text.encode("utf-8"))
 

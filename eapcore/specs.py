@@ -38,7 +38,7 @@ class PairSpec:
     name: str
     base: ModelSpec
     tuned: ModelSpec
-    template: str = "deepseek-math"  # prompt template name (eapcore.data.TEMPLATES)
+    template: str = "deepseek-math"  # prompt template name (eapcore.answers.data.TEMPLATES)
     max_new_tokens: int = 4096
     algorithm: str = ""  # label only: GRPO, PPO, DPO, ...
     notes: str = ""

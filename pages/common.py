@@ -1,8 +1,11 @@
-"""Shared page helpers: URL-backed pickers, bounded caches over eapcore.query, export buttons.
+"""Shared page helpers: URL-backed pickers, the dashboard's one cache layer over eapcore.views,
+export buttons.
 
-Not a page itself (app.py lists the pages with st.navigation). Every cached function takes the
-run key and the run's file signature (mtimes and sizes), so a rewritten run is never served
-stale; caches are bounded (max_entries).
+Not a page itself (app.py lists the pages with st.navigation). Caching happens here only:
+loaded runs in st.cache_resource (one shared copy, read-only arrays, at most RUNS_IN_MEMORY) and
+the tables and figures derived from them in st.cache_data; every cached function takes the run
+key and the run's file signature (mtimes and sizes), so a rewritten run is never served stale;
+caches are bounded (max_entries).
 """
 from __future__ import annotations
 
@@ -14,12 +17,19 @@ import streamlit as st
 
 from eapcore.views import figures, query
 
-PAGES = {
-    "home": "pages/home.py", "run": "pages/run.py", "heatmaps": "pages/heatmaps.py",
-    "distributions": "pages/distributions.py", "groups": "pages/groups.py",
-    "summary": "pages/summary.py", "samples": "pages/samples.py",
+# The page list: navigation section -> (name, title, icon); page `name` is the file pages/<name>.py at
+# the URL path /<name>; the first page is the default. app.py builds st.navigation from it.
+NAVIGATION: dict[str, list[tuple[str, str, str]]] = {
+    "Overview": [("home", "Home", ":material/home:"), ("run", "Run", ":material/play_arrow:")],
+    "One run": [("heatmaps", "Heatmaps", ":material/grid_on:"),
+                ("distributions", "Distributions", ":material/bar_chart:"),
+                ("groups", "Correct vs incorrect", ":material/balance:"),
+                ("samples", "Samples", ":material/search:")],
+    "Across runs": [("summary", "Summary", ":material/table_chart:")],
 }
+PAGES = {name: f"pages/{name}.py" for section in NAVIGATION.values() for name, _, _ in section}
 CACHE_ENTRIES = 64
+RUNS_IN_MEMORY = 4
 
 
 # ---- URL-backed state -----------------------------------------------------------------------------
@@ -61,7 +71,12 @@ def _ensure_navigation() -> None:
     Streamlit treats a `pages/` folder next to the entry script as a v1 multipage app until the
     entry script has called st.navigation once in this process; a first request for /heatmaps
     would run pages/heatmaps.py alone (no page config, a raw file list as navigation). Turning
-    that mode off and rerunning makes app.py route the same URL path."""
+    that mode off and rerunning makes app.py route the same URL path.
+
+    The one place that touches Streamlit internals (`PagesManager.uses_pages_directory`): the
+    pinned Streamlit (1.67) has no public switch for it (its advice is to not name the folder
+    pages/, which is this project's layout of record). tests/test_browser.py
+    (`test_deep_link_to_a_fresh_server_is_routed_by_app_py`) checks it against that version."""
     try:
         from streamlit.runtime.pages_manager import PagesManager
     except ImportError:  # pragma: no cover  (internal API moved: nothing to fix then)
@@ -143,9 +158,19 @@ def run_caption(data: query.RunData) -> str:
             f"{int(data.mask.sum())} real edges) · n = {len(data.sample_ids)} questions")
 
 
+@st.cache_resource(max_entries=RUNS_IN_MEMORY, show_spinner=False)
+def _loaded(root: str, key: str, signature: tuple) -> query.RunData:
+    return query.load_run(key, root)
+
+
+def loaded_run(key: str, signature: tuple) -> query.RunData:
+    """Run `key` as loaded for its file signature: one copy shared by every page and session."""
+    return _loaded(str(query.cache_root()), key, signature)
+
+
 def load(info: query.RunInfo) -> query.RunData | None:
     try:
-        return query.load_run(info)
+        return loaded_run(info.key, info.signature)
     except (query.RunNotReady, OSError, ValueError, KeyError) as err:
         st.error(f"Run {info.key} cannot be read: {err}")
         return None
@@ -168,14 +193,14 @@ def open_run(what: str) -> query.RunData:
 
 @st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
 def _cached_call(name: str, root: str, key: str, signature: tuple, *args: Any) -> Any:
-    return getattr(query, name)(query.load_run(key, root), *args)
+    return getattr(query, name)(_loaded(root, key, signature), *args)
 
 
 def cached(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(data, *args)` of eapcore.query as a bounded st.cache_data call keyed by (function name,
+    """`fn(data, *args)` of eapcore.views.query as a bounded st.cache_data call keyed by (function name,
     cache root, run key, run file signature, *args)."""
     if getattr(query, fn.__name__, None) is not fn:
-        raise ValueError(f"cached() wraps eapcore.query functions only, not {fn!r}")
+        raise ValueError(f"cached() wraps eapcore.views.query functions only, not {fn!r}")
 
     def call(info: query.RunInfo, *args: Any) -> Any:
         return _cached_call(fn.__name__, str(query.cache_root()), info.key, info.signature, *args)

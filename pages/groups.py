@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (PAGES, finished_runs, load, no_runs_message, page_header, run_picker,
+from pages.common import (PAGES, finished_runs, load, loaded_run, no_runs_message, page_header, run_picker,
                           show_figure, show_table, url_select)
 
 page_header("Correct vs incorrect answers",
@@ -68,7 +68,7 @@ gb = url_select("Group B", [g for g in present if g != ga], "gb", container=c3, 
 
 @st.cache_data(max_entries=16, show_spinner="Bootstrap and permutation tests…")
 def _compare(key_a: str, sig_a: tuple, key_b: str, sig_b: tuple, model: str) -> pd.DataFrame:
-    return query.compare_groups(query.load_run(key_a), query.load_run(key_b), model)
+    return query.compare_groups(loaded_run(key_a, sig_a), loaded_run(key_b, sig_b), model)
 
 
 ra, rb = siblings[ga], siblings[gb]
@@ -87,5 +87,6 @@ show_table(cmp[cols].set_index("metric"), f"group_compare_{model}_{ga}_vs_{gb}",
                           "cohen_d": st.column_config.NumberColumn("Cohen's d", format="%+.2f"),
                           "rank_biserial": st.column_config.NumberColumn("rank-biserial", format="%+.2f")})
 st.caption(f"The {model} model's pooled metrics on group B against group A: Mann-Whitney U and a permutation test "
-           "on per-question values, 95% bootstrap CI of the relative change (500 resamples per group), "
+           f"on per-question values ({cmp.attrs['n_permutations']} permutations), {cmp['confidence'].iloc[0]:.0%} "
+           f"bootstrap CI of the relative change ({cmp.attrs['n_bootstrap']} resamples per group), "
            "Cohen's d and rank-biserial (positive: B higher). The groups were truncated at different T_cut.")

@@ -1,11 +1,10 @@
 """Samples: one question at a time: answers, truncation point, correctness, metrics, heatmap."""
 import html
 
-import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
+from pages.common import cached, loaded_run, open_run, page_header, show_figure, show_table, url_select
 
 page_header("Samples: one question at a time",
             "Each model's own greedy answer to the question; the highlighted part (the first T_cut answer "
@@ -17,13 +16,8 @@ info = data.info
 ids = data.sample_ids
 
 
-def _label(i):
-    rb, rt = data.answers["base"].get(i, {}), data.answers["tuned"].get(i, {})
-    mark = lambda r: {True: "✓", False: "✗"}.get(query._first(r.get("score")), "?")  # noqa: E731
-    return f"question {i} · base {mark(rb)} tuned {mark(rt)}"
-
-
-sample = url_select(f"Question ({len(ids)} selected for this run)", ids, "sample", format_func=_label)
+sample = url_select(f"Question ({len(ids)} selected for this run)", ids, "sample",
+                    format_func=lambda i: query.sample_label(data, i))
 view = cached(query.sample_view)(info, sample)
 
 st.markdown(f"**Question {sample}.** {html.escape(str(view.get('question') or '(no question text stored)'))}")
@@ -59,11 +53,7 @@ for col, model in zip(cols, ("base", "tuned")):
             st.text(part["code"] or "")
 
 st.subheader("This question's metrics")
-tab = pd.DataFrame({"base": view["base"]["metrics"], "tuned": view["tuned"]["metrics"]})
-tab["relative_change"] = 100 * (tab["tuned"] - tab["base"]) / tab["base"].abs()
-tab.index = [query.METRIC_LABELS[m] for m in tab.index]
-tab.index.name = "metric"
-show_table(tab, f"sample_{sample}_metrics_{info.pair}", "sample_metrics",
+show_table(query.sample_metrics(view), f"sample_{sample}_metrics_{info.pair}", "sample_metrics",
            column_config={"relative_change": st.column_config.NumberColumn("change (%)", format="%+.2f"),
                           "base": st.column_config.NumberColumn(format="%.5g"),
                           "tuned": st.column_config.NumberColumn(format="%.5g")})
@@ -73,7 +63,7 @@ st.caption("Per-question values: mean |s| over real edges, Shannon entropy (nats
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _sample_fig(key: str, signature: tuple, position: int, n_layers: int, sample):
-    grids = query.module_grid(query.load_run(key), "dst", sample=position)
+    grids = query.module_grid(loaded_run(key, signature), "dst", sample=position)
     return figures.grid_triptych(grids, title=f"Question {sample}: mean |s| by destination layer and module",
                                  x_title="destination module", y_title="destination layer",
                                  row_labels=figures.layer_labels(grids["base"].index, n_layers),

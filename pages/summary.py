@@ -78,10 +78,7 @@ if points.empty:
     st.stop()
 metric = url_select("Metric", list(query.METRICS), "metric", format_func=query.METRIC_LABELS.get,
                     horizontal_radio=True)
-n_pairs = points["pair"].nunique()
-caveat = "" if n_pairs >= 5 else (f"Only {n_pairs} model pair(s): a correlation across so few pairs is descriptive; "
-                                   "its p-values are unreliable.")
-show_figure(figures.change_vs_gain_figure(points, metric, caveat), f"change_vs_gain_{metric}", "cvg")
+show_figure(figures.change_vs_gain_figure(points, metric, query.pairs_caveat(points)), f"change_vs_gain_{metric}", "cvg")
 st.caption("One point per pair × dataset × α. The reviewer asked whether larger metric changes go with larger "
            "accuracy gains; with the few pairs here, read it as a picture, not a test.")
 if not corr.empty:

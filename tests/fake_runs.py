@@ -3,7 +3,7 @@
 Used by the dashboard tests and benchmarks until real runs exist. Everything a page reads is
 there: spec.json, status.json, graded answers of the whole dataset, selection.json, the two
 `attribute` output directories (random scores on the real Graph mask) and metrics.json computed
-with eapcore.analysis.paired_comparison (the same function the `metrics` stage uses).
+with eapcore.stats.analysis.paired_comparison (the same function the `metrics` stage uses).
 
     python tests/fake_runs.py DIR [--paper]     # then EAP_CACHE_DIR=DIR streamlit run app.py
 """
@@ -103,7 +103,8 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
 
     from eapcore.stats.analysis import paired_comparison
     from eapcore.graph import Graph
-    from eapcore.stats.metrics import _jsonable, real_edge_scores
+    from eapcore.stats.metrics import real_edge_scores
+    from eapcore.stats.report import _jsonable
 
     root = Path(root)
     models_dir = models_dir or root / "models"

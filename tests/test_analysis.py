@@ -1,4 +1,4 @@
-"""eapcore.analysis against direct computations written out here (loops, enumeration, scipy)."""
+"""eapcore.stats.analysis against direct computations written out here (loops, enumeration, scipy)."""
 from __future__ import annotations
 
 import itertools

@@ -9,12 +9,13 @@ import torch
 from scipy.stats import spearmanr
 
 import eap_reference as R
-from eapcore.engine.attribution import (IGNORE, AttributionError, AttributionResult, EngineOptions, attribute,
+from eapcore.engine.attribution import (IGNORE, AttributionError, EngineOptions, attribute,
                                  attribute_batch, graph_of, make_batch, metric_loss)
 from eapcore.graph import Graph
 from eapcore.harness import Sample, write_samples
 from eapcore.engine.models import Adapter, ModelLoadError, load_model, to_hooked_transformer
 from eapcore.specs import AttributionSettings
+from eapcore.stats.report import load_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,7 +325,7 @@ def test_cli_writes_documented_format(tmp_path, checkpoints):
                 "--granularity", "head", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "line 4: malformed JSON" in r.stderr
-    res = AttributionResult.load(out)
+    res = load_scores(out)  # the one reader of the result format (eapcore.stats.report)
     graph = json.loads((out / "graph.json").read_text())
     assert res.scores.shape == (3, len(graph["forward"]), len(graph["backward"]))
     assert graph["forward"][:2] == ["input", "a0.h0"] and graph["backward"][-1] == "logits"
@@ -332,7 +333,8 @@ def test_cli_writes_documented_format(tmp_path, checkpoints):
     assert manifest["sample_ids"] == [0, 1, 2] and manifest["cut_len"] == 4
     assert "torch" in manifest["versions"]
     direct = attribute(load_model(str(checkpoints["qwen2"])), samples, 4, AttributionSettings(granularity="head"))
-    torch.testing.assert_close(res.scores, direct.scores)
+    torch.testing.assert_close(torch.from_numpy(res.scores), direct.scores)
+    torch.testing.assert_close(torch.from_numpy(res.loss), direct.loss)
 
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, checkpoints):

@@ -2,6 +2,7 @@
 Playwright driving Debian's /usr/bin/chromium. Screenshots of every page go to test-output/."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,51 +31,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fake_runs import make_small_cache
-
-    cache = tmp_path_factory.mktemp("cache")
-    make_small_cache(cache)
+@contextlib.contextmanager
+def _streamlit(cache: Path, log_dir: Path):
+    """`streamlit run app.py` on a free port over `cache`, until the block ends; yields its URL."""
     port = _free_port()
     env = {**os.environ, "EAP_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "w")
+    log = open(log_dir / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
                              "--server.headless", "true", "--server.address", "127.0.0.1",
                              "--server.port", str(port), "--browser.gatherUsageStats", "false",
                              "--server.fileWatcherType", "none"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read().strip() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"streamlit did not become healthy; log: {Path(log.name).read_text()[-2000:]}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read().strip() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"streamlit did not become healthy; log: {Path(log.name).read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def fake_cache(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fake_runs import make_small_cache
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_small_cache(cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def server(fake_cache, tmp_path_factory):
+    with _streamlit(fake_cache, tmp_path_factory.mktemp("log")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
 
     OUT.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1500, "height": 1600})
-        yield pg
-        browser.close()
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _new_page(browser):
+    return browser.new_page(viewport={"width": 1500, "height": 1600})
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    pg = _new_page(browser)
+    yield pg
+    pg.close()
 
 
 def _open(page, url: str, must_see: str, timeout: float = 30_000) -> None:
@@ -165,3 +189,19 @@ def test_every_page_in_a_browser(server, page):
     # Run: form, cache state, past runs
     _open(page, f"{server}/run", "Past runs")
     _check(page, "run", n_charts=0, n_tables=1)
+
+
+def test_deep_link_to_a_fresh_server_is_routed_by_app_py(fake_cache, browser, tmp_path):
+    """Against the pinned Streamlit (1.67): the first request a fresh server gets runs the linked
+    page alone, in Streamlit's pages-folder mode (pages/ exists next to app.py); the page header
+    leaves that mode (pages/common.py `_ensure_navigation`, the one place that touches Streamlit
+    internals) and reruns, so app.py's st.navigation serves the link: its sections and page title."""
+    with _streamlit(fake_cache, tmp_path) as url:
+        pg = _new_page(browser)
+        _open(pg, f"{url}/summary", "Metric change vs accuracy gain")
+        nav = pg.locator('[data-testid="stSidebarNav"]')
+        nav.get_by_text("Across runs").wait_for(timeout=15_000)
+        text = nav.inner_text()
+        assert "One run" in text and "Correct vs incorrect" in text and "common" not in text.lower(), text
+        assert pg.title() == "RL circuit diff"  # app.py's page config
+        pg.close()

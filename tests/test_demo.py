@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eapcore.stats import metrics
+from eapcore.stats import metrics, report
 from eapcore.runs import commands
 from eapcore.runs.cache import Cache, import_bundle
 
@@ -46,7 +46,7 @@ def test_shipped_runs_are_intact_and_their_metrics_reproduce(imported):
         assert imported.verify_run(key) == []
         folder = imported.run_dir(key)
         stored = json.loads((folder / "metrics.json").read_text())
-        base, tuned = metrics.load_scores(folder / "base"), metrics.load_scores(folder / "tuned")
+        base, tuned = report.load_scores(folder / "base"), report.load_scores(folder / "tuned")
         fresh = metrics.compute_metrics(metrics.real_edge_scores(tuned.scores, tuned.mask), metrics.MetricSettings())
         for m in metrics.METRICS:
             np.testing.assert_allclose(stored[m]["tuned"], fresh[m], rtol=1e-9)

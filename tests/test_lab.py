@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from eapcore.lab.problems import (TEMPLATE, build_prompt, extract_boxed, generate, is_correct,
-                                  make_splits)
+from eapcore.answers.grading import is_equivalent, last_boxed
+from eapcore.lab.problems import TEMPLATE, build_prompt, generate, is_correct, make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -49,7 +49,7 @@ def test_answers_are_exact():
             assert _safe_eval(f"{x} {op} {y}") == int(z)
         assert int(eqs[-1][3]) == p.answer
         assert p.solution.startswith(" ") and p.solution.endswith(f"\\boxed{{{p.answer}}}.")
-        assert extract_boxed(p.solution) == str(p.answer)
+        assert last_boxed(p.solution) == str(p.answer)
         assert is_correct(p.solution, p.answer) and not is_correct(p.solution, p.answer + 1)
         # every number in the question is used
         assert set(re.findall(r"\d+", p.question)) <= set(re.findall(r"\d+", p.expression))
@@ -83,6 +83,15 @@ def test_is_correct_reads_the_last_box():
     assert is_correct(" 1 + 2 = 3. \\boxed{4} then \\boxed{3}.", 3)
     assert not is_correct(" no box 3", 3)
     assert not is_correct("\\boxed{x}", 3)
+
+
+def test_lab_reward_is_stricter_than_grading():
+    """The same extraction as the project's grading (its last boxed answer), but only an exact
+    integer earns the reward where math-verify accepts any equivalent form."""
+    for text in ("\\boxed{3.0}", "\\boxed{\\frac{6}{2}}"):
+        assert is_equivalent(last_boxed(text), "3")  # the project's grading accepts these
+        assert not is_correct(text, 3)  # the lab's reward does not
+    assert is_correct("\\fbox{3}", 3) and is_correct("\\boxed{ 3 }", 3)
 
 
 # ------------------------------------------------------------------ tokenizer

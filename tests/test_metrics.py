@@ -1,4 +1,4 @@
-"""eapcore.metrics against slow, obviously-correct references written out here (loops + scipy)."""
+"""eapcore.stats.metrics and eapcore.stats.report against slow, obviously-correct references written out here (loops + scipy)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 from eapcore.stats import metrics as M
+from eapcore.stats import report as R
 from eapcore.specs import MetricSettings
 
 OPTIONS = [
@@ -75,7 +76,7 @@ def write_result(folder, scores, graph, sample_ids, model="m") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"scores": torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)),
                "real_edge_mask": torch.from_numpy(make_mask(graph)),
-               "loss": torch.zeros(len(scores))}, str(folder / "scores.safetensors"))
+               "loss": torch.linspace(0.5, 1.5, len(scores))}, str(folder / "scores.safetensors"))
     (folder / "graph.json").write_text(json.dumps(graph))
     (folder / "manifest.json").write_text(json.dumps({"model": model, "sample_ids": list(sample_ids),
                                                       "cut_len": 8}))
@@ -251,24 +252,25 @@ def test_load_scores_round_trip(tmp_path):
     graph = make_graph(2)
     scores = random_scores(rng, 3, graph)
     write_result(tmp_path / "r", scores, graph, [10, 11, 12])
-    loaded = M.load_scores(tmp_path / "r")
-    scores_l, mask_l, graph_l, manifest_l = loaded
+    loaded = R.load_scores(tmp_path / "r")
+    scores_l, mask_l, graph_l, manifest_l, loss_l = loaded
     assert np.array_equal(scores_l, scores) and mask_l.dtype == bool
+    assert loss_l.dtype == np.float32 and np.allclose(loss_l, [0.5, 1.0, 1.5])
     assert np.array_equal(mask_l, make_mask(graph)) and graph_l == graph
     assert manifest_l["sample_ids"] == [10, 11, 12]
     with pytest.raises(FileNotFoundError, match="graph.json"):
         (tmp_path / "r" / "graph.json").unlink()
-        M.load_scores(tmp_path / "r")
+        R.load_scores(tmp_path / "r")
 
 
 def test_load_scores_rejects_mismatched_parts(tmp_path):
     graph = make_graph(2)
     write_result(tmp_path / "r", np.zeros((3, len(graph["forward"]), len(graph["backward"]))), graph, [1, 2])
     with pytest.raises(ValueError, match="sample_ids"):
-        M.load_scores(tmp_path / "r")
+        R.load_scores(tmp_path / "r")
     (tmp_path / "r" / "graph.json").write_text(json.dumps(make_graph(3)))
     with pytest.raises(ValueError, match="do not match"):
-        M.load_scores(tmp_path / "r")
+        R.load_scores(tmp_path / "r")
 
 
 def test_summary_table_pivot():
@@ -305,7 +307,7 @@ def _cli_fixture(tmp_path, ids_tuned=None, graph_tuned=None):
 def test_cli_writes_the_three_metrics(tmp_path, capsys):
     base, tuned, mask = _cli_fixture(tmp_path)
     out = tmp_path / "out" / "m.json"
-    rc = M.command(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--out", str(out),
+    rc = R.command(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--out", str(out),
                     "--kurtosis", "pearson", "--bootstrap", "200", "--seed", "3"])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -326,15 +328,15 @@ def test_cli_writes_the_three_metrics(tmp_path, capsys):
 
 def test_cli_refuses_unpaired_or_different_graphs(tmp_path, capsys):
     _cli_fixture(tmp_path / "a", ids_tuned=list(range(101, 121)))
-    rc = M.command(["--base", str(tmp_path / "a" / "base"), "--tuned", str(tmp_path / "a" / "tuned"),
+    rc = R.command(["--base", str(tmp_path / "a" / "base"), "--tuned", str(tmp_path / "a" / "tuned"),
                     "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "sample_ids differ" in capsys.readouterr().out
     _cli_fixture(tmp_path / "b", ids_tuned=list(range(119, 99, -1)))
-    rc = M.command(["--base", str(tmp_path / "b" / "base"), "--tuned", str(tmp_path / "b" / "tuned"),
+    rc = R.command(["--base", str(tmp_path / "b" / "base"), "--tuned", str(tmp_path / "b" / "tuned"),
                     "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "different order" in capsys.readouterr().out
     _cli_fixture(tmp_path / "c", graph_tuned=make_graph(4))
-    rc = M.command(["--base", str(tmp_path / "c" / "base"), "--tuned", str(tmp_path / "c" / "tuned"),
+    rc = R.command(["--base", str(tmp_path / "c" / "base"), "--tuned", str(tmp_path / "c" / "tuned"),
                     "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "graphs differ" in capsys.readouterr().out
     assert not (tmp_path / "x.json").exists()
@@ -361,7 +363,7 @@ def test_undefined_values_are_null_in_strict_json(tmp_path, capsys):
     write_result(tmp_path / "base", const, graph, range(6))
     write_result(tmp_path / "tuned", 2 * const, graph, range(6))
     out = tmp_path / "m.json"
-    rc = M.command(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--out", str(out),
+    rc = R.command(["--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--out", str(out),
                     "--bootstrap", "50"])
     assert rc == 0 and "n/a" in capsys.readouterr().out
 

@@ -142,6 +142,25 @@ def test_no_runs_yet(monkeypatch, tmp_path):
             assert "No finished runs" in text, page
 
 
+def test_one_cache_layer_shares_a_loaded_run_until_its_files_change(monkeypatch, cache):
+    """pages/common.py is the dashboard's only memo of loaded runs: one shared object per run key and
+    file signature; a rewritten file gives a new signature and a fresh load."""
+    import os
+
+    from eapcore.views import query
+    from pages import common
+
+    monkeypatch.setenv("EAP_CACHE_DIR", str(cache))
+    info = query.finished_runs()[0]
+    data = common.loaded_run(info.key, info.signature)
+    assert common.loaded_run(info.key, info.signature) is data
+    assert common.load(query.get_run(info.key)) is data
+    p = info.path / "metrics.json"
+    os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
+    again = query.get_run(info.key)
+    assert again.signature != info.signature and common.load(again) is not data
+
+
 # ---- Run page against a real worker process (workers.start) ----------------------------------------
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""eapcore.query (read-only layer over the cache) and eapcore.figures helpers on a fake cache."""
+"""eapcore.views.query (the tables the pages draw) over eapcore.runs.results, and eapcore.views.figures
+helpers, on a fake cache."""
 from __future__ import annotations
 
 import json
@@ -45,16 +46,28 @@ def test_unfinished_run_is_not_loaded(cache, tmp_path):
         query.load_run(info)
 
 
-def test_memo_follows_file_changes(cache):
+def test_loaded_run_keeps_float32_and_computes_as_float64(cache):
+    """The views keep no memo of their own (the pages' cache layer does), hold the run's scores
+    once in float32 (read-only), and their statistics equal the float64 computation exactly."""
+    from safetensors.numpy import load_file
+
     root, keys = cache
     info = query.get_run(keys["Demo-Tiny/gsm8k/0.1"], root)
-    a = query.load_run(info)
-    assert query.load_run(query.get_run(info.key, root)) is a  # memoised
-    p = info.path / "metrics.json"
-    p.write_text(p.read_text())  # new mtime -> new signature -> reloaded
-    import os
-    os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
-    assert query.load_run(query.get_run(info.key, root)) is not a
+    data = query.load_run(info)
+    assert query.load_run(info) is not data
+    for model in ("base", "tuned"):
+        cells = data.real_edges[model]
+        assert cells.dtype == np.float32 and not cells.flags.writeable
+        sf = getattr(data, model)
+        assert not sf.scores.flags.writeable
+        np.testing.assert_array_equal(cells.astype(np.float64), metrics.real_edge_scores(sf.scores, data.mask))
+        stored = load_file(info.path / model / "scores.safetensors")
+        np.testing.assert_array_equal(data.loss[model], stored["loss"])
+    per = query.per_sample(data)
+    want = metrics.per_sample_metrics(metrics.real_edge_scores(data.tuned.scores, data.mask), data.metric_settings)
+    for m in metrics.METRICS:
+        got = per[(per.model == "tuned") & (per.metric == m)]["value"].to_numpy()
+        np.testing.assert_array_equal(got, want[m])
 
 
 def test_grids_match_analysis(cache):
@@ -130,6 +143,7 @@ def test_groups_summary_accuracy(cache):
     assert len(ov) == 12 and (ov["n"] > 0).all()
     cmp = query.compare_groups(datas["both_wrong"], datas["both_correct"], "tuned", n_bootstrap=50, n_permutations=99)
     assert set(cmp["metric"]) == set(metrics.METRICS) and "cohen_d" in cmp
+    assert cmp.attrs == {"n_bootstrap": 50, "n_permutations": 99}  # what the page's caption states
 
     rows = query.summary_rows(runs)
     change, pvals, dropped = query.table1(rows[(rows.group == "both_correct") & (rows.granularity == "layer")], "kurtosis")
@@ -141,6 +155,8 @@ def test_groups_summary_accuracy(cache):
     assert sum(row[f"n_{g}"] for g in query.GROUPS) == row["n"]
     pts, corr = query.change_vs_gain(rows[rows.group == "both_correct"], acc)
     assert not pts.empty and "caveat" in corr and corr["caveat"].str.contains("only 2 pairs").all()
+    assert query.pairs_caveat(pts) == analysis.few_pairs_caveat(2) and "only 2 pairs" in query.pairs_caveat(pts)
+    assert analysis.few_pairs_caveat(analysis.SMALL_N_PAIRS) == ""
 
 
 def test_sample_view(cache):
@@ -154,6 +170,20 @@ def test_sample_view(cache):
         assert part["tokenizer"] and part["correct"] is True
         assert (part["scored_text"] + part["rest_text"]).startswith(part["code"][:20])
         assert len(part["scored_ids"]) == min(data.t_cut, part["n_tokens"])
+    table = query.sample_metrics(v)
+    assert list(table.index) == [query.METRIC_LABELS[m] for m in metrics.METRICS] and table.index.name == "metric"
+    np.testing.assert_array_equal(table["relative_change"].to_numpy(),
+                                  metrics.relative_change(table["base"].to_numpy(), table["tuned"].to_numpy()))
+    marks = {True: "✓", False: "✗"}
+    assert query.sample_label(data, idx) == (f"question {idx} · base {marks[v['base']['correct']]} "
+                                             f"tuned {marks[v['tuned']['correct']]}")
+
+
+def test_sample_metrics_relative_change_is_nan_where_base_is_zero():
+    view = {"base": {"metrics": {"activation_intensity": 0.0, "information_complexity": 2.0, "kurtosis": -1.0}},
+            "tuned": {"metrics": {"activation_intensity": 0.5, "information_complexity": 3.0, "kurtosis": 1.0}}}
+    change = query.sample_metrics(view)["relative_change"].to_numpy()
+    assert np.isnan(change[0]) and change[1] == pytest.approx(50.0) and change[2] == pytest.approx(200.0)
 
 
 def test_figures_and_exports(cache):

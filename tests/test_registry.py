@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from eapcore import files
 from eapcore.runs import registry
 from eapcore.runs.registry import RegistryError
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
@@ -46,14 +47,14 @@ def test_builtin_pairs_and_datasets():
     from eapcore.answers.data import BUILTIN_SOURCES, resolve_template
 
     for p in pairs.values():
-        resolve_template(p.template)  # every template is known to eapcore.data
+        resolve_template(p.template)  # every template is known to eapcore.answers.data
     ds = registry.datasets()
     assert set(BUILTIN_SOURCES) <= set(ds) and ds["demo"].source == "demo/problems_test.jsonl"
     assert [p.name for p in registry.PAPER_PAIRS] == list(METHOD_TABLE)
 
 
 def test_resolve_path_is_relative_to_the_project():
-    assert registry.resolve_path("eapcore/specs.py") == str(registry.PROJECT_ROOT / "eapcore" / "specs.py")
+    assert registry.resolve_path("eapcore/specs.py") == str(files.PROJECT_ROOT / "eapcore" / "specs.py")
     assert registry.resolve_path("org/model") == "org/model"
     assert registry.looks_local("./x") and registry.looks_local("/a/b") and not registry.looks_local("org/model")
 

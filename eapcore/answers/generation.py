@@ -26,6 +26,7 @@ from typing import Any
 
 from eapcore.answers.data import Problem, encode_prompt, format_prompt, load_problems
 from eapcore.answers.grading import accuracy, extract_answer, grade_pairs, scores_of
+from eapcore.files import looks_like_path
 from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
 from eapcore.specs import DatasetSpec, GenerationSettings, ModelSpec
 
@@ -49,7 +50,7 @@ def _check_model_ref(name_or_path: str) -> None:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {path} has no config.json: give a Hugging Face model folder")
-    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+    elif looks_like_path(name_or_path):
         raise ValueError(f"model folder {name_or_path} does not exist")
 
 

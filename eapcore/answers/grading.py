@@ -4,7 +4,7 @@ Conventions:
 - A model's final answer is the content of its last `\\boxed{...}` (or `\\fbox{...}`), braces
   balanced; an answer with no complete boxed expression has pred "" and is wrong.
 - References: GSM8K = the number after `####`; MATH = the last boxed expression of the solution;
-  other datasets = the answer text with its outer `$...$` removed (see eapcore.data).
+  other datasets = the answer text with its outer `$...$` removed (see eapcore.answers.data).
 - Equivalence is math-verify's `parse` + `verify` (gold first). Both sides get the same light
   normalisation: unescaped `$` removed, then wrapped in `\\boxed{}`. Each call is guarded by
   math-verify's own timeouts (signal based, main thread only); off the main thread the whole batch
@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from eapcore.harness import first
 from eapcore.specs import GROUPS
 
 PARSE_TIMEOUT_S = 5
@@ -119,26 +120,22 @@ def grade_pairs(pairs: Iterable[tuple[str, str]]) -> list[bool]:
 
 
 # ------------------------------------------------------------------------------ sample scores
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, list) and value else value
-
-
 def score_fields(fields: Mapping[str, Any]) -> tuple[bool | None, str]:
     """A sample's stored grade from its answers-file fields: (score, how), score None if ungradable.
 
     Order: `score` (first element) if present; else `pred` vs `gt`; else the last boxed
     expression of `code` vs `gt`. Grading here is main-thread only (see `grade_pairs`).
     """
-    score = _first(fields.get("score"))
+    score = first(fields.get("score"))
     if isinstance(score, bool):
         return score, "stored"
     gt = fields.get("gt")
     if gt is None or isinstance(gt, (list, dict)):
         return None, "no `score` and no usable `gt` field"
-    pred = _first(fields.get("pred"))
+    pred = first(fields.get("pred"))
     if isinstance(pred, str):
         return is_equivalent(pred, str(gt)), "pred"
-    code = _first(fields.get("code"))
+    code = first(fields.get("code"))
     if isinstance(code, str):
         return is_equivalent(extract_answer(code), str(gt)), "code"
     return None, "no `score`, `pred` or `code` field"
@@ -187,7 +184,7 @@ def regrade(samples: Iterable[Any]) -> list[str]:
     """
     todo, problems = [], []
     for sample in samples:
-        code, gt = _first(sample.extra.get("code")), sample.extra.get("gt")
+        code, gt = first(sample.extra.get("code")), sample.extra.get("gt")
         if not isinstance(code, str) or gt is None:
             problems.append(f"idx {sample.idx}: cannot regrade (needs `code` text and `gt`)")
             continue
@@ -232,7 +229,7 @@ def command(argv: list[str]) -> int:
                 write_samples(path, samples)
         scores, ungraded = scores_of(samples)
         problems += ungraded
-        no_box = sum(1 for s in samples if _first(s.extra.get("pred")) == "")
+        no_box = sum(1 for s in samples if first(s.extra.get("pred")) == "")
         report[path] = {**accuracy(scores), "no_boxed_answer": no_box, "problems": problems}
         for msg in problems:
             print(f"warning: {path}: {msg}", file=sys.stderr)

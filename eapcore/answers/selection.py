@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from eapcore.runs.cache import write_bytes_atomic
+from eapcore.files import write_bytes_atomic
 from eapcore.answers.grading import groups, scores_of, sort_idx
 from eapcore.harness import Sample, read_samples, write_samples
 from eapcore.specs import GROUPS, SelectionSettings

@@ -49,6 +49,20 @@ from eapcore.specs import SCORING_VERSION, AttributionSettings
 
 IGNORE = -100
 
+# Tuning constants (measured in BENCHMARKS.md). None changes the scores beyond float rounding; the
+# memory model (memory_per_token, fixed_bytes) counts with the same values.
+CPU_BATCH_TOKENS = 2048  # padded tokens per batch on the CPU
+LOSS_CHUNK = 1024  # positions per chunk of the loss's [positions, vocab] logits
+CONTRACT_BLOCK_BYTES = 2 ** 29  # float32 block of positions per contraction (CPU / float32)
+CPU_REDUCTION_PIECES = 32  # pieces one CPU reduction is split into, over the batch
+GPU_SOURCE_PIECE = 600  # sources per transposed half-precision matmul on a GPU
+GPU_DIRECT_MAX_DESTINATIONS = 16  # up to this many destinations: one direct matmul
+HEAD_BLOCK_BYTES = {"cuda": 4 * 2 ** 30, "cpu": 2 ** 28}  # head granularity: one block of sources + destinations
+SLACK_BYTES = 2 ** 30  # unaccounted activation memory
+KEEP_GRAPH_FRACTION = 0.9  # of the free GPU memory, for kept layer graphs
+CPU_KEEP_GRAPH_BYTES = 2 * 2 ** 30  # kept layer graphs on the CPU
+BATCH_MEMORY_FRACTION = 0.85  # of the memory left by the model, for one batch
+
 
 @dataclass
 class Batch:
@@ -128,7 +142,7 @@ def make_batch(samples: Sequence[Sample], cut_len: int, vocab_size: int, pad_id:
 LossFn = Callable[[Adapter, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
-def self_ce_loss(adapter: Adapter, x: torch.Tensor, batch: Batch, chunk: int = 1024):
+def self_ce_loss(adapter: Adapter, x: torch.Tensor, batch: Batch, chunk: int = LOSS_CHUNK):
     """Mean cross-entropy of each sample's target tokens, computed on target positions only and in
     chunks of `chunk` positions, so the [positions, vocab] logits never exist all at once."""
     B = x.shape[0]
@@ -166,7 +180,7 @@ def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn
 # The engine
 # ---------------------------------------------------------------------------------------------
 
-def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -> torch.Tensor:
+def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = CONTRACT_BLOCK_BYTES) -> torch.Tensor:
     """[U,B,T,d] x [V,B,T,d] -> [B,U,V] float32: sums over positions and width, per sample.
 
     Inputs may be strided along U and B (views into the stored sources); each sample's [T, d] must
@@ -181,10 +195,10 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -
         # With many destinations (head granularity) cuBLAS reads [U, K] x [K, V] at 0.8-1 TB/s on an
         # H100 but computes the transposed product in pieces of <= 600 sources at 2-2.8 TB/s
         # (BENCHMARKS.md); with a few destinations (layer granularity) the direct product is faster.
-        step = -(-U // -(-U // 600))  # equal pieces of at most 600 sources
+        step = -(-U // -(-U // GPU_SOURCE_PIECE))  # equal pieces of at most GPU_SOURCE_PIECE sources
         for b in range(B):
             a, c = src[:, b].reshape(U, -1), dst[:, b].reshape(V, -1)
-            if V < 16:
+            if V < GPU_DIRECT_MAX_DESTINATIONS:
                 out[b] = torch.mm(a, c.T, out_dtype=torch.float32)
                 continue
             for u0 in range(0, U, step):
@@ -195,7 +209,7 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = 2 ** 29) -
         a = src[:, :, t0:t0 + tb].float()
         c = dst[:, :, t0:t0 + tb].float()
         K = a.shape[2] * d
-        n = math.gcd(max(1, 32 // B), K)
+        n = math.gcd(max(1, CPU_REDUCTION_PIECES // B), K)
         for b in range(B):
             out[b] += torch.bmm(a[:, b].reshape(U, n, K // n).transpose(0, 1),
                                 c[:, b].reshape(V, n, K // n).permute(1, 2, 0)).sum(0)
@@ -416,14 +430,14 @@ def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[s
 
 def fixed_bytes(adapter: Adapter, graph: Graph, device) -> int:
     """Activation bytes that do not grow with the batch: the loss's logits chunk (float32 logits,
-    softmax and gradient over 1024 positions), the head-granularity contraction block, slack."""
+    softmax and gradient over LOSS_CHUNK positions), the head-granularity contraction block, slack."""
     vocab = getattr(adapter.config, "vocab_size", 50257)
-    return 1024 * vocab * 16 + (head_block_bytes(device) if graph.granularity == "head" else 0) + 2 ** 30
+    return LOSS_CHUNK * vocab * 16 + (head_block_bytes(device) if graph.granularity == "head" else 0) + SLACK_BYTES
 
 
 def head_block_bytes(device) -> int:
     """Memory for one block of sources and destinations at head granularity."""
-    return 4 * 2 ** 30 if torch.device(device).type == "cuda" else 2 ** 28
+    return HEAD_BLOCK_BYTES["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
 def free_cuda_bytes(device) -> int:
@@ -444,10 +458,10 @@ def layers_to_keep(adapter: Adapter, graph: Graph, B: int, T: int, opts: EngineO
     per_layer = mem["graph"] * B * T
     if torch.device(device).type == "cuda":
         resid = (adapter.n_layers + 1) * adapter.d_model * dtype_bytes * B * T
-        budget = 0.9 * (free_cuda_bytes(device) - resid - mem["working"] * B * T
+        budget = KEEP_GRAPH_FRACTION * (free_cuda_bytes(device) - resid - mem["working"] * B * T
                         - fixed_bytes(adapter, graph, device)) - per_layer
     else:
-        budget = 2 * 2 ** 30
+        budget = CPU_KEEP_GRAPH_BYTES
     return int(max(0, min(adapter.n_layers, budget // max(per_layer, 1))))
 
 
@@ -457,7 +471,7 @@ def fit_batch_tokens(adapter: Adapter, graph: Graph, dtype_bytes: int, free_byte
     run, alone, recomputing the layers that do not fit."""
     mem = memory_per_token(adapter, graph, dtype_bytes)
     per_token = mem["stored"] + mem["working"] + adapter.n_layers * mem["graph"]
-    return max(1, int(0.85 * (free_bytes - fixed_bytes(adapter, graph, device))) // per_token)
+    return max(1, int(BATCH_MEMORY_FRACTION * (free_bytes - fixed_bytes(adapter, graph, device))) // per_token)
 
 
 def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, loss_fn: LossFn = self_ce_loss,
@@ -546,16 +560,6 @@ class AttributionResult:
         with open(out / "manifest.json", "w") as fh:
             json.dump(self.manifest, fh, indent=1)
 
-    @classmethod
-    def load(cls, out_dir: str | Path) -> "AttributionResult":
-        from safetensors.torch import load_file
-
-        out = Path(out_dir)
-        t = load_file(str(out / "scores.safetensors"))
-        graph = Graph.from_json(json.loads((out / "graph.json").read_text()))
-        manifest = json.loads((out / "manifest.json").read_text())
-        return cls(t["scores"], t["loss"], graph, manifest)
-
 
 def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
               settings: AttributionSettings = AttributionSettings(), loss_fn: LossFn = self_ce_loss,
@@ -602,9 +606,9 @@ def result_manifest(model_name: str, samples: Sequence[Sample], cut_len: int, se
 
 def default_batch_tokens(model: LoadedModel, graph: Graph) -> int:
     """Tokens per batch: every layer's graph kept in the free GPU memory (fit_batch_tokens) on
-    CUDA; 2048 on CPU."""
+    CUDA; CPU_BATCH_TOKENS on CPU."""
     if model.device.type != "cuda":
-        return 2048
+        return CPU_BATCH_TOKENS
     return fit_batch_tokens(model.adapter, graph, torch.finfo(model.dtype).bits // 8,
                             free_cuda_bytes(model.device), model.device)
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from eapcore.files import looks_like_path
+
 SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,11 +40,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The transformers config of a folder or hub id, with clear errors for the usual mistakes."""
     from transformers import AutoConfig
@@ -55,7 +52,7 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
             raise ModelLoadError(f"model folder {name_or_path} has no config.json: it is not a Hugging Face "
                                  "checkpoint folder (save one with model.save_pretrained(folder))")
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise ModelLoadError(f"model folder {name_or_path} does not exist")
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

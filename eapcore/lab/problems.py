@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from eapcore.answers.grading import last_boxed
+
 # The deepseek-math prompt template (METHOD.md), used verbatim for the demo pairs.
 TEMPLATE_NAME = "deepseek-math"
 TEMPLATE = ("User: {question}\nPlease reason step by step, and put your final answer within "
@@ -141,18 +143,10 @@ def make_splits(n_train: int, n_test: int, seed: int = 0,
     return train, test
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in `text` (no nested braces), or None."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
-
-
 def is_correct(completion: str, reference: str | int) -> bool:
-    """The lab's reward: the last boxed answer equals the reference integer exactly."""
-    pred = extract_boxed(completion)
+    """The lab's reward, stricter than the project's grading (math-verify equivalence): the last
+    boxed answer (`eapcore.answers.grading.last_boxed`) is an integer equal to the reference."""
+    pred = last_boxed(completion)
     if pred is None:
         return False
     try:

@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,9 +36,10 @@ from typing import Any, Callable, Iterable
 
 from filelock import FileLock, Timeout
 
+from eapcore.files import cache_root, read_json, replace_dir, temp_name, write_json_atomic
+
 log = logging.getLogger("eapcore.cache")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KINDS: tuple[str, ...] = ("generations", "grades", "selections", "scores")
 RESERVED = ("runs", "work", "locks")
 MANIFEST = "manifest.json"
@@ -51,12 +51,8 @@ class CacheError(RuntimeError):
     """A cache or bundle problem; the message says what is wrong and what to do."""
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("EAP_CACHE_DIR") or PROJECT_ROOT / "cache").expanduser()
-
-
 # ---------------------------------------------------------------------------------------------
-# Files: checksums and atomic writes
+# Files: checksums
 # ---------------------------------------------------------------------------------------------
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -92,51 +88,6 @@ def verify_tree(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and `os.replace` (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing what is there (the old copy is renamed away first)."""
-    old = None
-    if dst.exists():
-        old = _tmp_name(dst)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_json_or_none(path: Path) -> Any:
-    """The decoded JSON file, or None if it is missing or not valid JSON (for status and result
-    files that another process may be writing or may not have written yet)."""
-    try:
-        return _read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +111,7 @@ class Entry:
 
 @dataclass
 class Cache:
-    root: Path = field(default_factory=default_root)
+    root: Path = field(default_factory=cache_root)
     problems: list[str] = field(default_factory=list)  # corrupted entries seen by this object
 
     def __post_init__(self):
@@ -210,7 +161,7 @@ class Cache:
         if not path.exists():
             return None
         try:
-            manifest = _read_json(path / MANIFEST)
+            manifest = read_json(path / MANIFEST)
             problems = verify_tree(path, manifest["files"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             problems = [f"{MANIFEST}: unreadable ({type(err).__name__}: {err})"]
@@ -227,7 +178,7 @@ class Cache:
         is kept and the new files dropped."""
         final = self.entry_path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(final)
+        tmp = temp_name(final)
         tmp.mkdir()
         started = time.time()
         try:
@@ -257,7 +208,7 @@ class Cache:
 
     def discard(self, path: Path) -> None:
         """Remove an entry or run folder (renamed away first, so no reader sees it half-gone)."""
-        gone = _tmp_name(path)
+        gone = temp_name(path)
         try:
             os.replace(path, gone)
         except FileNotFoundError:  # already gone (another process removed it)
@@ -299,12 +250,12 @@ class Cache:
         """Problems of a sealed run folder ([] when intact); an unsealed one is a problem too."""
         folder = self.run_dir(key)
         try:
-            return verify_tree(folder, _read_json(folder / MANIFEST)["files"])
+            return verify_tree(folder, read_json(folder / MANIFEST)["files"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             return [f"{MANIFEST}: unreadable or missing ({type(err).__name__})"]
 
     def run_entries(self, key: str) -> list[tuple[str, str]]:
-        return [tuple(e) for e in _read_json(self.run_dir(key) / MANIFEST)["entries"]]
+        return [tuple(e) for e in read_json(self.run_dir(key) / MANIFEST)["entries"]]
 
     # ---- listing and removal ------------------------------------------------------------------
     def list_entries(self) -> list[dict[str, Any]]:
@@ -375,11 +326,11 @@ def _describe(path: Path) -> str:
     """A one-line summary of an entry or run folder from its JSON files."""
     try:
         if (path / "spec.json").is_file():
-            spec = _read_json(path / "spec.json")["spec"]
-            status = _read_json(path / "status.json").get("stage", "?") if (path / "status.json").is_file() else "?"
+            spec = read_json(path / "spec.json")["spec"]
+            status = read_json(path / "status.json").get("stage", "?") if (path / "status.json").is_file() else "?"
             return (f"{spec['pair']['name']} | {spec['dataset']['name']} | alpha {spec['selection']['alpha']} "
                     f"| {status}")
-        meta = _read_json(path / MANIFEST).get("meta", {})
+        meta = read_json(path / MANIFEST).get("meta", {})
         return ", ".join(f"{k}={v}" for k, v in meta.items() if isinstance(v, (str, int, float)))[:120]
     except (OSError, ValueError, KeyError, TypeError):
         return "(unreadable)"
@@ -412,7 +363,7 @@ def export_bundle(cache: Cache, run_keys: Iterable[str], out: str | os.PathLike)
     files = {}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(out)
+    tmp = temp_name(out)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for prefix, folder in folders:
@@ -486,7 +437,7 @@ def import_bundle(cache: Cache, bundle_path: str | os.PathLike, overwrite: bool 
                 result["kept"].append(label)
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _tmp_name(dest)
+            tmp = temp_name(dest)
             try:
                 for name, rel in items:
                     target = tmp / rel
@@ -499,7 +450,7 @@ def import_bundle(cache: Cache, bundle_path: str | os.PathLike, overwrite: bool 
                     if h.hexdigest() != files[name]["sha256"]:
                         raise CacheError(f"{bundle_path}: member {name} fails its checksum; the bundle "
                                          "is damaged, nothing of this entry was installed")
-                problems = verify_tree(tmp, _read_json(tmp / MANIFEST)["files"]) if (tmp / MANIFEST).is_file() \
+                problems = verify_tree(tmp, read_json(tmp / MANIFEST)["files"]) if (tmp / MANIFEST).is_file() \
                     else [f"{MANIFEST}: missing"]
                 if problems:
                     raise CacheError(f"{bundle_path}: {label} is inconsistent ({'; '.join(problems)})")
@@ -525,7 +476,7 @@ def _human(n: float) -> str:
 def command(argv: list[str]) -> int:
     """`python -m eapcore cache [list|size|rm KEY...|clear --yes]`."""
     p = argparse.ArgumentParser(prog="python -m eapcore cache",
-                                description=f"Show and remove cache entries (root: {default_root()}; "
+                                description=f"Show and remove cache entries (root: {cache_root()}; "
                                             "set EAP_CACHE_DIR to use another).")
     sub = p.add_subparsers(dest="action")
     sub.add_parser("list", help="every entry and run: kind, key, size, what it is")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from eapcore.runs import registry
-from eapcore.runs.cache import Cache, CacheError, read_json_or_none
+from eapcore.files import read_json_or_none
+from eapcore.runs.cache import Cache, CacheError
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec
 from eapcore.runs.memory import predict_memory

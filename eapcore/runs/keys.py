@@ -76,7 +76,7 @@ def dataset_identity(ds: DatasetSpec) -> dict[str, Any]:
 
 
 def grading_identity() -> dict[str, Any]:
-    """The grading code (eapcore/grading.py source) and math-verify version: grades depend on them."""
+    """The grading code (eapcore/answers/grading.py source) and math-verify version: grades depend on them."""
     import importlib.metadata as md
 
     from eapcore.answers import grading

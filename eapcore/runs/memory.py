@@ -11,7 +11,7 @@ from eapcore.runs import registry
 from eapcore.runs.keys import max_new_tokens
 from eapcore.specs import RunSpec
 
-MAX_BATCH_TOKENS = {"cpu": 2048, "cuda": 32768}  # cpu: the engine's default; cuda: a kill loses <= 1 batch
+MAX_BATCH_TOKENS = {"cuda": 32768}  # a kill loses <= 1 batch; other devices: the engine's CPU_BATCH_TOKENS
 
 
 @functools.lru_cache(maxsize=32)
@@ -60,7 +60,7 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     a message."""
     from types import SimpleNamespace
 
-    from eapcore.engine.attribution import fit_batch_tokens, fixed_bytes, memory_per_token
+    from eapcore.engine.attribution import CPU_BATCH_TOKENS, fit_batch_tokens, fixed_bytes, memory_per_token
     from eapcore.graph import Graph
     from eapcore.engine.models import resolve_device
 
@@ -87,7 +87,7 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     needed = fixed + per_token * sample_tokens
     fits = needed <= usable
     fit_tokens = fit_batch_tokens(adapter, graph, dtype_bytes, max(0, available - model_bytes), device)
-    batch = att.max_batch_tokens or min(MAX_BATCH_TOKENS.get(device.type, 2048), fit_tokens)
+    batch = att.max_batch_tokens or min(MAX_BATCH_TOKENS.get(device.type, CPU_BATCH_TOKENS), fit_tokens)
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     what = "up to " if estimated else ""
     if fits:

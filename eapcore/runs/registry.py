@@ -23,10 +23,9 @@ from typing import Any
 
 from filelock import FileLock
 
-from eapcore.runs.cache import write_json_atomic
+from eapcore.files import PROJECT_ROOT, looks_like_path, write_json_atomic
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RegistryError(ValueError):
@@ -64,7 +63,7 @@ DEMO_PAIRS: tuple[PairSpec, ...] = (
 )
 BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS
 
-# Empty source: resolved by name in eapcore.data (BUILTIN_SOURCES).
+# Empty source: resolved by name in eapcore.answers.data (BUILTIN_SOURCES).
 BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec("math"), DatasetSpec("math500"), DatasetSpec("gsm8k"), DatasetSpec("college_math"),
     DatasetSpec("demo", source="demo/problems_test.jsonl", limit=600),  # half the held-out set: a quick demo
@@ -81,8 +80,8 @@ def registry_path() -> Path:
 
 def looks_local(name_or_path: str) -> bool:
     """True for a folder/file path, False for a hub id ("name" or "org/name") that is not on disk."""
-    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-            or Path(name_or_path).expanduser().exists() or (PROJECT_ROOT / name_or_path).exists())
+    return (looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists()
+            or (PROJECT_ROOT / name_or_path).exists())
 
 
 def resolve_path(name_or_path: str) -> str:

@@ -2,17 +2,14 @@
 a finished one (scores, graph, selection, metrics.json, answers) into memory.
 
 A finished run is the folder `runs/<key>/` of DESIGN.md ("A finished run in the cache"). Nothing
-here computes attributions or writes to the cache.
-
-Loaded runs are memoised in a small LRU keyed by the run folder and the mtimes and sizes of its
-files (`RunInfo.signature`), so a page render after the first only slices cached arrays.
+here computes attributions or writes to the cache, and nothing is memoised: the dashboard keeps
+loaded runs in its one cache layer (pages/common.py), keyed by `RunInfo.signature` (the mtimes and
+sizes of the run's files), so a rewritten run is never served stale.
 """
 from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,19 +18,13 @@ from typing import Any
 import numpy as np
 
 from eapcore.graph import Graph
-from eapcore.runs.cache import read_json_or_none
+from eapcore.files import cache_root, read_json_or_none
 from eapcore.specs import GROUP_LABELS, MetricSettings, RunSpec, from_dict
-from eapcore.stats import metrics
+from eapcore.stats import metrics, report
 
-PROJECT = Path(__file__).resolve().parents[2]
 _RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
               "answers_tuned.jsonl", "base/scores.safetensors", "base/graph.json", "base/manifest.json",
               "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json")
-
-
-def cache_root(root: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `root`, else $EAP_CACHE_DIR, else <project>/cache."""
-    return Path(root or os.environ.get("EAP_CACHE_DIR") or PROJECT / "cache")
 
 
 # ---- listing runs --------------------------------------------------------------------------------
@@ -157,15 +148,20 @@ def get_run(key: str, root: str | os.PathLike | None = None) -> RunInfo | None:
 
 @dataclass
 class RunData:
-    """A finished run in memory. Arrays are read-only."""
+    """A finished run in memory. Arrays are read-only and float32 as stored; statistics compute in
+    float64 where they need it (eapcore.stats converts its inputs)."""
 
     info: RunInfo
-    base: metrics.ScoreFile
-    tuned: metrics.ScoreFile
+    base: report.ScoreFile
+    tuned: report.ScoreFile
     selection: dict
     metrics: dict
     answers: dict  # {"base"|"tuned": {idx: row dict}}
-    loss: dict = field(default_factory=dict)  # {"base"|"tuned": float32 [N] clean loss} if stored
+
+    @property
+    def loss(self) -> dict[str, np.ndarray | None]:
+        """{"base"|"tuned": float32 [N] clean loss, or None if the scores file has none}."""
+        return {"base": self.base.loss, "tuned": self.tuned.loss}
 
     @property
     def key(self) -> str:
@@ -195,9 +191,12 @@ class RunData:
 
     @cached_property
     def real_edges(self) -> dict[str, np.ndarray]:
-        """{"base"|"tuned": float64 [N, E]} real-edge scores."""
-        return {"base": metrics.real_edge_scores(self.base.scores, self.mask),
-                "tuned": metrics.real_edge_scores(self.tuned.scores, self.mask)}
+        """{"base"|"tuned": float32 [N, E]} real-edge scores (metrics.real_edge_cells), read-only."""
+        out = {"base": metrics.real_edge_cells(self.base.scores, self.mask),
+               "tuned": metrics.real_edge_cells(self.tuned.scores, self.mask)}
+        for cells in out.values():
+            cells.setflags(write=False)
+        return out
 
 
 def _read_answers(path: Path) -> dict:
@@ -229,27 +228,13 @@ def read_answers(info: RunInfo, which: str) -> dict:
     return _read_answers(info.path / f"answers_{which}.jsonl")
 
 
-def _read_loss(path: Path) -> np.ndarray | None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            return fh.get_tensor("loss") if "loss" in fh.keys() else None
-    except (OSError, ValueError):
-        return None
-
-
 class RunNotReady(RuntimeError):
     """The run folder is not a finished run (still running, failed or incomplete)."""
 
 
-_LOCK = threading.Lock()
-_MEMO: "OrderedDict[tuple, RunData]" = OrderedDict()
-MEMO_SIZE = 4
-
-
 def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunData:
-    """Load a finished run (memoised by folder + file signature, at most MEMO_SIZE runs)."""
+    """Load a finished run: both score files (stats.report.load_scores, checked paired), the
+    selection, metrics.json and both models' answers. RunNotReady if it is not finished."""
     if isinstance(info, str):
         found = get_run(info, root)
         if found is None:
@@ -258,21 +243,9 @@ def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunD
     if not info.finished:
         missing = [f for f in _RUN_FILES if not (info.path / f).is_file()]
         raise RunNotReady(f"run {info.key} is not finished (stage {info.stage}; missing {missing or 'nothing'})")
-    memo_key = (str(info.path), info.signature)
-    with _LOCK:
-        if memo_key in _MEMO:
-            _MEMO.move_to_end(memo_key)
-            return _MEMO[memo_key]
-    base, tuned = metrics.load_scores(info.path / "base"), metrics.load_scores(info.path / "tuned")
-    metrics.check_paired(base, tuned)
+    base, tuned = report.load_scores(info.path / "base"), report.load_scores(info.path / "tuned")
+    report.check_paired(base, tuned)
     for sf in (base, tuned):
         sf.scores.setflags(write=False)
-    data = RunData(info, base, tuned, read_json_or_none(info.path / "selection.json") or {},
-                   read_json_or_none(info.path / "metrics.json") or {},
-                   {w: _read_answers(info.path / f"answers_{w}.jsonl") for w in ("base", "tuned")},
-                   {w: _read_loss(info.path / w / "scores.safetensors") for w in ("base", "tuned")})
-    with _LOCK:
-        _MEMO[memo_key] = data
-        while len(_MEMO) > MEMO_SIZE:
-            _MEMO.popitem(last=False)
-    return data
+    return RunData(info, base, tuned, read_json_or_none(info.path / "selection.json") or {},
+                   read_metrics(info), {w: read_answers(info, w) for w in ("base", "tuned")})

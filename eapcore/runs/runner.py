@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from eapcore.runs import stages
-from eapcore.runs.cache import MANIFEST, Cache, read_json_or_none, write_bytes_atomic, write_json_atomic
+from eapcore.files import read_json_or_none, write_bytes_atomic, write_json_atomic
+from eapcore.runs.cache import MANIFEST, Cache
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec, stage_keys
 from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter

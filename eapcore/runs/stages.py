@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from eapcore.runs import registry
-from eapcore.runs.cache import Cache, read_json_or_none, replace_dir, write_json_atomic
+from eapcore.files import read_json_or_none, replace_dir, write_json_atomic
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import RunError
 from eapcore.runs.keys import digest, max_new_tokens, model_identity, score_key
 from eapcore.runs.memory import predict_memory
@@ -240,11 +241,11 @@ def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, 
 
 
 def stage_metrics(folder: Path, rep: Reporter) -> None:
-    from eapcore.stats import metrics
+    from eapcore.stats import report
 
     rep.stage("metrics", total=1)
     try:
-        result = metrics.metrics_result(metrics.load_scores(folder / "base"), metrics.load_scores(folder / "tuned"))
+        result = report.metrics_result(report.load_scores(folder / "base"), report.load_scores(folder / "tuned"))
     except ValueError as err:
         raise RunError(f"metrics failed: {err}") from None
     write_json_atomic(folder / "metrics.json", result)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from eapcore.runs import registry
-from eapcore.runs.cache import Cache, read_json_or_none, write_json_atomic
+from eapcore.files import PROJECT_ROOT, read_json_or_none, write_json_atomic
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import Cancelled
 from eapcore.runs.keys import check_spec
 from eapcore.specs import RunSpec, spec_key, to_dict
@@ -140,7 +140,7 @@ def start(spec: RunSpec, cache: Cache | None = None) -> str:
     env = {**os.environ, "EAP_CACHE_DIR": str(cache.root.resolve())}
     with open(folder / "worker.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "eapcore", "run", "--spec-json", str(folder / "spec.json"),
-                                 "--quiet"], cwd=str(registry.PROJECT_ROOT), env=env, stdout=log,
+                                 "--quiet"], cwd=str(PROJECT_ROOT), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _WORKERS[key] = proc
     write_json_atomic(folder / "status.json", {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,

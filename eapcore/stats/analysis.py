@@ -403,6 +403,13 @@ def pca_2d(*groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
 
 # ---- across pairs ---------------------------------------------------------------------------
 
+def few_pairs_caveat(n_pairs: int) -> str:
+    """The warning for a correlation across fewer than SMALL_N_PAIRS model pairs ("" from there on)."""
+    if n_pairs >= SMALL_N_PAIRS:
+        return ""
+    return f"only {n_pairs} pairs: the correlation is descriptive and its p-values are unreliable"
+
+
 def cross_pair_correlation(rows: Any, by: Sequence[str] = ()):
     """Correlation across model pairs between each metric's relative change and accuracy gain.
 
@@ -438,6 +445,6 @@ def cross_pair_correlation(rows: Any, by: Sequence[str] = ()):
                 pr, sr = stats.pearsonr(x, y), stats.spearmanr(x, y)
             row.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue),
                        spearman_rho=float(sr.statistic), spearman_p=float(sr.pvalue))
-            row["caveat"] = small + "the correlation is descriptive and its p-values are unreliable" if small else ""
+            row["caveat"] = few_pairs_caveat(n)
         out.append(row)
     return pd.DataFrame(out)

@@ -1,7 +1,7 @@
 """Pure Plotly figure builders and table formatting / export helpers for the dashboard.
 
 Nothing here reads the cache or imports Streamlit: inputs are the DataFrames and arrays of
-eapcore.query. Colour conventions (all pages):
+eapcore.views.query. Colour conventions (all pages):
 - base / tuned magnitudes share one sequential scale (Viridis) from 0 (or the log floor) to the
   larger maximum of the two;
 - relative change uses a diverging scale (RdBu reversed: red = tuned larger, blue = tuned

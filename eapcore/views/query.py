@@ -16,6 +16,7 @@ import pandas as pd
 from eapcore.runs import results
 from eapcore.runs.results import (RunData, RunInfo, RunNotReady, cache_root, finished_runs, get_run,  # noqa: F401
                                   list_runs, load_run)  # the pages read runs through this module
+from eapcore.harness import first
 from eapcore.specs import GROUP_LABELS, GROUPS  # noqa: F401  (GROUP_LABELS: for the pages)
 from eapcore.stats import analysis, metrics
 
@@ -36,7 +37,7 @@ def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
 # ---- registry (pairs and datasets known to the tool) -------------------------------------------
 
 def registered(kind: str) -> list[Any]:
-    """Registered pairs (kind="pairs") or datasets ("datasets") from eapcore.registry, [] if the
+    """Registered pairs (kind="pairs") or datasets ("datasets") from eapcore.runs.registry, [] if the
     registry is not available. Items are PairSpec / DatasetSpec (or whatever the registry returns)."""
     try:
         from eapcore.runs import registry
@@ -177,7 +178,7 @@ def abs_score_histogram(data: RunData, bins: int = 80) -> pd.DataFrame:
     """Pooled distribution of |s| over all samples and real edges, on log-spaced bins shared by
     both models: left, right, centre (geometric), base, tuned (fraction of values per bin); zeros
     are counted in `zeros` of the returned frame's attrs."""
-    x = {m: np.abs(data.real_edges[m]).ravel() for m in ("base", "tuned")}
+    x = {m: np.abs(data.real_edges[m].astype(np.float64)).ravel() for m in ("base", "tuned")}
     nonzero = np.concatenate([v[v > 0] for v in x.values()])
     if nonzero.size == 0:
         return pd.DataFrame(columns=["left", "right", "centre", "base", "tuned"])
@@ -249,10 +250,13 @@ def group_overview(datas: dict[str, RunData]) -> pd.DataFrame:
 def compare_groups(a: RunData, b: RunData, model: str = "tuned", n_bootstrap: int = 500,
                    n_permutations: int = 1999, seed: int = 0) -> pd.DataFrame:
     """One model's scores in two answer groups (independent samples): analysis.group_comparison of
-    group b against group a, one row per metric."""
+    group b against group a, one row per metric; the resample counts in `attrs` (n_bootstrap,
+    n_permutations)."""
     res = analysis.group_comparison(a.real_edges[model], b.real_edges[model], a.metric_settings,
                                     n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed)
-    return pd.DataFrame([{"metric": m, **res[m]} for m in METRICS])
+    frame = pd.DataFrame([{"metric": m, **res[m]} for m in METRICS])
+    frame.attrs.update(n_bootstrap=n_bootstrap, n_permutations=n_permutations)
+    return frame
 
 
 # ---- across runs: Table 1, accuracy, correlation ------------------------------------------------
@@ -339,6 +343,11 @@ def change_vs_gain(rows: pd.DataFrame, acc: pd.DataFrame) -> tuple[pd.DataFrame,
     return pts, corr
 
 
+def pairs_caveat(points: pd.DataFrame) -> str:
+    """The few-pairs warning for a change-vs-gain plot ("" with enough model pairs)."""
+    return analysis.few_pairs_caveat(points["pair"].nunique())
+
+
 # ---- one sample ----------------------------------------------------------------------------------
 
 _TOKENIZERS: "OrderedDict[str, Any]" = OrderedDict()
@@ -369,11 +378,6 @@ def load_tokenizer(name_or_path: str) -> Any | None:
     return tok
 
 
-def _first(value: Any) -> Any:
-    """The harness stores pred / score / code as one-element lists (one per sampled answer)."""
-    return value[0] if isinstance(value, list) and value else value
-
-
 def sample_view(data: RunData, idx: Any) -> dict[str, Any]:
     """Everything the Samples page shows for question `idx` of the run: question, gt, and per model
     (base, tuned): answer ids, the scored part (first T_cut tokens) and the rest (decoded text if
@@ -393,19 +397,35 @@ def sample_view(data: RunData, idx: Any) -> dict[str, Any]:
         def decode(part: list[int]) -> str | None:
             return None if tok is None else tok.decode(part, skip_special_tokens=False)
 
-        score = _first(row.get("score"))
+        score = first(row.get("score"))
         manifest = data.base.manifest if model == "base" else data.tuned.manifest
         loss_pos = list(manifest["sample_ids"]).index(idx)
         out[model] = {"model": name, "answer_ids": ids, "scored_ids": ids[:cut], "rest_ids": ids[cut:],
                       "scored_text": decode(ids[:cut]), "rest_text": decode(ids[cut:]),
                       "n_tokens": len(ids), "n_prompt_tokens": len(row.get("prompt_token_ids") or []),
-                      "pred": _first(row.get("pred")), "correct": score if isinstance(score, bool) else None,
-                      "code": _first(row.get("code")), "tokenizer": tok is not None,
+                      "pred": first(row.get("pred")), "correct": score if isinstance(score, bool) else None,
+                      "code": first(row.get("code")), "tokenizer": tok is not None,
                       "metrics": {m: float(per[model][m][0]) for m in METRICS},
                       "loss": _loss(data, model, loss_pos)}
         out.setdefault("question", row.get("question"))
         out.setdefault("gt", row.get("gt"))
     return out
+
+
+def sample_label(data: RunData, idx: Any) -> str:
+    """The question picker's label: "question 7 · base ✓ tuned ✗" (? = not graded)."""
+    mark = {True: "✓", False: "✗"}
+    rb, rt = data.answers["base"].get(idx, {}), data.answers["tuned"].get(idx, {})
+    return f"question {idx} · base {mark.get(first(rb.get('score')), '?')} tuned {mark.get(first(rt.get('score')), '?')}"
+
+
+def sample_metrics(view: dict[str, Any]) -> pd.DataFrame:
+    """One question's metrics (a `sample_view`): rows metric (labelled), columns base, tuned and
+    relative_change (metrics.relative_change: NaN where base is 0)."""
+    tab = pd.DataFrame({"base": view["base"]["metrics"], "tuned": view["tuned"]["metrics"]})
+    tab["relative_change"] = metrics.relative_change(tab["base"].to_numpy(), tab["tuned"].to_numpy())
+    tab.index = pd.Index([METRIC_LABELS[m] for m in tab.index], name="metric")
+    return tab
 
 
 def _loss(data: RunData, model: str, pos: int) -> float | None:
