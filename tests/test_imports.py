@@ -1,0 +1,47 @@
+"""The allowed import directions (.importlinter; DESIGN.md "Layers") hold for the code, and the
+linter does catch an import that breaks them (run on a copy of the tree with one bad import added)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACTS = ("Layers", "Pages import only", "Views read runs", "No import cycles")  # names' starts
+
+
+def lint(root: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` over the packages under `root`, with its contracts from root/.importlinter."""
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", code, "--no-cache", "--no-logo"], cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "COLUMNS": "250"}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_the_code_keeps_every_import_contract():
+    r = lint(ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 kept, 0 broken" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("module, bad_import, contracts", [
+    ("eapcore/stats/metrics.py", "from eapcore.engine import models", {"Layers"}),  # stats never imports the engine
+    ("eapcore/engine/cached.py", "from eapcore.runs import cache", {"Layers", "No import cycles"}),  # nor the engine runs
+    ("pages/common.py", "from eapcore.stats import analysis", {"Pages import only"}),  # pages compute nothing
+    ("eapcore/views/query.py", "from eapcore.runs import stages", {"Views read runs"}),
+    ("eapcore/runs/keys.py", "from eapcore.runs import runner", {"No import cycles"}),
+])
+def test_a_forbidden_import_is_caught(tmp_path, module, bad_import, contracts):
+    for part in ("eapcore", "pages"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".importlinter", tmp_path)
+    path = tmp_path / module
+    path.write_text((path.read_text() if path.exists() else "") + f"\n{bad_import}  # noqa\n")
+    r = lint(tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    broken = [line for line in r.stdout.splitlines() if line.endswith(" BROKEN")]
+    assert len(broken) == len(contracts), r.stdout
+    assert {c for c in CONTRACTS for line in broken if line.startswith(c)} == contracts, r.stdout
