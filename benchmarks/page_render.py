@@ -5,7 +5,8 @@
 
 Each page is run once cold (first load: files read, caches filled), then `repeats` times warm
 through streamlit.testing's AppTest (the same script run a browser triggers, minus the network).
-Prints a Markdown table of cold, median and max warm seconds.
+Prints a Markdown table of cold, median and max warm seconds, and the median CPU seconds of a warm
+run (this process's CPU time: less disturbed than wall time by other jobs on a shared machine).
 """
 from __future__ import annotations
 
@@ -59,18 +60,19 @@ def main(argv=None) -> int:
         cold = time.perf_counter() - t
         if at.exception:
             raise SystemExit(f"{label}: {at.exception[0].message}")
-        warm = []
+        warm, cpu = [], []
         for _ in range(args.repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             at.run()
             warm.append(time.perf_counter() - t)
-        rows.append((label, cold, statistics.median(warm), max(warm)))
+            cpu.append(time.process_time() - c)
+        rows.append((label, cold, statistics.median(warm), max(warm), statistics.median(cpu)))
         print(f"{label}: cold {cold:.3f} s, warm median {statistics.median(warm):.3f} s", file=sys.stderr)
     print(f"\nMachine: {platform.node()} · {platform.processor() or platform.machine()} · "
           f"{os.cpu_count()} CPUs · Python {platform.python_version()}\n")
-    print("| page / view | cold (s) | warm median (s) | warm max (s) |\n|---|---|---|---|")
-    for label, cold, med, mx in rows:
-        print(f"| {label} | {cold:.3f} | {med:.3f} | {mx:.3f} |")
+    print("| page / view | cold (s) | warm median (s) | warm max (s) | warm CPU median (s) |\n|---|---|---|---|---|")
+    for label, cold, med, mx, cpu in rows:
+        print(f"| {label} | {cold:.3f} | {med:.3f} | {mx:.3f} | {cpu:.3f} |")
     return 0
 
 

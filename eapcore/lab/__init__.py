@@ -1,6 +1,8 @@
 """The demo lab: synthetic math problems, a tiny Llama model, and the SFT -> GRPO / DPO pairs.
 
 `python -m eapcore lab --out demo/` trains everything on CPU in minutes (see `eapcore.lab.run`).
+
+May import: `eapcore.answers` (grading's `last_boxed`) and the shared top-level modules.
 """
 from __future__ import annotations
 

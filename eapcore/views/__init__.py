@@ -1,6 +1,7 @@
-"""Views: the read-only layer the pages use (`query`) and the figure and table-export builders
-(`figures`). Computes every number a page shows; draws nothing and writes nothing to the cache.
+"""Views: the read-only layer the pages use (`query`: every table a page shows) and the figure and
+table-export builders (`figures`). Computes what the pages show; draws nothing, writes nothing to
+the cache and memoises nothing (the pages' cache layer does).
 
-May import: the shared top-level modules, `eapcore.stats`, and `eapcore.runs`' read API. Never
-`eapcore.engine` or `eapcore.answers`.
+May import: the shared top-level modules, `eapcore.stats`, `eapcore.answers` (grading of stored
+answers), and of `eapcore.runs` only `results` and `registry`. Never `eapcore.engine`.
 """
