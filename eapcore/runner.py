@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 from eapcore import registry
 from eapcore.cache import (MANIFEST, Cache, CacheError, read_json_or_none, replace_dir, sha256_file, write_bytes_atomic,
                            write_json_atomic)
-from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
+from eapcore.specs import (GROUPS, IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
                            ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key, to_dict)
 
 STAGES = ("queued", "generate", "grade", "select", "attribute", "metrics", "done", "error", "cancelled")
@@ -165,7 +165,7 @@ def score_key(model_id: str, prompt_ids: Sequence[int], answer_ids: Sequence[int
     return digest({"stage": "scores", "model": model_id, "prompt": list(prompt_ids),
                    "answer": list(answer_ids[:cut_len]), "cut_len": cut_len,
                    "settings": {k: getattr(settings, k) for k in SCORE_SETTINGS},
-                   "scoring_version": SCORING_VERSION})
+                   "scoring_version": SCORING_VERSION, **({"ig_rule": IG_RULE} if settings.ig_steps else {})})
 
 
 def stage_keys(spec: RunSpec) -> dict[str, Any]:
