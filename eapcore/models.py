@@ -180,12 +180,12 @@ PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative; half p
 
 def check_conformance(model: LoadedModel, probe_len: int = 12) -> dict[str, float]:
     """Compare the adapter's forward with the model's own (`model.hf` with an attention mask) on a
-    right-padded probe batch of random tokens, and, when a layer has an attention window, on one
-    longer than the largest window. Returns {probe: relative error}; raises ModelLoadError, naming
+    right-padded probe batch of random tokens, and, when a layer or the config has an attention
+    window, on one longer than the largest window. Returns {probe: relative error}; raises ModelLoadError, naming
     the config's non-default fields, if the final hidden states or the last logits differ by more
     than rounding (1e-4 of their largest value in float32, 5e-2 in half precision)."""
     ad, hf = model.adapter, model.hf
-    windows = [w for w in ad.windows if w]
+    windows = [w for w in ad.windows + [getattr(hf.config, "sliding_window", None)] if w]  # the config's too
     probes = {"short": probe_len} | ({"window": max(windows) + 9} if windows else {})
     tol = PROBE_TOLERANCE.get(model.dtype, 5e-2)
     vocab = hf.get_input_embeddings().num_embeddings
@@ -213,8 +213,11 @@ def check_conformance(model: LoadedModel, probe_len: int = 12) -> dict[str, floa
 
 
 def _config_summary(config) -> str:
+    """The config's fields that differ from its class's defaults, but for sizes and bookkeeping."""
     skip = {"architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "vocab_size",
-            "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "use_cache"}
+            "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "use_cache", "hidden_size",
+            "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "initializer_range", "attention_dropout", "n_embd", "n_layer", "n_head", "n_inner"}
     diff = {k: v for k, v in config.to_diff_dict().items() if k not in skip}
     return ", ".join(f"{k}={v!r}" for k, v in diff.items()) or "none"
 
@@ -564,7 +567,7 @@ class GPT2Adapter(Adapter):
 
 
 TL_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel"}
+                    "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
@@ -572,11 +575,22 @@ def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
 
     The config is built from the checkpoint's own config (never guessed from the folder name) and
     the weights converted with TransformerLens' converters, with no weight processing (no folded
-    layer norms, no centring), so its outputs equal the model's. Needs `transformer-lens`."""
+    layer norms, no centring), so its outputs equal the model's. Sliding windows become
+    TransformerLens' local attention. Refused (ModelLoadError): OLMo 3, RoPE scaling, windows of
+    different sizes, OLMo 2 with grouped-query attention (TransformerLens 3.9's converter assumes
+    as many key-value heads as query heads). Needs `transformer-lens`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained import weight_conversions as wc
 
     c, ad = model.hf.config, model.adapter
+    rope = getattr(c, "rope_parameters", None) or {}
+    windows = {w for w in ad.windows if w}
+    problems = [f"architecture {model.arch}" if model.arch not in TL_ARCHITECTURES else "",
+                f"rope_type {rope.get('rope_type')!r}" if rope.get("rope_type", "default") != "default" else "",
+                f"windows of sizes {sorted(windows)}" if len(windows) > 1 else "",
+                "OLMo 2 with grouped-query attention" if model.arch == "olmo2" and ad.n_kv_heads != ad.n_heads else ""]
+    if any(problems):
+        raise ModelLoadError(f"{model.name}: no TransformerLens conversion for {', '.join(filter(None, problems))}")
     cfg = dict(d_model=ad.d_model, d_head=ad.d_head, n_heads=ad.n_heads, n_layers=ad.n_layers,
                d_vocab=model.hf.get_input_embeddings().num_embeddings, dtype=model.dtype,
                device=str(model.device), original_architecture=TL_ARCHITECTURES[model.arch])
@@ -584,14 +598,17 @@ def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
         cfg.update(d_mlp=c.n_inner or 4 * ad.d_model, n_ctx=c.n_positions, eps=c.layer_norm_epsilon,
                    act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard")
     else:
-        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
         cfg.update(d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
                    act_fn=c.hidden_act, n_key_value_heads=ad.n_kv_heads if ad.n_kv_heads != ad.n_heads else None,
                    normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=ad.d_head,
-                   rotary_base=rope, rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True)
+                   rotary_base=rope.get("rope_theta", 10000.0), rotary_adjacent_pairs=False, final_rms=True,
+                   gated_mlp=True, use_qk_norm=model.arch == "qwen3")
+    if windows:
+        cfg.update(use_local_attn=True, window_size=windows.pop(),
+                   attn_types=["local" if w else "global" for w in ad.windows])
     cfg.update(cfg_overrides)
     tl_cfg = HookedTransformerConfig(**cfg)
-    convert = getattr(wc, f"convert_{'llama' if model.arch == 'llama' else model.arch}_weights")
+    convert = getattr(wc, f"convert_{model.arch}_weights")
     tl = HookedTransformer(tl_cfg, tokenizer=model.tokenizer)
     tl.load_and_process_state_dict(convert(model.hf, tl_cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,

@@ -46,7 +46,7 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, **overrides):
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, **common, **overrides)
+        return tf.GPT2Config(**(dict(n_embd=32, n_layer=n_layers, n_head=4, n_positions=256) | common | overrides))
     kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
     if arch == "qwen3":
@@ -56,15 +56,15 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, **overrides):
     return getattr(tf, CONFIGS[arch])(**(kw | overrides))
 
 
-def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2, std: float = 0.3) -> Path:
-    """Save a random tiny causal LM of `arch` with a char tokenizer as a Hugging Face folder."""
+def random_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 2, std: float = 0.3, **overrides):
+    """A random tiny causal LM of `arch` (tiny_config plus overrides) in eval mode, with
+    larger-than-default weights so scores are far from rounding noise."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    tok = char_tokenizer()
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), n_layers))
-    with torch.no_grad():  # larger-than-default weights so scores are far from rounding noise
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, n_layers, **overrides))
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, std)
@@ -72,6 +72,13 @@ def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2, s
                 p.normal_(1.0, 0.1)
             else:  # biases (Qwen2 q/k/v, GPT-2 everywhere)
                 p.normal_(0, 0.1)
+    return model.eval().requires_grad_(False)
+
+
+def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2, std: float = 0.3) -> Path:
+    """Save a random tiny causal LM of `arch` with a char tokenizer as a Hugging Face folder."""
+    tok = char_tokenizer()
+    model = random_model(arch, len(tok), seed, n_layers, std)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
