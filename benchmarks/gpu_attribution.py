@@ -7,8 +7,9 @@
 
 `--runs` lists runs as shape:granularities:lengths separated by ";" (in place of --shapes,
 --granularity and --lengths, which apply to every shape). A shape whose layers have an attention
-window is timed with each kernel of --window-kernels. `--warmup first` warms up once per shape,
-granularity and kernel (at its first length) instead of before every length. `--tiny` builds
+window is timed with each kernel of --window-kernels. `--warmup first` warms up once per shape
+(at its first row) instead of before every row, but for the flex kernel, which compiles for new
+lengths. `--tiny` builds
 each shape scaled down (same architecture and window pattern, 2 layers, width 64, window 16) in
 float32 on the CPU, at 32 and 64 tokens unless lengths are given, with no baseline and no memory
 check: it tests the script, its numbers mean nothing.
@@ -247,7 +248,8 @@ def main() -> int:
     p.add_argument("--window-kernels", default="flex,blocks", help=f"windowed attention kernels to time ({KERNELS})")
     p.add_argument("--baseline-lengths", default="512,1024")
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--warmup", choices=["each", "first"], default="each")
+    p.add_argument("--warmup", choices=["each", "first"], default="each", help="warm-up call before each row, or "
+                   "only before a shape's first row (and each flex row)")
     p.add_argument("--batch-tokens", type=int, default=0,
                    help="batch shorter sequences up to this many tokens (0: the engine's default; seconds are per sample)")
     p.add_argument("--generation", action="store_true", help="also time batched generation")
@@ -270,6 +272,7 @@ def main() -> int:
         model = build(shape, args.tiny)
         vocab = model.hf.config.vocab_size
         windowed = any(model.adapter.windows)
+        warm = True
         for gran in grans:
             graph = graph_of(model.adapter, gran)
             if not args.tiny:
@@ -277,16 +280,15 @@ def main() -> int:
             batch_tokens = args.batch_tokens or default_batch_tokens(model, graph)
             for kernel in args.window_kernels.split(",") if windowed else [None]:
                 model.adapter.attention_kernel = kernel
-                warm = True
                 for T in lengths:
                     if gran == "head" and T > args.head_max_len:
                         continue
                     n = max(1, batch_tokens // T)
                     samples, cut = samples_of(T, vocab, n)
                     batch = make_batch(samples, cut, vocab)
-                    try:
+                    try:  # flex compiles for each new length: always warmed up
                         sec, mem = timed(lambda: attribute_batch(model, batch, graph, opts=EngineOptions()), args.reps,
-                                         device, warm)
+                                         device, warm or kernel == "flex")
                     except Exception as err:  # a kernel that fails here (e.g. flex without a compiler): record it
                         sec, mem = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}", None
                     warm = args.warmup == "each"
