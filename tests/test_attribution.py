@@ -185,6 +185,16 @@ def test_corrupted_and_ig_modes_equal_reference(models, granularity):
         assert (scores.double() - ref).abs().max() / ref.abs().max() < 1e-5, (ablation, steps)
 
 
+def test_ig_points_are_eap_igs_left_riemann_sum():
+    """EAP-IG's own code takes gradients at e_base + (k/m)(e_clean - e_base) for k in range(m);
+    plain EAP at the clean input."""
+    from eapcore.attribution import ig_points
+
+    clean, base = torch.full((1, 2, 3), 3.0), torch.zeros(1, 2, 3)
+    assert [p[0, 0, 0].item() for p in ig_points(clean, base, 3)] == [0.0, 1.0, 2.0]
+    assert [p[0, 0, 0].item() for p in ig_points(clean, base, 0)] == [3.0]
+
+
 def test_clean_corrupted_agrees_with_exact_patching(tmp_path):
     """Rank agreement of EAP with exact activation patching (each edge patched on its own), on a
     3-layer model with moderate weights, summed over four prompts that differ in two tokens."""
@@ -307,6 +317,24 @@ def test_sample_errors(models):
         attribute(m, random_samples(1, answer=8), 9)
     with pytest.raises(AttributionError, match="outside the model's vocabulary"):
         attribute(m, [Sample(0, [1, 2, 10 ** 6], [3, 4])], 2)
+
+
+def test_non_finite_loss_stops_the_sample_by_name(models):
+    """A loss that is NaN for one sample: attribute() raises naming the model and that sample, after
+    handing over (for caching) only the batches before it."""
+    from eapcore.attribution import NonFiniteError, self_ce_loss
+
+    def nan_for_token_7(adapter, x, batch):
+        loss, grad = self_ce_loss(adapter, x, batch)
+        return torch.where(batch.ids[:, 0] == 7, float("nan"), loss), grad
+
+    samples = random_samples(3)
+    samples[0] = Sample(5, [7] + samples[0].prompt_ids[1:], samples[0].answer_ids)  # the shortest: batched last
+    handed = []
+    with pytest.raises(NonFiniteError, match=r"model .*tiny-llama, sample idx 5: its loss is not finite \(loss nan\)"):
+        attribute(models["llama"], samples, 4, AttributionSettings(max_batch_tokens=1), loss_fn=nan_for_token_7,
+                  on_batch=lambda idx, s, l: handed.extend(idx))
+    assert handed == [2, 1]
 
 
 def run_cli(*args):

@@ -331,6 +331,31 @@ def test_memory_prediction_and_clear_errors(spec, monkeypatch):
         runner.run(_replace(spec, ("attribution", "ablation"), "corrupted"), cache=cache)
 
 
+def test_a_non_finite_sample_stops_the_run_and_is_never_cached(spec, monkeypatch):
+    """Scores of the second attributed sample made NaN: the run stops with an error naming the
+    sample and the model, the first sample's scores are cached, the bad one's are not, and no
+    metrics are pooled."""
+    import eapcore.attribution
+
+    real, calls = eapcore.attribution.attribute_batch, []
+
+    def nan_on_second(*args, **kwargs):
+        scores, loss = real(*args, **kwargs)
+        calls.append(args[1].ids.tolist())
+        if len(calls) == 2:
+            scores[0, 0, -1] = float("nan")
+        return scores, loss
+
+    monkeypatch.setattr(eapcore.attribution, "attribute_batch", nan_on_second)
+    cache = Cache()
+    with pytest.raises(runner.RunError, match=rf"NonFiniteError: model {spec.pair.base.name_or_path}, sample idx \d+: "
+                                              "its scores are not finite"):
+        runner.run(spec, cache=cache)
+    assert len(calls) == 2 and n_score_entries(cache) == 1
+    folder = cache.run_dir(spec_key(spec))
+    assert runner.status(spec_key(spec), cache)["stage"] == "error" and not (folder / "metrics.json").exists()
+
+
 def test_cli_run_sweep_and_cache_commands(spec, capsys):
     from eapcore import cli
 
