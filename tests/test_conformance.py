@@ -143,6 +143,15 @@ def test_the_probe_refuses_an_adapter_that_misses_a_config_field():
         check_conformance(model, probe_len=3)
 
 
+def test_the_window_probe_is_skipped_with_a_warning_on_the_cpu_for_large_models(monkeypatch):
+    from eapcore import models
+
+    model = build("mistral", dict(sliding_window=5))
+    monkeypatch.setattr(models, "CPU_PROBE_FLOPS", 1.0)  # as if the model had billions of parameters
+    with pytest.warns(UserWarning, match=r"probe longer than its attention window \(14 tokens\) is skipped"):
+        assert set(check_conformance(model)) == {"short"}
+
+
 def test_config_fields_the_engine_does_not_reproduce_are_refused_by_name():
     with pytest.raises(ModelLoadError, match="is_causal=False"):
         check_architecture(tiny_config("llama", VOCAB, is_causal=False))
