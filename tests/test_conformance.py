@@ -1,7 +1,8 @@
 """Conformance of the engine with transformers on every configuration real checkpoints use.
 
 The matrix: each architecture x {RoPE default, linear, dynamic, llama3, yarn; a window shorter than
-the input on every layer; per-layer windows; tied embeddings; attention (and MLP) biases}, each
+the input on every layer; per-layer windows; tied embeddings; attention (and MLP) biases} where
+the architecture has the setting, plus GELU MLPs for Llama and Qwen3, each
 run on a right-padded batch of three samples of 40, 33 and 27 tokens, longer than the windows (5)
 and than the original context (24 positions; 16 for llama3 and yarn). Checked against the model
 run by transformers with an attention mask: the loss and the gradient of the loss with respect to
@@ -58,6 +59,7 @@ def cases():
     out += [(arch, "tied-embeddings", dict(tie_word_embeddings=True) | plain(arch)) for arch in ROPE_ARCHS]
     out += [(arch, "biases", dict(attention_bias=True) | ({"mlp_bias": True} if arch == "llama" else {}))
             for arch in ("llama", "qwen3", "olmo2", "olmo3")]
+    out += [("llama", "gelu-mlp", dict(hidden_act="gelu")), ("qwen3", "gelu-mlp", dict(hidden_act="gelu_pytorch_tanh"))]
     out += [("gpt2", "default", {}), ("gpt2", "untied", dict(tie_word_embeddings=False))]
     return out
 
