@@ -46,8 +46,8 @@ import torch
 from eapcore.graph import Graph
 from eapcore.harness import Sample
 from eapcore.models import POST_NORM, SUPPORTED, Adapter, LoadedModel, layer_windows, per_head
-from eapcore.windowed_attention import BLOCK_SCORE_ELEMENTS
 from eapcore.specs import SCORING_VERSION, AttributionSettings
+from eapcore.windowed_attention import BLOCK_SCORE_ELEMENTS
 
 IGNORE = -100
 
@@ -618,8 +618,9 @@ def check_finite(model_name: str, samples: Sequence[Sample], scores: torch.Tenso
     """NonFiniteError naming the model and the first sample whose loss or scores [b, F, Bk] are
     not finite."""
     bad_loss = ~torch.isfinite(loss)
-    bad_scores = ~torch.isfinite(scores).flatten(1).all(1)
-    for i in (bad_loss | bad_scores).nonzero().flatten().tolist():
+    bad = (bad_loss | ~torch.isfinite(scores).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
         what = "loss is" if bad_loss[i] else "scores are"
         raise NonFiniteError(f"model {model_name}, sample idx {samples[i].idx}: its {what} not finite "
                              f"(loss {loss[i].item()}); the sample is stopped and nothing of it is cached or pooled. "

@@ -210,7 +210,7 @@ def test_flex_block_mask_selects_the_window(T, window):
     from torch.nn.attention.flex_attention import flex_attention
 
     g = torch.Generator().manual_seed(T)
-    q, k, v = torch.randn(1, 4, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g)
+    q, k, v = (torch.randn(1, n, T, 8, generator=g) for n in (4, 2, 2))
     mask = window_block_mask(T, window, q.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused

@@ -51,8 +51,9 @@ def hooked_scores(tl, graph, ids, targets, post_norm: bool) -> torch.Tensor:
                 grads[c] = g[:, j] if head and split else g
         return lambda grad, hook: fn(grad)
 
-    fwd = [("hook_embed", put_act(0)), ("hook_pos_embed", put_act(0))] if tl.cfg.positional_embedding_type == "standard" \
-        else [("hook_embed", put_act(0))]
+    fwd = [("hook_embed", put_act(0))]
+    if tl.cfg.positional_embedding_type == "standard":  # GPT-2: the input node is both embeddings' sum
+        fwd.append(("hook_pos_embed", put_act(0)))
     bwd = [(f"blocks.{L - 1}.hook_resid_post", put_grad([graph.n_backward - 1], False))]
     for l in range(L):
         cols = graph.layer_destinations(l)
