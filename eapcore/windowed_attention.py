@@ -6,7 +6,8 @@ t - W < s (W keys including itself), which is what transformers' sliding-window 
 
 Without a window, or when T <= W, this is PyTorch's fused causal attention (unchanged fast path).
 With a window binding (T > W) there are two kernels, equal up to float rounding:
-- "flex" (default on CUDA): FlexAttention compiled once per process, with a block-sparse mask
+- "flex" (default on CUDA): FlexAttention compiled by torch.compile on first use (once more when a
+  second length comes, which torch.compile then treats as dynamic), with a block-sparse mask
   built from the window's structure (tiles of 128 x 128 wholly outside the window are skipped,
   tiles wholly inside it skip the mask): work and memory grow with T x W, not T^2.
 - "blocks" (default elsewhere: FlexAttention has no CPU backward): queries in blocks of Bq, each
