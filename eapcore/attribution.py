@@ -614,17 +614,18 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
     return AttributionResult(scores, loss, graph, manifest)
 
 
-def check_finite(model_name: str, samples: Sequence[Sample], scores: torch.Tensor, loss: torch.Tensor) -> None:
+def check_finite(model_name: str, samples: Sequence[Sample], scores: torch.Tensor, loss: torch.Tensor,
+                 consequence: str = "the sample is stopped and nothing of it is cached or pooled") -> None:
     """NonFiniteError naming the model and the first sample whose loss or scores [b, F, Bk] are
-    not finite."""
+    not finite, and what follows (`consequence`)."""
     bad_loss = ~torch.isfinite(loss)
     bad = (bad_loss | ~torch.isfinite(scores).flatten(1).all(1)).nonzero().flatten().tolist()
     if bad:
         i = bad[0]
         what = "loss is" if bad_loss[i] else "scores are"
         raise NonFiniteError(f"model {model_name}, sample idx {samples[i].idx}: its {what} not finite "
-                             f"(loss {loss[i].item()}); the sample is stopped and nothing of it is cached or pooled. "
-                             "Usual causes: float16 overflow (use bfloat16 or float32) or damaged weights")
+                             f"(loss {loss[i].item()}); {consequence}. Usual causes: float16 overflow (use "
+                             "bfloat16 or float32) or damaged weights")
 
 
 def result_manifest(model_name: str, samples: Sequence[Sample], cut_len: int, settings: AttributionSettings,
