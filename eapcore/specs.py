@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 # Bump when the maths of the attribution or the metrics changes: cached scores then never serve.
 SCORING_VERSION = "1"
+# EAP-IG's points k = 0..m-1 (its own code's left sum; before: k = 1..m). Part of the key of
+# scores computed with ig_steps > 0 only, so plain EAP's cached scores (and runs) stay valid.
+IG_RULE = "left"
 
 Granularity = Literal["layer", "head"]
 Ablation = Literal["zero", "corrupted"]
@@ -91,7 +94,7 @@ class AttributionSettings:
 
     granularity: Granularity = "layer"
     ablation: Ablation = "zero"
-    ig_steps: int = 0  # 0: plain EAP at the clean input; m >= 1: EAP-IG over input embeddings
+    ig_steps: int = 0  # 0: plain EAP at the clean input; m >= 1: EAP-IG over input embeddings (IG_RULE)
     loss: Literal["self_ce"] = "self_ce"  # truncated self-cross-entropy (METHOD.md)
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -6,7 +6,9 @@ Every destination's input is rebuilt explicitly as
 
 from the live source outputs a_u (plus, at head granularity, the attention output biases, which are
 no node's). dL/dc[u, v] at c = 0 is then the EAP score of u -> v by definition. At head
-granularity each head's q (k, v) input goes through the layer norm and projection on its own.
+granularity each head's q (k, v) input goes through the layer norm and projection (with any q/k
+norm, Qwen3's per head or OLMo's over all heads) on its own and keeps its head's slice; head h's
+output is head_values(z)_h @ head_out_weight[h] (OLMo: its share of the normed attention output).
 It uses only the adapter's primitive modules (norms, projections, attention core, MLP, unembed),
 never the engine, and materialises everything: tiny models only.
 """
@@ -58,8 +60,8 @@ def run(adapter, graph: Graph, e: torch.Tensor, loss_fn, delta=None, coef_value=
         if graph.granularity == "layer":
             srcs.append(adapter.attn_out(l, z))
         else:
-            w_o = adapter.head_out_weight(l)
-            heads = [z[..., h * dh:(h + 1) * dh] @ w_o[h] for h in range(H)]
+            w_o, zs = adapter.head_out_weight(l), adapter.head_values(l, z)
+            heads = [zs[..., h * dh:(h + 1) * dh] @ w_o[h] for h in range(H)]
             const = const + (adapter.attn_out(l, z) - sum(heads))  # the bias, if any
             srcs.extend(heads)
         xm = dest_input(cols.stop - 1)
@@ -82,12 +84,12 @@ def reference_scores(adapter, graph: Graph, e_clean, loss_fn, e_corrupt=None, ig
             e_base = e_corrupt[b: b + 1]
             _, a_corr, _ = run(adapter, graph, e_base, loss_fn)
             delta = (a_corr - a_clean).detach()
-        steps = max(ig_steps, 1)
-        for k in range(1, steps + 1):
-            e = ec if ig_steps == 0 else e_base + (k / steps) * (ec - e_base)
+        # EAP-IG's left Riemann sum (k = 0 .. m-1, as hannamw/EAP-IG computes it); plain EAP: clean
+        points = [ec] if ig_steps == 0 else [e_base + (k / ig_steps) * (ec - e_base) for k in range(ig_steps)]
+        for e in points:
             loss, _, coef = run(adapter, graph, e.detach(), loss_fn, delta=delta)
             (g,) = torch.autograd.grad(loss.sum(), coef)
-            out[b] += g.double() / steps
+            out[b] += g.double() / len(points)
     return out * graph.real_edge_mask
 
 

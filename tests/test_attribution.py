@@ -9,6 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 import eap_reference as R
+from conftest import ARCHS
 from eapcore.engine.attribution import (IGNORE, AttributionError, EngineOptions, attribute,
                                  attribute_batch, graph_of, make_batch, metric_loss)
 from eapcore.graph import Graph
@@ -85,7 +86,7 @@ def test_memory_model_matches_the_tensors_a_kept_layer_holds(models, granularity
     the shared rotary tables and the layer's input, which is stored anyway, excluded)."""
     from eapcore.engine.attribution import _layer, memory_per_token
 
-    for arch in ("llama", "mistral", "qwen2"):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3"):
         m = models[arch]
         ad = m.adapter
         B, T = 2, 64
@@ -119,7 +120,7 @@ def test_closed_form_norm_vjp_equals_autograd(models):
     assert ours.abs().max() > 0.1
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_scores_equal_reference(models, arch, granularity):
     """Batched, uneven lengths, both granularities: equal to the reference to 1e-5 relative."""
@@ -183,6 +184,16 @@ def test_corrupted_and_ig_modes_equal_reference(models, granularity):
                                           e_corrupt=e_corr, ig_steps=steps)[0])
         ref = torch.stack(ref)
         assert (scores.double() - ref).abs().max() / ref.abs().max() < 1e-5, (ablation, steps)
+
+
+def test_ig_points_are_eap_igs_left_riemann_sum():
+    """EAP-IG's own code takes gradients at e_base + (k/m)(e_clean - e_base) for k in range(m);
+    plain EAP at the clean input."""
+    from eapcore.engine.attribution import ig_points
+
+    clean, base = torch.full((1, 2, 3), 3.0), torch.zeros(1, 2, 3)
+    assert [p[0, 0, 0].item() for p in ig_points(clean, base, 3)] == [0.0, 1.0, 2.0]
+    assert [p[0, 0, 0].item() for p in ig_points(clean, base, 0)] == [3.0]
 
 
 def test_clean_corrupted_agrees_with_exact_patching(tmp_path):
@@ -309,6 +320,24 @@ def test_sample_errors(models):
         attribute(m, [Sample(0, [1, 2, 10 ** 6], [3, 4])], 2)
 
 
+def test_non_finite_loss_stops_the_sample_by_name(models):
+    """A loss that is NaN for one sample: attribute() raises naming the model and that sample, after
+    handing over (for caching) only the batches before it."""
+    from eapcore.engine.attribution import NonFiniteError, self_ce_loss
+
+    def nan_for_token_7(adapter, x, batch):
+        loss, grad = self_ce_loss(adapter, x, batch)
+        return torch.where(batch.ids[:, 0] == 7, float("nan"), loss), grad
+
+    samples = random_samples(3)
+    samples[0] = Sample(5, [7] + samples[0].prompt_ids[1:], samples[0].answer_ids)  # the shortest: batched last
+    handed = []
+    with pytest.raises(NonFiniteError, match=r"model .*tiny-llama, sample idx 5: its loss is not finite \(loss nan\)"):
+        attribute(models["llama"], samples, 4, AttributionSettings(max_batch_tokens=1), loss_fn=nan_for_token_7,
+                  on_batch=lambda idx, s, l: handed.extend(idx))
+    assert handed == [2, 1]
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "eapcore", "attribute", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -344,22 +373,6 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, checkpoints):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--model", str(checkpoints["llama"]), "--samples", str(path), "--cut-len", "5", "--out", str(tmp_path))
     assert r.returncode == 2 and "fewer than T_cut=5" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_sliding_window_attention_matches_the_model(tmp_path):
-    """Mistral's sliding window (keys within the last `window` positions) as transformers applies it."""
-    import transformers as tf
-
-    from conftest import char_tokenizer, tiny_config
-
-    cfg = tiny_config("mistral", len(char_tokenizer()))
-    cfg.sliding_window = 4
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
-    m = load_model(str(tmp_path / "m"), with_tokenizer=False)
-    ids = torch.randint(4, 90, (1, 11))
-    torch.testing.assert_close(m.adapter.forward_logits(ids), m.hf(ids).logits, rtol=1e-5, atol=1e-5)
-    assert m.adapter.window == 4
 
 
 def test_bfloat16_on_cpu_stays_close_to_float32(checkpoints):

@@ -13,12 +13,14 @@ from eapcore.engine.models import LoadedModel, make_adapter
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def small_model(arch: str, dtype, device) -> LoadedModel:
+def small_model(arch: str, dtype, device, window: int | None = None) -> LoadedModel:
+    """4 layers, width 256; Mistral with an attention window of `window` (default: 4096, unused)."""
     import transformers as tf
 
     cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[arch]
     cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False)
+              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False,
+              **({"sliding_window": window} if window else {}))
     torch.manual_seed(0)
     hf = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -30,12 +32,12 @@ def small_model(arch: str, dtype, device) -> LoadedModel:
     return LoadedModel(arch, hf, None, make_adapter(hf, arch), arch)
 
 
-def batch_and_reference(arch, granularity):
+def batch_and_reference(arch, granularity, window=None):
     g = torch.Generator().manual_seed(1)
     samples = [Sample(i, torch.randint(0, 1000, (200 + 50 * i,), generator=g).tolist(),
                       torch.randint(0, 1000, (300,), generator=g).tolist()) for i in range(3)]
     batch = make_batch(samples, 256, 1000)
-    cpu = small_model(arch, torch.float32, "cpu")
+    cpu = small_model(arch, torch.float32, "cpu", window)
     graph = graph_of(cpu.adapter, granularity)
     return batch, graph, *attribute_batch(cpu, batch, graph)
 
@@ -46,18 +48,19 @@ def compare(out, ref, mask):
     return rel, corr
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", None), ("mistral", 128)])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_cuda_matches_cpu(arch, granularity):
-    """float32 on CUDA equals the CPU path; bf16 on CUDA stays within bf16 rounding of it."""
-    batch, graph, ref, ref_loss = batch_and_reference(arch, granularity)
-    out32, loss32 = attribute_batch(small_model(arch, torch.float32, "cuda"), batch, graph)
+def test_cuda_matches_cpu(arch, window, granularity):
+    """float32 on CUDA equals the CPU path; bf16 on CUDA stays within bf16 rounding of it. With a
+    window of 128 on inputs of 455-555 tokens: CUDA's flex kernel against the CPU's blocks kernel."""
+    batch, graph, ref, ref_loss = batch_and_reference(arch, granularity, window)
+    out32, loss32 = attribute_batch(small_model(arch, torch.float32, "cuda", window), batch, graph)
     rel32, _ = compare(out32.cpu(), ref, graph.real_edge_mask)
     assert rel32 < 1e-4, f"float32 CUDA vs CPU relative error {rel32:.3g}"
-    out, loss = attribute_batch(small_model(arch, torch.bfloat16, "cuda"), batch, graph)
+    out, loss = attribute_batch(small_model(arch, torch.bfloat16, "cuda", window), batch, graph)
     assert out.dtype == torch.float32
     rel, corr = compare(out.cpu(), ref, graph.real_edge_mask)
-    print(f"{arch} {granularity}: bf16 vs fp32 relative error {rel:.4f}, correlation {corr:.5f}")
+    print(f"{arch} window {window} {granularity}: bf16 vs fp32 relative error {rel:.4f}, correlation {corr:.5f}")
     assert rel < 0.15 and corr > 0.99, (rel, corr)
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
 
@@ -106,3 +109,29 @@ def test_contraction_on_cuda_equals_float64(U, V):
     ref = torch.einsum("ubtd,vbtd->buv", src.double(), dst.double())
     assert out.dtype == torch.float32 and out.shape == (2, U, V)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["flex", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windowed_attention_on_cuda_equals_float64(kernel, dtype):
+    """Both windowed kernels on CUDA (flex compiled, with its block-sparse mask; blocks), output and
+    q/k/v gradients, against attention with the full window mask in float64 on the same values."""
+    import torch.nn.functional as F
+
+    from eapcore.engine.windowed_attention import causal_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, G, T, dh, W = 2, 8, 2, 1000, 64, 300
+    q, k, v = (torch.randn(B, n, T, dh, device="cuda", generator=g).to(dtype).requires_grad_(True) for n in (H, G, G))
+    cot = torch.randn(B, H, T, dh, device="cuda", generator=g).to(dtype)
+    out = causal_attention(q, k, v, dh ** -0.5, W, kernel)
+    grads = torch.autograd.grad(out, (q, k, v), cot)
+    i = torch.arange(T, device="cuda")
+    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - W)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, scale=dh ** -0.5, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), cot.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads):
+        err = ((a.double() - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"{kernel} {dtype} {name}: relative error {err:.2e}"

@@ -333,6 +333,39 @@ def test_memory_prediction_and_clear_errors(spec, monkeypatch):
         runner.run(_replace(spec, ("attribution", "ablation"), "corrupted"), cache=cache)
 
 
+def test_a_non_finite_sample_stops_the_run_and_is_never_cached(spec, monkeypatch):
+    """Scores of the second attributed sample made NaN: the run stops with an error naming the
+    sample and the model, the first sample's scores are cached, the bad one's are not, and no
+    metrics are pooled; a NaN entry cached without the check (as by older code) stops pooling."""
+    import eapcore.engine.attribution
+
+    real, calls = eapcore.engine.attribution.attribute_batch, []
+
+    def nan_on_second(*args, **kwargs):  # the second sample attributed, whenever it is
+        scores, loss = real(*args, **kwargs)
+        calls.append(args[1].ids.tolist())
+        if len(calls) > 1 and calls[-1] == calls[1]:
+            scores[0, 0, -1] = float("nan")
+        return scores, loss
+
+    monkeypatch.setattr(eapcore.engine.attribution, "attribute_batch", nan_on_second)
+    cache = Cache()
+    with pytest.raises(runner.RunError, match=rf"NonFiniteError: model {spec.pair.base.name_or_path}, sample idx \d+: "
+                                              "its scores are not finite"):
+        runner.run(spec, cache=cache)
+    assert len(calls) == 2 and n_score_entries(cache) == 1
+    folder = cache.run_dir(spec_key(spec))
+    assert workers.status(spec_key(spec), cache)["stage"] == "error" and not (folder / "metrics.json").exists()
+
+    # an entry cached by an engine that did not check (as before): found when the scores are pooled
+    with monkeypatch.context() as unchecked:
+        unchecked.setattr(eapcore.engine.attribution, "check_finite", lambda *args, **kwargs: None)
+        runner.run(spec, cache=cache)
+    other = dataclasses.replace(spec, attribution=dataclasses.replace(spec.attribution, max_batch_tokens=0))
+    with pytest.raises(runner.RunError, match="its scores are not finite .* it is not pooled; remove its score entry"):
+        runner.run(other, cache=cache)
+
+
 def test_cli_run_sweep_and_cache_commands(spec, capsys):
     from eapcore import cli
 

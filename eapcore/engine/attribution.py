@@ -7,8 +7,9 @@ Score of edge u -> v (all modes), accumulated in float32:
     delta_a_u = a_u(ablated) - a_u(clean): -a_u(clean) for zero ablation (the paper's setting), or
                 a_u(corrupted prompt) - a_u(clean) for classic clean/corrupted EAP;
     gbar_v    = dL/d(input of v) at the clean input (plain EAP), or its mean over the m points
-                e_base + k/m (e_clean - e_base), k = 1..m, of EAP-IG over input embeddings
-                (e_base = the corrupted prompt's embeddings, or zeros for zero ablation).
+                e_base + k/m (e_clean - e_base), k = 0..m-1, of EAP-IG over input embeddings
+                (e_base = the corrupted prompt's embeddings, or zeros for zero ablation); the
+                left Riemann sum, as EAP-IG's own code computes it (`ig_points`).
 
 So s is the first-order change of the loss L when the edge is ablated: positive means ablating
 (removing) the edge raises L. The loss is per sample; the built-in one is the truncated
@@ -44,8 +45,9 @@ import torch
 
 from eapcore.graph import Graph
 from eapcore.harness import Sample
-from eapcore.engine.models import Adapter, LoadedModel
+from eapcore.engine.models import POST_NORM, SUPPORTED, Adapter, LoadedModel, layer_windows, per_head
 from eapcore.specs import SCORING_VERSION, AttributionSettings
+from eapcore.engine.windowed_attention import BLOCK_SCORE_ELEMENTS
 
 IGNORE = -100
 
@@ -87,6 +89,11 @@ class Batch:
 
 class AttributionError(ValueError):
     """Bad input to the engine; the message says what is wrong and what to do."""
+
+
+class NonFiniteError(AttributionError):
+    """A sample's loss or scores are not finite (inf or nan): the sample is stopped, its scores
+    are neither returned nor cached."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,14 +223,6 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = CONTRACT_B
     return out
 
 
-def _per_head(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[h] = x[:, :, h] @ w[h] for each head: x [B, c, h, k], w [h, k, d] -> out [h, B, c, d]
-    (contiguous; written in place by one batched matmul)."""
-    h, B, c, d = out.shape
-    torch.bmm(x.permute(2, 0, 1, 3).reshape(h, B * c, -1), w, out=out.view(h, B * c, d))
-    return out
-
-
 class _Sources:
     """What each source node wrote into the residual stream, per sample and position, source-major
     (so a block of sources is one strided view and head outputs are written into place).
@@ -250,7 +249,7 @@ class _Sources:
         elif node == "mlp":
             self.resid[1 + layer] = value
         else:
-            self.z[layer] = value
+            self.z[layer] = self.adapter.head_values(layer, value)
 
     def block(self, n: int, t0: int, t1: int) -> torch.Tensor:
         """The first `n` forward nodes' contributions at positions [t0, t1): [n, B, c, d]."""
@@ -267,7 +266,7 @@ class _Sources:
                 self._w_o[l] = ad.head_out_weight(l)
             h = min(heads.stop, n) - heads.start
             z = self.z[l, :, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))[:, :, :h]
-            _per_head(z, self._w_o[l][:h], out[heads.start: heads.start + h])
+            per_head(z, self._w_o[l][:h], out[heads.start: heads.start + h])
             if g.mlp_source(l) < n:
                 out[g.mlp_source(l)] = self.resid[1 + l, :, t0:t1]
         return out
@@ -347,17 +346,19 @@ def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources 
 def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, g_m, t0: int, t1: int) -> torch.Tensor:
     """Destination gradients of layer `layer` at head granularity, positions [t0, t1):
     [H+2G+1, B, c, d]: for each head's q, k and v input the layer norm's vector-Jacobian product
-    of dq_h @ W_q[h] (likewise k, v), then the MLP input's gradient g_m."""
+    of the head's cotangent (adapter.head_cotangents: dq_h @ W_q[h], likewise k and v, or through
+    the q/k norm where it spans all heads), then the MLP input's gradient g_m."""
     B, c = x.shape[0], t1 - t0
     V = adapter.n_heads + 2 * adapter.n_kv_heads
     cot = x.new_empty(V, B, c, adapter.d_model)
+    xb = x[:, t0:t1]
     i = 0
     for which, dproj in (("q", dq), ("k", dk), ("v", dv)):
-        w = adapter.head_in_weight(layer, which)  # [heads, dh, d]
-        _per_head(dproj[:, t0:t1].unflatten(-1, (w.shape[0], adapter.d_head)), w, cot[i: i + w.shape[0]])
-        i += w.shape[0]
+        n = dproj.shape[-1] // adapter.d_head
+        adapter.head_cotangents(layer, which, xb, dproj[:, t0:t1], cot[i: i + n])
+        i += n
     out = x.new_empty(V + 1, B, c, adapter.d_model)
-    adapter.ln1_vjp(layer, x[:, t0:t1], cot, out[:V])
+    adapter.ln1_vjp(layer, xb, cot, out[:V])
     out[V] = g_m[:, t0:t1]
     return out
 
@@ -410,29 +411,40 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
 def memory_per_token(adapter: Adapter, graph: Graph, dtype_bytes: int) -> dict[str, int]:
     """Activation bytes per token of one sample, by what holds them:
     stored  - the residual stream before each layer and the sources, kept from forward to backward;
-    graph   - one layer's autograd state (weights frozen, fused attention: nothing T x T): rotated
-              q and k, v, attention values and output, MLP input and output, the gated MLP's gate
-              and up (GPT-2's GELU keeps about five d_ff-wide tensors), float32 norm statistics;
-              at head granularity also q and k before rotation;
+    graph   - one layer's autograd state (weights frozen, fused or windowed attention: nothing
+              T x T): rotated q and k, v, attention values and output, MLP input and output, the
+              gated MLP's gate and up (GPT-2's GELU keeps about five d_ff-wide tensors), float32
+              norm statistics and attention log-sum-exps; at head granularity also q and k before
+              rotation; Qwen3's per-head q/k norms keep their inputs (which are those q and k);
+              OLMo's q/k norms and output norms keep their inputs;
     working - the backward's transients at one layer (float32 residual gradients, the stacked
-              destination gradients, the MLP's and attention's input gradients)."""
+              destination gradients, the MLP's and attention's input gradients).
+    Reads only the config and dimensions (the runner sizes runs before loading a model)."""
     c = adapter.config
-    d, dh = adapter.d_model, adapter.d_head
-    q, kv = adapter.n_heads * dh, adapter.n_kv_heads * dh
+    arch = getattr(c, "model_type", None)
+    H, d, dh = adapter.n_heads, adapter.d_model, adapter.d_head
+    q, kv = H * dh, adapter.n_kv_heads * dh
     d_ff = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
     mlp = 2 * d_ff if getattr(c, "hidden_act", None) == "silu" else 5 * d_ff
-    n_stored = adapter.n_layers + 1 + (graph.n_forward if graph.granularity == "layer" else adapter.n_layers + 1)
-    stored = dtype_bytes * n_stored * d + (dtype_bytes * adapter.n_layers * q if graph.granularity == "head" else 0)
-    saved = 3 * d + 2 * q + 2 * kv + mlp + (q + kv if graph.granularity == "head" else 0)
-    return {"stored": stored, "graph": dtype_bytes * saved + 16,
+    head = graph.granularity == "head"
+    n_stored = adapter.n_layers + 1 + (graph.n_forward if not head else adapter.n_layers + 1)
+    stored = dtype_bytes * n_stored * d + (dtype_bytes * adapter.n_layers * q if head else 0)
+    saved = 3 * d + 2 * q + 2 * kv + mlp + (q + kv if head or arch == "qwen3" else 0)
+    saved += q + kv + 2 * d if arch in POST_NORM else 0
+    small = 4 * (H + 4) + (4 * (H + adapter.n_kv_heads) if arch == "qwen3" else 0)
+    return {"stored": stored, "graph": dtype_bytes * saved + small,
             "working": dtype_bytes * (8 * d + 3 * d_ff + 2 * (q + 2 * kv)) + 4 * (4 * d + q)}
 
 
 def fixed_bytes(adapter: Adapter, graph: Graph, device) -> int:
     """Activation bytes that do not grow with the batch: the loss's logits chunk (float32 logits,
-    softmax and gradient over LOSS_CHUNK positions), the head-granularity contraction block, slack."""
-    vocab = getattr(adapter.config, "vocab_size", 50257)
-    return LOSS_CHUNK * vocab * 16 + (head_block_bytes(device) if graph.granularity == "head" else 0) + SLACK_BYTES
+    softmax and gradient over LOSS_CHUNK positions), the head-granularity contraction block, one block
+    of the windowed attention's "blocks" kernel if a layer has a window, slack."""
+    c = adapter.config
+    vocab = getattr(c, "vocab_size", 50257)
+    windowed = any(layer_windows(c, c.model_type)) if getattr(c, "model_type", None) in SUPPORTED else False
+    return LOSS_CHUNK * vocab * 16 + (head_block_bytes(device) if graph.granularity == "head" else 0) + \
+        (3 * 4 * BLOCK_SCORE_ELEMENTS if windowed else 0) + SLACK_BYTES
 
 
 def head_block_bytes(device) -> int:
@@ -502,7 +514,9 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
         _backward(adapter, graph, resid, kept, g_final, sources, scores, 1.0, opts)
     else:
         sources = _Sources(graph, adapter, B, T, dtype, dev)
-        _forward(adapter, graph, e_clean, sources)[0].clear()
+        resid, _ = _forward(adapter, graph, e_clean, sources)
+        loss = loss_of(resid[-1])[0]  # the clean loss, reported in every mode
+        del resid
         if ablation == "corrupted":
             with torch.no_grad():
                 e_base = adapter.embed(batch.corrupt_ids)
@@ -514,16 +528,24 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
         else:
             e_base = torch.zeros_like(e_clean)
             sources.scale_(-1.0, mask)
-        steps = max(ig_steps, 1)
         keep = layers_to_keep(adapter, graph, B, T, opts, dev, dtype)
-        for k in range(1, steps + 1):
-            e = e_clean if k == steps else e_base + (k / steps) * (e_clean - e_base)
+        for e in ig_points(e_clean, e_base, ig_steps):
             resid, kept = _forward(adapter, graph, e, None, keep)
-            loss, g_final = loss_of(resid[-1])
-            _backward(adapter, graph, resid, kept, g_final, sources, scores, 1.0 / steps, opts)
+            _backward(adapter, graph, resid, kept, loss_of(resid[-1])[1], sources, scores, 1.0 / max(ig_steps, 1),
+                      opts)
             del resid, kept
     scores *= graph.real_edge_mask.to(dev)
     return scores, loss
+
+
+def ig_points(e_clean: torch.Tensor, e_base: torch.Tensor, steps: int):
+    """Where the gradients are taken: the clean input for plain EAP (steps = 0); for EAP-IG with m
+    steps, e_base + (k/m)(e_clean - e_base) for k = 0 .. m-1, the left Riemann sum of EAP-IG's own
+    code (hannamw/EAP-IG, src/eap/attribute.py, get_scores_eap_ig: `for step in range(0, steps)`)."""
+    if steps == 0:
+        yield e_clean
+    for k in range(steps):
+        yield e_base + (k / steps) * (e_clean - e_base)
 
 
 def graph_of(adapter: Adapter, granularity: str) -> Graph:
@@ -585,6 +607,7 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
                            None if corrupt is None else [corrupt[i] for i in idx])
         s, l_ = attribute_batch(model, batch, graph, loss_fn, settings.ablation, settings.ig_steps, opts)
         s, l_ = s.cpu(), l_.cpu()
+        check_finite(model.name, [samples[i] for i in idx], s, l_)
         scores[idx], loss[idx] = s, l_
         if on_batch is not None:
             on_batch(idx, s, l_)
@@ -593,6 +616,20 @@ def attribute(model: LoadedModel, samples: Sequence[Sample], cut_len: int,
     manifest = result_manifest(model.name, samples, cut_len, settings,
                                dtype=str(model.dtype).replace("torch.", ""), device=str(model.device))
     return AttributionResult(scores, loss, graph, manifest)
+
+
+def check_finite(model_name: str, samples: Sequence[Sample], scores: torch.Tensor, loss: torch.Tensor,
+                 consequence: str = "the sample is stopped and nothing of it is cached or pooled") -> None:
+    """NonFiniteError naming the model and the first sample whose loss or scores [b, F, Bk] are
+    not finite, and what follows (`consequence`)."""
+    bad_loss = ~torch.isfinite(loss)
+    bad = (bad_loss | ~torch.isfinite(scores).flatten(1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        what = "loss is" if bad_loss[i] else "scores are"
+        raise NonFiniteError(f"model {model_name}, sample idx {samples[i].idx}: its {what} not finite "
+                             f"(loss {loss[i].item()}); {consequence}. Usual causes: float16 overflow (use "
+                             "bfloat16 or float32) or damaged weights")
 
 
 def result_manifest(model_name: str, samples: Sequence[Sample], cut_len: int, settings: AttributionSettings,

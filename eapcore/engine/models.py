@@ -3,9 +3,16 @@
 `load_model` returns a `LoadedModel`: the frozen transformers model, its tokenizer and an
 `Adapter`, a functional view of one transformer layer split at the places the attribution graph
 needs (separate q, k, v inputs; attention output; MLP input and output). The adapter calls the
-model's own modules and rotary embedding, so its forward equals the model's (tested), while the
-engine decides what to keep and where gradients flow. Supported: Llama, Mistral, Qwen2 (one
-family: RMSNorm, RoPE, grouped-query attention, gated MLP) and GPT-2.
+model's own modules and rotary embedding, so its forward equals the model's, while the engine
+decides what to keep and where gradients flow. Supported: Llama, Mistral, Qwen2, Qwen3 (one
+family: pre-RMSNorm, RoPE, grouped-query attention, gated MLP; Qwen3 adds per-head q/k norms),
+OLMo 2 and OLMo 3 (norms on the attention's and MLP's outputs, q/k norms over the whole
+projection) and GPT-2; per-layer sliding windows as the config sets them.
+
+Conformance: `check_config` refuses, naming the field, configurations the adapter does not
+reproduce; `check_conformance` (run by `load_model`) compares the adapter's forward with the
+model's own on a padded probe batch, and on a probe longer than the attention window when the
+model has one, and refuses the model if they differ. No configuration is scored unchecked.
 
 Weights never require gradients here. Nothing is unpickled: checkpoints load through
 transformers (safetensors preferred); `trust_remote_code` stays off unless the caller turns it on.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,9 +30,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from eapcore.engine.windowed_attention import causal_attention
 from eapcore.files import looks_like_path
 
-SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2"}
+SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "OLMo 2",
+             "olmo3": "OLMo 3", "gpt2": "GPT-2"}
+POST_NORM = ("olmo2", "olmo3")  # norms on the blocks' outputs, none on their inputs
+LAYER_TYPES = {"full_attention": False, "sliding_attention": True}  # layer type -> windowed
+WINDOW_BY_LAYER_TYPE = ("qwen2", "qwen3", "olmo3")  # windows per layer from config.layer_types
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,11 +79,52 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
 
 
 def check_architecture(config) -> str:
+    """The config's architecture if the engine supports it and every setting it uses
+    (`check_config`); ModelLoadError naming the architecture or field otherwise."""
     arch = getattr(config, "model_type", None)
     if arch not in SUPPORTED:
         raise ModelLoadError(f"unsupported architecture {arch!r}: the EAP engine supports "
                              f"{', '.join(SUPPORTED.values())} ({', '.join(SUPPORTED)})")
+    problems = check_config(config, arch)
+    if problems:
+        raise ModelLoadError(f"unsupported {SUPPORTED[arch]} configuration: {'; '.join(problems)}. The engine "
+                             "would score it wrongly, so it is refused")
     return arch
+
+
+def check_config(config, arch: str) -> list[str]:
+    """Config fields with values that transformers applies and the adapter would not, one line each
+    naming the field. Everything else reaches the scores through the model's own modules, which
+    the adapter calls (rotary scaling of every kind, q/k norms, biases, tied embeddings,
+    activations, head widths), and `check_conformance` verifies that on the loaded model."""
+    problems = []
+    if getattr(config, "is_causal", True) is False:
+        problems.append("is_causal=False: bidirectional attention is not supported")
+    types = getattr(config, "layer_types", None) if arch in WINDOW_BY_LAYER_TYPE else None
+    unknown = sorted(set(types or ()) - set(LAYER_TYPES))
+    if unknown:
+        problems.append(f"layer_types contains {', '.join(map(repr, unknown))}: only full_attention and "
+                        "sliding_attention layers are supported")
+    if arch == "gpt2":
+        for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if getattr(config, name, False):
+                problems.append(f"{name}=True is not supported")
+    return problems
+
+
+
+def layer_windows(config, arch: str) -> list[int | None]:
+    """Each layer's attention window (keys within the last W positions), None for full causal
+    attention, as transformers applies them: Mistral's `sliding_window` on every layer; Qwen2,
+    Qwen3 and OLMo 3 on the layers `layer_types` marks sliding_attention (Qwen2/Qwen3 configs
+    derive it from use_sliding_window and max_window_layers: layers >= max_window_layers slide)."""
+    n = config.num_hidden_layers if arch != "gpt2" else config.n_layer
+    window = getattr(config, "sliding_window", None)
+    if arch == "mistral":
+        return [window] * n
+    if arch in WINDOW_BY_LAYER_TYPE and getattr(config, "layer_types", None):
+        return [window if LAYER_TYPES[t] else None for t in config.layer_types[:n]]
+    return [None] * n
 
 
 @dataclass
@@ -92,7 +146,8 @@ class LoadedModel:
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, with_tokenizer: bool = True) -> LoadedModel:
-    """Load a checkpoint for attribution: eval mode, frozen weights, on `device` in `dtype`."""
+    """Load a checkpoint for attribution: eval mode, frozen weights, on `device` in `dtype`,
+    its adapter checked against the model itself (`check_conformance`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -106,11 +161,83 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
     hf.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code) \
         if with_tokenizer else None
-    return LoadedModel(name_or_path, hf, tok, make_adapter(hf, arch), arch)
+    model = LoadedModel(name_or_path, hf, tok, make_adapter(hf, arch), arch)
+    check_conformance(model)
+    return model
 
 
 def make_adapter(hf, arch: str) -> "Adapter":
-    return GPT2Adapter(hf) if arch == "gpt2" else LlamaFamilyAdapter(hf)
+    if arch == "gpt2":
+        return GPT2Adapter(hf)
+    return Olmo2Adapter(hf) if arch in POST_NORM else LlamaFamilyAdapter(hf)
+
+
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative; half precision: 5e-2
+
+
+CPU_PROBE_FLOPS = 2e12  # a longer window probe is skipped on the CPU (about 20 s on two cores)
+
+
+def check_conformance(model: LoadedModel, probe_len: int = 12) -> dict[str, float]:
+    """Compare the adapter's forward with the model's own (`model.hf` with an attention mask) on a
+    right-padded batch of two random probes, and, when a layer or the config has an attention
+    window, on one probe longer than the largest window (skipped, with a warning, on the CPU when
+    it would cost more than CPU_PROBE_FLOPS: a 7B model's 4096-token window). Returns
+    {probe: relative error}; raises ModelLoadError, naming the config's non-default fields, if the
+    final hidden states or the last logits differ by more than rounding (1e-4 of their largest
+    value in float32, 5e-2 in half precision)."""
+    ad, hf = model.adapter, model.hf
+    windows = [w for w in ad.windows + [getattr(hf.config, "sliding_window", None)] if w]  # the config's too
+    probes = {"short": [probe_len, probe_len - 3]}
+    if windows:
+        T = max(windows) + 9
+        if model.device.type == "cpu" and 2 * T * sum(p.numel() for p in hf.parameters()) > CPU_PROBE_FLOPS:
+            warnings.warn(f"{model.name}: the probe longer than its attention window ({T} tokens) is skipped on "
+                          "the CPU (too slow for a model this size); the windows are as transformers applies them "
+                          "(tests/test_conformance.py) and the short probe passed", stacklevel=2)
+        else:
+            probes["window"] = [T]
+    tol = PROBE_TOLERANCE.get(model.dtype, 5e-2)
+    vocab = hf.get_input_embeddings().num_embeddings
+    errors = {}
+    for name, rows in probes.items():
+        T = rows[0]
+        mask = torch.arange(T, device=model.device)[None] < torch.tensor(rows, device=model.device)[:, None]
+        ids = torch.randint(0, vocab, (len(rows), T), generator=torch.Generator().manual_seed(T)).to(model.device)
+        ids = ids.masked_fill(~mask, 0)
+        with torch.no_grad():
+            ours = ad.final_hidden(ad.embed(ids))
+            theirs = hf.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            last = hf(input_ids=ids[:1], logits_to_keep=4).logits[0].float()
+            ours_last = ad.unembed(ours[0, -4:]).float()
+        err = max(((ours - theirs).float()[mask].abs().max() / theirs.float()[mask].abs().max()).item(),
+                  ((ours_last - last).abs().max() / last.abs().max()).item())
+        errors[name] = err
+        if not err <= tol:
+            what = f"a probe of {T} tokens" + (f" (longer than its attention window of {max(windows)})"
+                                                if name == "window" else "")
+            raise ModelLoadError(f"{model.name}: the engine's forward differs from transformers' by {err:.2g} "
+                                 f"(relative) on {what}, so its scores would be wrong and the model is refused. "
+                                 f"Its config's non-default settings: {_config_summary(hf.config)}")
+    return errors
+
+
+def _config_summary(config) -> str:
+    """The config's fields that differ from its class's defaults, but for sizes and bookkeeping."""
+    skip = {"architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "vocab_size",
+            "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "use_cache", "hidden_size",
+            "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "initializer_range", "attention_dropout", "n_embd", "n_layer", "n_head", "n_inner"}
+    diff = {k: v for k, v in config.to_diff_dict().items() if k not in skip}
+    return ", ".join(f"{k}={v!r}" for k, v in diff.items()) or "none"
+
+
+def per_head(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[h] = x[:, :, h] @ w[h] for each head: x [B, c, h, k], w [h, k, d] -> out [h, B, c, d]
+    (contiguous; written in place by one batched matmul)."""
+    h, B, c, d = out.shape
+    torch.bmm(x.permute(2, 0, 1, 3).reshape(h, B * c, -1), w, out=out.view(h, B * c, d))
+    return out
 
 
 class Adapter:
@@ -122,6 +249,8 @@ class Adapter:
     n_kv_heads: int
     d_model: int
     d_head: int
+    windows: list[int | None]  # each layer's attention window (None: full causal)
+    attention_kernel: str | None = None  # windowed attention kernel (windowed_attention.KERNELS; None: auto)
 
     def __init__(self, hf):
         self.hf = hf
@@ -159,11 +288,29 @@ class Adapter:
     def unembed(self, x: torch.Tensor) -> torch.Tensor:  # final-normed [.., d] -> logits [.., V]
         raise NotImplementedError
 
-    # derived
+    # head granularity: head h writes head_values(z)_h @ head_out_weight[h] into the residual
+    # stream, and its q (k, v) input is the residual stream seen by head h's slice of qkv's output
     def head_out_weight(self, layer: int) -> torch.Tensor:
-        """W_O split by head: [H, dh, d], so head h writes z_h @ W_O[h] into the residual."""
+        """W_O split by head: [H, dh, d]."""
         w = self.proj_weight(layer, "o")  # [d, H*dh]
         return w.T.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def head_values(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The per-head factors stored for the head outputs, [B,T,H*dh] (here z itself)."""
+        return z
+
+    def head_in_weight(self, layer: int, which: str) -> torch.Tensor:
+        """W_q / W_k / W_v split by head: [heads, dh, d]."""
+        w = self.proj_weight(layer, which)  # [heads*dh, d]
+        return w.reshape(-1, self.d_head, self.d_model)
+
+    def head_cotangents(self, layer: int, which: str, x: torch.Tensor, grad: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+        """For each head, the gradient of its slice of qkv's `which` output pulled back to ln1's
+        output (ln1_vjp takes it to the residual stream): out[h] = grad_h @ W[h]. x [B,c,d] is the
+        layer's residual input, grad [B,c,heads*dh] the gradient of qkv's output, out [heads,B,c,d]."""
+        w = self.head_in_weight(layer, which)
+        return per_head(grad.unflatten(-1, (w.shape[0], self.d_head)), w, out)
 
     def ln1_vjp(self, layer: int, x: torch.Tensor, cot: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Vector-Jacobian products of ln1 at x [B,c,d] for a stack of cotangents cot [V,B,c,d],
@@ -171,31 +318,17 @@ class Adapter:
         _, vjp = torch.func.vjp(self.ln1(layer), x)
         return out.copy_(torch.func.vmap(vjp)(cot)[0])
 
-    def head_in_weight(self, layer: int, which: str) -> torch.Tensor:
-        """W_q / W_k / W_v split by head: [heads, dh, d]."""
-        w = self.proj_weight(layer, which)  # [heads*dh, d]
-        return w.reshape(-1, self.d_head, self.d_model)
-
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Plain forward through the adapter (for checks against the model itself)."""
-        x = self.embed(ids)
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain forward through the adapter from input embeddings x [B,T,d] to the final norm's
+        output [B,T,d] (for the checks against the model itself)."""
         for l in range(self.n_layers):
             h = self.ln1(l)(x)
             x = x + self.attn_out(l, self.attend(l, *self.qkv(l, h, h, h)))
             x = x + self.mlp(l, self.ln2(l)(x))
-        return self.unembed(self.ln_final()(x))
+        return self.ln_final()(x)
 
-
-def _sdpa(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
-    """Causal attention with grouped-query k/v kept grouped. q [B,H,T,dh], k/v [B,G,T,dh]."""
-    T = q.shape[-2]
-    mask = None
-    if window is not None and T > window:  # sliding window: keys within the last `window` positions
-        i = torch.arange(T, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                          enable_gqa=gqa)
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.final_hidden(self.embed(ids)))
 
 
 def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +337,12 @@ def _rms_norm(module, x: torch.Tensor) -> torch.Tensor:
     so half-precision inputs need no float32 copy (which autograd would keep)."""
     xf = x if x.is_cuda else x.float()
     return module.weight * F.rms_norm(xf, (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
+
+
+def _rms_norm_gain_first(module, x: torch.Tensor) -> torch.Tensor:
+    """OLMo's RMSNorm: the gain applied in float32 before rounding to the input dtype."""
+    xf = x if x.is_cuda else x.float()
+    return F.rms_norm(xf, (x.shape[-1],), module.weight.to(xf.dtype), eps=module.variance_epsilon).to(x.dtype)
 
 
 class _GatedSiLU(torch.autograd.Function):
@@ -223,11 +362,14 @@ class _GatedSiLU(torch.autograd.Function):
 
 
 class LlamaFamilyAdapter(Adapter):
-    """Llama, Mistral, Qwen2: pre-RMSNorm, RoPE, grouped-query attention, gated MLP."""
+    """Llama, Mistral, Qwen2, Qwen3: pre-RMSNorm, RoPE, grouped-query attention, gated MLP; Qwen3
+    normalises each head's q and k (RMSNorm over dh, before RoPE), which `attend` applies, so
+    qkv's outputs are the plain projections and stay per-head."""
 
     def __init__(self, hf):
         super().__init__(hf)
         c = hf.config
+        self.arch = c.model_type
         self.layers = hf.model.layers
         attn = self.layers[0].self_attn
         self.n_layers = c.num_hidden_layers
@@ -236,7 +378,10 @@ class LlamaFamilyAdapter(Adapter):
         self.d_model = c.hidden_size
         self.d_head = attn.head_dim
         self.scaling = attn.scaling
-        self.window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        self.windows = layer_windows(c, self.arch)
+        # OLMo 3 keeps one rotary table per layer type (its rope_parameters are keyed by type)
+        self._rope_types = c.layer_types if self.arch == "olmo3" else [None] * self.n_layers
+        self._head_qk_norm = self.arch == "qwen3"
         self._rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
         self._gated_silu = getattr(c, "hidden_act", None) == "silu"
         self._cos_sin: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -271,21 +416,28 @@ class LlamaFamilyAdapter(Adapter):
         attn = self.layers[layer].self_attn
         return attn.q_proj(hq), attn.k_proj(hk), attn.v_proj(hv)
 
-    def rotary(self, T: int, like: torch.Tensor):
-        key = (T, like.device, like.dtype)
+    def rotary(self, T: int, like: torch.Tensor, layer: int = 0):
+        """(cos, sin) of positions 0..T-1 for `layer` from the model's own rotary embedding (every
+        scaling type transformers implements); one length is cached."""
+        kind = self._rope_types[layer]
+        key = (T, like.device, like.dtype, kind)
         if key not in self._cos_sin:
             pos = torch.arange(T, device=like.device)[None]
-            self._cos_sin = {key: self.hf.model.rotary_emb(like, pos)}  # keep one length only
+            args = (like, pos) if kind is None else (like, pos, kind)
+            self._cos_sin = {k: v for k, v in self._cos_sin.items() if k[0] == T}
+            self._cos_sin[key] = self.hf.model.rotary_emb(*args)
         return self._cos_sin[key]
 
     def attend(self, layer, q, k, v):
         B, T, _ = q.shape
-        q = q.view(B, T, -1, self.d_head).transpose(1, 2)
-        k = k.view(B, T, -1, self.d_head).transpose(1, 2)
-        v = v.view(B, T, -1, self.d_head).transpose(1, 2)
-        cos, sin = self.rotary(T, q)
+        q, k, v = (t.view(B, T, -1, self.d_head) for t in (q, k, v))
+        if self._head_qk_norm:
+            attn = self.layers[layer].self_attn
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = self.rotary(T, q, layer)
         q, k = self._rope(q, k, cos, sin)
-        z = _sdpa(q, k, v, self.scaling, self.window)
+        z = causal_attention(q, k, v, self.scaling, self.windows[layer], self.attention_kernel)
         return z.transpose(1, 2).reshape(B, T, -1)
 
     def attn_out(self, layer, z):
@@ -301,6 +453,74 @@ class LlamaFamilyAdapter(Adapter):
         return self.hf.lm_head(x)
 
 
+class Olmo2Adapter(LlamaFamilyAdapter):
+    """OLMo 2 and OLMo 3: no norms on the blocks' inputs (ln1 and ln2 are the identity); RMSNorm
+    on the attention's output (after o_proj) and on the MLP's output before each is added to the
+    residual stream, so those normed outputs are the sources; q and k RMSNorm over the whole
+    projection (all heads together), applied in qkv, before RoPE.
+
+    Head granularity: head h's output is its share of the normed attention output,
+    r * g * (z_h @ W_O[h]), with g the norm's gain and r = 1/rms of the whole attention output at
+    that position (so the heads sum to what the block writes; an o_proj bias belongs to no head);
+    head h's q input is the residual stream as seen by head h's slice of the normed projection,
+    whose norm statistic it computes from its own input (so an edge into head h's q changes head
+    h's query only)."""
+
+    def ln1(self, layer):
+        return _identity
+
+    ln2 = ln1
+
+    def ln1_vjp(self, layer, x, cot, out):
+        return out.copy_(cot)
+
+    def ln_final(self):
+        return partial(_rms_norm_gain_first, self.hf.model.norm)
+
+    def qkv(self, layer, hq, hk, hv):
+        attn = self.layers[layer].self_attn
+        return (_rms_norm_gain_first(attn.q_norm, attn.q_proj(hq)), _rms_norm_gain_first(attn.k_norm, attn.k_proj(hk)),
+                attn.v_proj(hv))
+
+    def attn_out(self, layer, z):
+        return _rms_norm_gain_first(self.layers[layer].post_attention_layernorm, self.layers[layer].self_attn.o_proj(z))
+
+    def mlp(self, layer, h):
+        return _rms_norm_gain_first(self.layers[layer].post_feedforward_layernorm, super().mlp(layer, h))
+
+    def head_out_weight(self, layer):
+        return super().head_out_weight(layer) * self.layers[layer].post_attention_layernorm.weight
+
+    def head_values(self, layer, z):
+        """z scaled per position by r = 1/rms(o_proj(z)), the post-attention norm's statistic."""
+        norm = self.layers[layer].post_attention_layernorm
+        o = self.layers[layer].self_attn.o_proj(z)
+        ms = torch.linalg.vector_norm(o, dim=-1, keepdim=True, dtype=torch.float32).square() / o.shape[-1]
+        return (z * torch.rsqrt(ms + norm.variance_epsilon)).to(z.dtype)
+
+    def head_cotangents(self, layer, which, x, grad, out):
+        """Through the q (k) norm over the whole projection p = x @ W.T (+ b), in float32: with
+        u = g * grad restricted to head j and r = 1/rms(p), the norm's VJP is r u - p r^3 mean(p u);
+        pulled back through W this is r u_j @ W[j] - r^3 mean_j(p u) (p @ W): one batched matmul
+        for the first term and one shared product p @ W for the second."""
+        if which == "v":
+            return super().head_cotangents(layer, which, x, grad, out)
+        attn = self.layers[layer].self_attn
+        norm = attn.q_norm if which == "q" else attn.k_norm
+        w = self.head_in_weight(layer, which)  # [n, dh, d]
+        p = getattr(attn, f"{which}_proj")(x).float()  # [B,c,n*dh] (ln1 is the identity)
+        r = torch.rsqrt(p.square().mean(-1, keepdim=True) + norm.variance_epsilon)  # [B,c,1]
+        u = grad.float() * norm.weight.float()
+        s = (p * u).unflatten(-1, (w.shape[0], self.d_head)).sum(-1) * r.pow(3) / p.shape[-1]  # [B,c,n]
+        per_head((u * r).to(out.dtype).unflatten(-1, (w.shape[0], self.d_head)), w, out)
+        shared = (p.to(out.dtype) @ w.reshape(-1, self.d_model))  # [B,c,d]
+        return out.sub_(s.permute(2, 0, 1)[..., None].to(out.dtype) * shared)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class GPT2Adapter(Adapter):
     """GPT-2: pre-LayerNorm, learned positions, fused qkv (Conv1D, x @ W + b), GELU MLP."""
 
@@ -312,9 +532,7 @@ class GPT2Adapter(Adapter):
         self.n_heads = self.n_kv_heads = c.n_head
         self.d_model = c.n_embd
         self.d_head = c.n_embd // c.n_head
-        if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "reorder_and_upcast_attn", False):
-            raise ModelLoadError("GPT-2 configs with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn "
-                                 "are not supported")
+        self.windows = [None] * self.n_layers
         self.scaling = self.d_head ** -0.5 if getattr(c, "scale_attn_weights", True) else 1.0
 
     def embed(self, ids):
@@ -346,7 +564,7 @@ class GPT2Adapter(Adapter):
     def attend(self, layer, q, k, v):
         B, T, _ = q.shape
         q, k, v = (t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v))
-        return _sdpa(q, k, v, self.scaling).transpose(1, 2).reshape(B, T, -1)
+        return causal_attention(q, k, v, self.scaling).transpose(1, 2).reshape(B, T, -1)
 
     def attn_out(self, layer, z):
         return self.blocks[layer].attn.c_proj(z)
@@ -359,7 +577,7 @@ class GPT2Adapter(Adapter):
 
 
 TL_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel"}
+                    "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
@@ -367,11 +585,22 @@ def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
 
     The config is built from the checkpoint's own config (never guessed from the folder name) and
     the weights converted with TransformerLens' converters, with no weight processing (no folded
-    layer norms, no centring), so its outputs equal the model's. Needs `transformer-lens`."""
+    layer norms, no centring), so its outputs equal the model's. Sliding windows become
+    TransformerLens' local attention. Refused (ModelLoadError): OLMo 3, RoPE scaling, windows of
+    different sizes, OLMo 2 with grouped-query attention (TransformerLens 3.9's converter assumes
+    as many key-value heads as query heads). Needs `transformer-lens`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained import weight_conversions as wc
 
     c, ad = model.hf.config, model.adapter
+    rope = getattr(c, "rope_parameters", None) or {}
+    windows = {w for w in ad.windows if w}
+    problems = [f"architecture {model.arch}" if model.arch not in TL_ARCHITECTURES else "",
+                f"rope_type {rope.get('rope_type')!r}" if rope.get("rope_type", "default") != "default" else "",
+                f"windows of sizes {sorted(windows)}" if len(windows) > 1 else "",
+                "OLMo 2 with grouped-query attention" if model.arch == "olmo2" and ad.n_kv_heads != ad.n_heads else ""]
+    if any(problems):
+        raise ModelLoadError(f"{model.name}: no TransformerLens conversion for {', '.join(filter(None, problems))}")
     cfg = dict(d_model=ad.d_model, d_head=ad.d_head, n_heads=ad.n_heads, n_layers=ad.n_layers,
                d_vocab=model.hf.get_input_embeddings().num_embeddings, dtype=model.dtype,
                device=str(model.device), original_architecture=TL_ARCHITECTURES[model.arch])
@@ -379,14 +608,17 @@ def to_hooked_transformer(model: LoadedModel, **cfg_overrides):
         cfg.update(d_mlp=c.n_inner or 4 * ad.d_model, n_ctx=c.n_positions, eps=c.layer_norm_epsilon,
                    act_fn=c.activation_function, normalization_type="LN", positional_embedding_type="standard")
     else:
-        rope = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
         cfg.update(d_mlp=c.intermediate_size, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
                    act_fn=c.hidden_act, n_key_value_heads=ad.n_kv_heads if ad.n_kv_heads != ad.n_heads else None,
                    normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=ad.d_head,
-                   rotary_base=rope, rotary_adjacent_pairs=False, final_rms=True, gated_mlp=True)
+                   rotary_base=rope.get("rope_theta", 10000.0), rotary_adjacent_pairs=False, final_rms=True,
+                   gated_mlp=True, use_qk_norm=model.arch == "qwen3")
+    if windows:
+        cfg.update(use_local_attn=True, window_size=windows.pop(),
+                   attn_types=["local" if w else "global" for w in ad.windows])
     cfg.update(cfg_overrides)
     tl_cfg = HookedTransformerConfig(**cfg)
-    convert = getattr(wc, f"convert_{'llama' if model.arch == 'llama' else model.arch}_weights")
+    convert = getattr(wc, f"convert_{model.arch}_weights")
     tl = HookedTransformer(tl_cfg, tokenizer=model.tokenizer)
     tl.load_and_process_state_dict(convert(model.hf, tl_cfg), fold_ln=False, center_writing_weights=False,
                                    center_unembed=False, fold_value_biases=False,

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from eapcore.runs import registry
 from eapcore.runs.cache import sha256_file
 from eapcore.runs.errors import RunError
-from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
+from eapcore.specs import (GROUPS, IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
                            SelectionSettings, spec_key, to_dict)
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
@@ -112,7 +112,7 @@ def score_key(model_id: str, prompt_ids: Sequence[int], answer_ids: Sequence[int
     return digest({"stage": "scores", "model": model_id, "prompt": list(prompt_ids),
                    "answer": list(answer_ids[:cut_len]), "cut_len": cut_len,
                    "settings": {k: getattr(settings, k) for k in SCORE_SETTINGS},
-                   "scoring_version": SCORING_VERSION})
+                   "scoring_version": SCORING_VERSION, **({"ig_rule": IG_RULE} if settings.ig_steps else {})})
 
 
 def stage_keys(spec: RunSpec) -> dict[str, Any]:

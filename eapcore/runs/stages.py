@@ -186,7 +186,7 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
     import torch
     from safetensors.torch import load_file
 
-    from eapcore.engine.attribution import AttributionResult, result_manifest
+    from eapcore.engine.attribution import AttributionResult, check_finite, result_manifest
     from eapcore.graph import Graph
 
     entries = [cache.get("scores", k) for k in keys]
@@ -199,10 +199,13 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
         raise RunError(f"cached scores of {model_spec.name_or_path} disagree on the graph shape ({graphs}); "
                        "remove them with `python -m eapcore cache rm KEY` and run again")
     tensors = [load_file(str(e.file("scores.safetensors"))) for e in entries]
+    scores, loss = torch.stack([t["scores"] for t in tensors]), torch.cat([t["loss"] for t in tensors])
+    check_finite(model_spec.name_or_path, samples, scores, loss,  # entries cached before the engine checked
+                 "it is not pooled; remove its score entry (`python -m eapcore cache list` shows it, "
+                 "`cache rm KEY` removes it) and run again")
     manifest = result_manifest(model_spec.name_or_path, samples, cut_len, att, dtype=att.dtype, score_keys=keys,
                                max_batch_tokens=batch_tokens)
-    return AttributionResult(torch.stack([t["scores"] for t in tensors]), torch.cat([t["loss"] for t in tensors]),
-                             Graph(**json.loads(graphs.pop())), manifest)
+    return AttributionResult(scores, loss, Graph(**json.loads(graphs.pop())), manifest)
 
 
 def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: Reporter) -> list[tuple[str, str]]:
