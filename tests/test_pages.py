@@ -135,6 +135,7 @@ def test_samples_page(monkeypatch, cache):
 
 
 def test_no_runs_yet(monkeypatch, tmp_path):
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")  # a cache that stays empty
     for page in PAGES:
         at = _app(monkeypatch, tmp_path, page)
         text = " ".join(i.value for i in at.info)
@@ -172,6 +173,7 @@ def run_lab(checkpoints, tmp_path, monkeypatch):
     from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
 
     monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")  # the cache holds only what the test runs
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker: one torch thread on a busy machine
     monkeypatch.delenv(stages.SLEEP_ENV, raising=False)
     tuned = make_checkpoint(tmp_path / "tuned", "llama", seed=1)
