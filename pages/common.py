@@ -130,16 +130,16 @@ def _shipped_runs(root: str) -> dict | None:
 
 def import_shipped_runs() -> None:
     """The dashboard's start: once per server and cache folder, import the shipped demo runs into
-    a cache that has no run (eapcore.runs.shipped), and tell each session once that it happened."""
+    a cache that has no run (eapcore.runs.shipped); the session that did it shows a note."""
     try:
         done = _shipped_runs(str(query.cache_root()))
     except Exception as err:  # noqa: BLE001  (a damaged bundle must not stop the dashboard)
         st.warning(f"Could not import the shipped demo runs: {err}")
         return
-    if done and not st.session_state.get("shipped_note"):
-        st.session_state["shipped_note"] = True
-        st.toast(f"The cache ({query.cache_root()}) had no runs: imported the {done['runs']} demo runs shipped "
-                 f"in {done['bundle']}.", icon=":material/inventory_2:")
+    if done and not done.get("announced"):  # the first session after the import says so
+        done["announced"] = True
+        st.toast(f"The cache had no runs: imported the {done['runs']} demo runs shipped in demo/runs.zip "
+                 f"into {query.cache_root()}.", icon=":material/inventory_2:")
 
 
 def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = True) -> query.RunInfo | None:

@@ -38,16 +38,17 @@ def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
 
 
 def default_view(runs: Iterable[RunInfo]) -> dict[str, str] | None:
-    """The URL parameters of the first screen: the heatmaps of the default pair (a demo pair's
-    both-correct run at alpha 0.5 and layer granularity when cached, else the closest finished
-    run); None without finished runs."""
+    """The URL parameters of the first screen: the heatmaps of the default pair (the first
+    registered demo pair's both-correct run at alpha 0.5 and layer granularity when cached, else
+    the closest finished run); None without finished runs."""
     finished = [r for r in runs if r.finished]
     if not finished:
         return None
+    order = {name: i for i, name in enumerate(p.name for p in registered("pairs"))}
 
     def rank(r: RunInfo) -> tuple:
         return (not r.pair.lower().startswith("demo"), r.group != "both_correct", r.granularity != "layer",
-                abs(r.alpha - 0.5), r.pair, r.dataset)
+                abs(r.alpha - 0.5), order.get(r.pair, len(order)), r.pair, r.dataset)
 
     best = min(finished, key=rank)
     return {"pair": best.pair, "dataset": best.dataset, "alpha": str(best.alpha), "group": best.group,
