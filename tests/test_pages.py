@@ -141,6 +141,9 @@ def test_no_runs_yet(monkeypatch, tmp_path):
         text = " ".join(i.value for i in at.info)
         if page not in ("pages/run.py",):
             assert "No finished runs" in text, page
+            # guidance names only steps that work offline: import the shipped runs, or run the demo pair
+            assert "eapcore import demo/runs.zip" in text and "no network" in text, page
+        assert "eapcore lab" not in " ".join(m.value for m in [*at.info, *at.markdown, *at.caption]), page
 
 
 def test_one_cache_layer_shares_a_loaded_run_until_its_files_change(monkeypatch, cache):
