@@ -95,12 +95,12 @@ def adapter_base(folder: str | Path) -> str:
         base = json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{folder / ADAPTER_CONFIG} has no readable base_model_name_or_path ({err})") from None
-    if isinstance(base, str) and base.startswith((".", "..")) and split_gguf(base) is None:
-        return str((folder / base).resolve())
-    if isinstance(base, str) and split_gguf(base) and split_gguf(base)[0].startswith("."):
-        source, name = split_gguf(base)
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path must be a model reference")
+    source, name = split_gguf(base) or ("", base)
+    if source.startswith("."):
         return f"{(folder / source).resolve()}::{name}"
-    return base
+    return str((folder / base).resolve()) if base.startswith(".") else base
 
 
 # ------------------------------------------------------------------------------ identities
