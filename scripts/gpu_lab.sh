@@ -28,12 +28,15 @@ gsm8k=()
 log() { echo "[gpu_lab $(( $(date +%s) - t0 )) s] $*"; }
 versions() {
   python - <<'EOF'
-import importlib, platform
-mods = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "gguf", "huggingface_hub", "pyarrow", "math_verify"]
+import importlib, importlib.metadata as md, platform
+mods = {"torch": "torch", "transformers": "transformers", "trl": "trl", "peft": "peft", "datasets": "datasets",
+        "accelerate": "accelerate", "gguf": "gguf", "huggingface_hub": "huggingface-hub", "pyarrow": "pyarrow",
+        "math_verify": "math-verify"}
 out = {"python": platform.python_version()}
-for m in mods:
+for m, dist in mods.items():
     try:
-        out[m] = importlib.import_module(m).__version__
+        importlib.import_module(m)
+        out[m] = md.version(dist)
     except Exception as err:  # report every missing or broken package at once
         out[m] = f"MISSING ({type(err).__name__}: {err})"
 import torch

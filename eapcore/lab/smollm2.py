@@ -451,6 +451,11 @@ def run(out: Path, cfg: Config, stages: tuple[str, ...], deadline: float | None,
     results.setdefault("timings_s", {})
     # seconds a stage needs at least to be worth starting (the GPU budget; 0 on the rehearsal)
     needs = {} if cfg.tiny else {"sft": 90, "pairs": 60, "rl": 90, "eval": 5, "sweep": 60, "pack": 10}
+    def until(stage: str, margin: float = 0.0) -> float | None:
+        """The deadline of `stage`: the run's, less what the later requested stages need."""
+        later = stages[stages.index(stage) + 1:]
+        return deadline and deadline - sum(needs.get(s, 0) for s in later) - margin
+
     for stage in stages:
         if _left(deadline) < needs.get(stage, 0):
             log(f"{stage}: skipped, {_left(deadline):.0f} s left before the deadline")
@@ -460,13 +465,12 @@ def run(out: Path, cfg: Config, stages: tuple[str, ...], deadline: float | None,
             stage_data(out, cfg)
             results["problems_test_sha256"] = sha256_file(out / "problems_test.jsonl")
         elif stage == "sft":
-            # SFT may use the time until the RL stage must start
-            results.update(stage_sft(out, cfg, deadline and deadline - sum(needs.get(s, 0) for s in STAGES[2:]), log))
+            results.update(stage_sft(out, cfg, until("sft"), log))
         elif stage == "pairs":
             results.update(stage_pairs(out, cfg, log))
         elif stage == "rl":
-            stage_rl(out, cfg, deadline and deadline - needs.get("eval", 0) - needs.get("sweep", 0) - needs.get("pack", 0) - 30,
-                     gsm8k, log)
+            # training stops 40 s early: each worker then evaluates its model
+            stage_rl(out, cfg, until("rl", margin=0 if cfg.tiny else 40), gsm8k, log)
         elif stage == "eval":
             results.update(stage_eval(out, cfg))
             for name, row in results["eval"].items():
@@ -506,7 +510,7 @@ def command(argv: list[str]) -> int:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.set_num_threads(2 if cfg.tiny else 4)
+    torch.set_num_threads(2)
     if args.worker:
         algo, seed = args.worker.split(":")
         run_worker(args.out, cfg, algo, int(seed), args.deadline, args.gsm8k)
