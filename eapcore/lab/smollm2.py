@@ -194,7 +194,8 @@ def stage_pairs(out: Path, cfg: Config, log=print) -> dict[str, Any]:
     model, tok = T.load(model_dir(out, "sft", 0), _device())
     train, _ = splits(cfg)
     pairs = T.preference_pairs(model, tok, train[-cfg.pair_prompts:], cfg.pair_samples, seed=cfg.seed + 7,
-                               max_new_tokens=cfg.max_new_tokens, reference_fallback=cfg.tiny)
+                               max_new_tokens=cfg.max_new_tokens, reference_fallback=cfg.tiny,
+                               batch_sequences=4 * cfg.eval_batch)
     if not pairs:
         raise RuntimeError("no preference pairs: the SFT model has no problem with both a correct and a "
                            "wrong sample; train SFT longer or sample more")
@@ -222,7 +223,8 @@ def evaluate(folder: Path, cfg: Config, gsm8k: Path | None) -> dict[str, str]:
 
     model, tok = T.load(folder, _device())
     _, test = splits(cfg)
-    out = {"heldout": "".join("1" if ok else "0" for ok in T.evaluate(model, tok, test, cfg.max_new_tokens))}
+    ok = T.evaluate(model, tok, test, cfg.max_new_tokens, cfg.eval_batch)
+    out = {"heldout": "".join("1" if o else "0" for o in ok)}
     gsm = read_gsm8k(gsm8k, cfg.gsm8k_limit)
     if gsm:
         texts = T.generate(model, tok, [build_prompt(p.question) for p in gsm], cfg.gsm8k_max_new_tokens,

@@ -129,17 +129,19 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64, batch
     return out
 
 
-def evaluate(model, tok, problems: Sequence[Problem], max_new_tokens: int = 64) -> list[bool]:
+def evaluate(model, tok, problems: Sequence[Problem], max_new_tokens: int = 64, batch_size: int = 128) -> list[bool]:
     """Greedy correctness of each problem, in order."""
-    completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens)
+    completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens, batch_size)
     return [is_correct(c, p.answer) for c, p in zip(completions, problems)]
 
 
 def sample_correctness(model, tok, problems: Sequence[Problem], k: int, seed: int,
-                       max_new_tokens: int = 64) -> tuple[list[str], list[list[bool]]]:
-    """k samples at temperature 1 per problem: (completions flat, correctness [n][k])."""
+                       max_new_tokens: int = 64, batch_sequences: int = 256) -> tuple[list[str], list[list[bool]]]:
+    """k samples at temperature 1 per problem (batches of `batch_sequences` answers):
+    (completions flat, correctness [n][k])."""
     completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens,
-                           batch_size=max(1, 256 // k), do_sample=True, num_return_sequences=k, seed=seed)
+                           batch_size=max(1, batch_sequences // k), do_sample=True, num_return_sequences=k,
+                           seed=seed)
     ok = [[is_correct(completions[i * k + j], p.answer) for j in range(k)] for i, p in enumerate(problems)]
     return completions, ok
 
@@ -275,11 +277,12 @@ def _train_and_save(trainer, tok, out: Path, logs, peft_config, base_ref: str) -
 
 # ---------------------------------------------------------------- DPO
 def preference_pairs(model, tok, problems: Sequence[Problem], k: int, seed: int,
-                     max_new_tokens: int = 64, reference_fallback: bool = False) -> list[dict[str, str]]:
+                     max_new_tokens: int = 64, reference_fallback: bool = False,
+                     batch_sequences: int = 256) -> list[dict[str, str]]:
     """Offline pairs from the model's own samples: one correct (chosen) vs one wrong (rejected)
     per problem that has both among its k samples. With `reference_fallback` (smoke runs of an
     untrained model only) a problem with no correct sample uses the reference solution as chosen."""
-    completions, ok = sample_correctness(model, tok, problems, k, seed, max_new_tokens)
+    completions, ok = sample_correctness(model, tok, problems, k, seed, max_new_tokens, batch_sequences)
     pairs = []
     for i, p in enumerate(problems):
         good = [completions[i * k + j] for j in range(k) if ok[i][j]]
