@@ -69,9 +69,9 @@ class Config:
     grpo_generations: int = 8
     grpo_lr: float = 1e-4
     # DPO (TRL, LoRA over the merged SFT model, RPO: + chosen NLL)
-    pair_prompts: int = 1500
+    pair_prompts: int = 3000
     pair_samples: int = 4
-    dpo_steps: int = 120
+    dpo_steps: int = 100
     dpo_batch: int = 32
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
