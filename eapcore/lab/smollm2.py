@@ -218,15 +218,14 @@ def stage_pairs(out: Path, cfg: Config, log=print) -> dict[str, Any]:
     return {"dpo_pairs": len(pairs)}
 
 
-def read_gsm8k(path: Path | None, limit: int = 0) -> list[Problem]:
-    """GSM8K test rows (question, answer with '#### N') as lab problems (level 0)."""
+def read_gsm8k(path: Path | None, limit: int = 0) -> list[tuple[str, str]]:
+    """(question, reference answer) of GSM8K test rows (`answer` ends in '#### N'); first `limit`."""
     if path is None or not Path(path).is_file():
         return []
     from eapcore.grading import gsm8k_reference
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    rows = rows[:limit] if limit else rows
-    return [Problem(i, 0, r["question"], "", 0, gsm8k_reference(r["answer"])) for i, r in enumerate(rows)]
+    return [(r["question"], gsm8k_reference(r["answer"])) for r in (rows[:limit] if limit else rows)]
 
 
 def evaluate(folder: Path, cfg: Config, gsm8k: Path | None) -> dict[str, str]:
@@ -241,9 +240,9 @@ def evaluate(folder: Path, cfg: Config, gsm8k: Path | None) -> dict[str, str]:
     out = {"heldout": "".join("1" if o else "0" for o in ok)}
     gsm = read_gsm8k(gsm8k, cfg.gsm8k_limit)
     if gsm:
-        texts = T.generate(model, tok, [build_prompt(p.question) for p in gsm], cfg.gsm8k_max_new_tokens,
+        texts = T.generate(model, tok, [build_prompt(q) for q, _ in gsm], cfg.gsm8k_max_new_tokens,
                            batch_size=cfg.eval_batch)
-        ok = grade_pairs((extract_answer(t), p.expression) for t, p in zip(texts, gsm))
+        ok = grade_pairs((extract_answer(t), ref) for t, (_, ref) in zip(texts, gsm))
         out["gsm8k"] = "".join("1" if o else "0" for o in ok)
     return out
 
