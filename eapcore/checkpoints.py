@@ -205,6 +205,7 @@ def _dequantize(path: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tokenizer.add_special_tokens(gguf_special_tokens(path))
+    tokenizer.clean_up_tokenization_spaces = False  # 5.17 sets it (no-op for BPE there); decode text as is
     config = loaded.config
     _drop_quantization(config)
     with torch.device("meta"):
