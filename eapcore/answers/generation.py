@@ -149,10 +149,15 @@ class VLLMBackend:
 
 def make_backend(model: ModelSpec, settings: GenerationSettings) -> tuple[Backend, Any]:
     """(backend, tokenizer) for `model`: vLLM if asked or ("auto") installed with a GPU, else transformers."""
+    import dataclasses
     import importlib.util
 
     import torch
 
+    from eapcore.engine.checkpoints import local_folder
+
+    # a GGUF file or a LoRA adapter becomes a plain folder (cached)
+    model = dataclasses.replace(model, name_or_path=local_folder(model.name_or_path, model.revision))
     tokenizer = load_tokenizer(model)
     use_vllm = settings.backend == "vllm" or (
         settings.backend == "auto" and importlib.util.find_spec("vllm") is not None and torch.cuda.is_available())

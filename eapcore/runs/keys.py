@@ -60,9 +60,14 @@ def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
 
 
 def model_identity(model: ModelSpec) -> dict[str, Any]:
-    """What a model's outputs depend on: a local folder's file fingerprints (wherever it lies), or
+    """What a model's outputs depend on: a GGUF file's sha256, an adapter's files and its base's
+    identity (eapcore.engine.checkpoints), a local folder's file fingerprints (wherever it lies), or
     the hub id and revision."""
+    from eapcore.engine import checkpoints
+
     local = registry.resolve_path(model.name_or_path)
+    if checkpoints.is_derived(local):
+        return {**checkpoints.identity(local, model.revision), "trust_remote_code": model.trust_remote_code}
     if Path(local).is_dir():
         return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
     return {"hub": model.name_or_path, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
