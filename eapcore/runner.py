@@ -50,8 +50,9 @@ from typing import Any, Callable, Sequence
 from eapcore import registry
 from eapcore.cache import (MANIFEST, Cache, CacheError, read_json_or_none, replace_dir, sha256_file, write_bytes_atomic,
                            write_json_atomic)
-from eapcore.specs import (GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec, GenerationSettings,
-                           ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key, to_dict)
+from eapcore.specs import (BACKENDS, GROUPS, SCORING_VERSION, AttributionSettings, DatasetSpec,
+                           GenerationSettings, ModelSpec, PairSpec, RunSpec, SelectionSettings, from_dict, spec_key,
+                           to_dict)
 
 STAGES = ("queued", "generate", "grade", "select", "attribute", "metrics", "done", "error", "cancelled")
 FINAL = ("done", "error", "cancelled")
@@ -192,8 +193,8 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"alpha must be > 0, got {s.alpha}")
     if s.group not in GROUPS:
         problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
-    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
-        problems.append("max_new_tokens and the generation batch size must be >= 1")
+    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
+        problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
     if problems:
         raise RunError("invalid run spec: " + "; ".join(problems))
 
@@ -303,30 +304,47 @@ def _gpu_mem_gb() -> float | None:
 
 class Reporter:
     """Keeps status.json current (at most 2 writes a second, always at a stage change), calls the
-    progress callback, and raises Cancelled when the run's cancel flag appears."""
+    progress callback, and raises Cancelled when the run's cancel flag appears.
+
+    status["clock"]: {stage: {"seconds": wall time, "device": where it ran}} of the stages this
+    execution went through (a cached stage takes about 0 s); status["tokens_per_s"]: generated
+    tokens per second during the generate stage."""
 
     def __init__(self, folder: Path, callback: Progress | None = None):
         self.folder, self.callback = folder, callback
         self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,
-                                       "gpu_mem_gb": None, "message": "", "error": None, "pid": os.getpid()}
+                                       "tokens_per_s": None, "gpu_mem_gb": None, "message": "", "error": None,
+                                       "clock": {}, "pid": os.getpid()}
         self._t0, self._done0, self._written = time.time(), 0, 0.0
 
-    def stage(self, name: str, total: int, done: int = 0, message: str = "") -> None:
+    def _stop_clock(self) -> None:
+        entry = self.status["clock"].get(self.status["stage"])
+        if entry is not None and entry["seconds"] is None:
+            entry["seconds"] = round(time.time() - self._t0, 3)
+
+    def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu") -> None:
+        self._stop_clock()
         self._t0, self._done0 = time.time(), done
-        self.status.update(stage=name, total=total, done=done, rate=None, eta_s=None, message=message, error=None)
+        self.status["clock"][name] = {"seconds": None, "device": device}
+        self.status.update(stage=name, total=total, done=done, rate=None, eta_s=None, tokens_per_s=None,
+                           message=message, error=None)
         self._emit(force=True)
 
-    def update(self, done: int, message: str | None = None) -> None:
+    def update(self, done: int, message: str | None = None, tokens: int | None = None) -> None:
+        """done: items finished in this stage; tokens: tokens generated so far in this stage."""
         self.check_cancel()
         elapsed, computed = time.time() - self._t0, done - self._done0
         rate = computed / elapsed if computed > 0 and elapsed > 0 else None
         self.status.update(done=done, rate=rate, eta_s=(self.status["total"] - done) / rate if rate else None)
+        if tokens is not None and elapsed > 0:
+            self.status["tokens_per_s"] = tokens / elapsed
         if message is not None:
             self.status["message"] = message
         self._emit()
 
     def finish(self, stage: str, message: str = "", error: str | None = None) -> None:
-        self.status.update(stage=stage, message=message, error=error, rate=None, eta_s=None)
+        self._stop_clock()
+        self.status.update(stage=stage, message=message, error=error, rate=None, eta_s=None, tokens_per_s=None)
         self._emit(force=True)
 
     def check_cancel(self) -> None:
@@ -444,6 +462,7 @@ def _generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[st
     """Generation entries of base and tuned (answers.jsonl); resumable through work files."""
     from eapcore.data import load_problems
     from eapcore.generation import generate_answers, make_backend
+    from eapcore.models import resolve_device
 
     models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
     todo = {w: keys["generations"][w] for w in models if cache.get("generations", keys["generations"][w]) is None}
@@ -451,18 +470,23 @@ def _generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[st
                              if spec.dataset.source else spec.dataset)[0] if todo else []
     work = {w: cache.work_dir("generations", k) / "answers.jsonl" for w, k in todo.items()}
     n = len(problems)
+    device = resolve_device("auto").type if todo else "cpu"
     rep.stage("generate", total=2 * n, done=(2 - len(todo)) * n + sum(_count_lines(p) for p in work.values()),
-              message=f"{spec.dataset.name}: {n} problems" if todo else "cached")
+              message=f"{spec.dataset.name}: {n} problems" if todo else "cached", device=device)
     gen = dataclasses.replace(spec.generation, max_new_tokens=max_new_tokens(spec))
-    chunk = gen.batch_size * 8
+    tokens_before = 0  # generated by the models finished earlier in this stage
     for which, key in todo.items():
         def write(folder: Path, which=which, key=key) -> None:
+            nonlocal tokens_before
             backend, tokenizer = make_backend(_local(models[which]), gen)
-            for i in range(0, n, chunk):
-                generate_answers(problems[i: i + chunk], work[which], backend, tokenizer, spec.pair.template,
-                                 gen.max_new_tokens, gen.batch_size, progress=False)
-                rep.update(rep.status["total"] - sum(n - _count_lines(work[w]) for w in work),
-                           f"generating {which} answers")
+            start = rep.status["done"]
+
+            def on_progress(answers: int, tokens: int) -> None:
+                rep.update(start + answers, f"generating {which} answers", tokens=tokens_before + tokens)
+
+            report = generate_answers(problems, work[which], backend, tokenizer, spec.pair.template,
+                                      gen.max_new_tokens, gen.batch_size, progress=False, on_progress=on_progress)
+            tokens_before += report.n_tokens
             del backend
             _free_memory()
             shutil.copyfile(work[which], folder / "answers.jsonl")
@@ -598,6 +622,7 @@ def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: 
     folder. Returns the (kind, key) entries used."""
     from eapcore.attribution import sample_tokens
     from eapcore.harness import read_samples
+    from eapcore.models import resolve_device
 
     att = spec.attribution
     cut_len = int(json.loads((selection / "selection.json").read_text())["t_cut"])
@@ -610,7 +635,8 @@ def _attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: 
     batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
     total = sum(map(len, keys.values()))
     done = sum(cache.get("scores", k) is not None for k in itertools.chain(*keys.values()))
-    rep.stage("attribute", total=total, done=done, message=f"{total // 2} samples per model, T_cut {cut_len}")
+    rep.stage("attribute", total=total, done=done, message=f"{total // 2} samples per model, T_cut {cut_len}",
+              device=resolve_device(att.device).type)
     for which, model_spec in models.items():
         def on_batch(n: int, which=which) -> None:
             nonlocal done
@@ -743,8 +769,9 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     g, s, a = GenerationSettings(), SelectionSettings(), AttributionSettings()
     p.add_argument("--limit", type=int, help="first N problems of the dataset only")
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the pair's)")
-    p.add_argument("--gen-batch-size", type=int, default=g.batch_size)
-    p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default=g.backend)
+    p.add_argument("--gen-batch-size", type=int, default=g.batch_size,
+                   help="sequences decoded together (0: from free memory)")
+    p.add_argument("--backend", choices=BACKENDS, default=g.backend)
     p.add_argument("--gen-dtype", choices=("float32", "bfloat16", "float16"), default=g.dtype)
     p.add_argument("--beta", type=float, default=s.beta)
     p.add_argument("--low", type=float, default=s.low)
