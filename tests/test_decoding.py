@@ -3,8 +3,12 @@ token, on every supported architecture (CPU, float32); its place in generation a
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from eapcore.harness import read_samples
 from eapcore.specs import GenerationSettings, ModelSpec
 
 VOCAB = 50
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def config(arch: str, **overrides):
@@ -53,9 +58,9 @@ def reference(model, prompts, limits, eos: set[int]) -> list[list[int]]:
     for prompt, limit in zip(prompts, limits):
         config = tf.GenerationConfig(do_sample=False, max_new_tokens=limit, eos_token_id=sorted(eos) or None,
                                      pad_token_id=0)
+        ids = torch.tensor([prompt], device=model.device)
         with torch.no_grad():
-            ids = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 generation_config=config)
+            ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         out.append(cut_at_eos(ids[0, len(prompt):].tolist(), eos))
     return out
 
@@ -88,6 +93,19 @@ def test_answers_equal_generate(arch, overrides):
     if arch == "mistral":  # the window shapes the answers: the test above is not blind to it
         no_window = random_model(config(arch, sliding_window=None))
         assert reference(no_window, prompts, limits, eos) != expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False], ids=["cuda-graphs", "cuda-eager"])
+def test_cuda_answers_equal_generate(graphs):
+    """On the GPU (float32): the captured and the eager decode step both equal `generate`."""
+    prompts, limits = job(seed=3, n=40)
+    for arch, overrides in (("qwen2", {}), ("mistral", {"sliding_window": 6}), ("llama", {}), ("qwen3", {}),
+                            ("olmo2", {}), ("gpt2", {})):
+        model = random_model(config(arch, **overrides)).to("cuda")
+        decoder = SlotDecoder(model, set(), 8, sync_every=4, cuda_graphs=graphs)
+        assert decoder(prompts, limits) == reference(model, prompts, limits, set()), arch
+        assert decoder.stats["graphs"].startswith("on" if graphs else "off"), decoder.stats["graphs"]
 
 
 def test_stream_order_stop_and_errors():
@@ -159,3 +177,18 @@ def test_cli_backend_option(checkpoints, tmp_path, capsys):
                          "--dtype", "float32", "--no-progress"]) == 0
         assert json.loads(capsys.readouterr().out)["n_generated"] == 4
     assert (tmp_path / "continuous.jsonl").read_text() == (tmp_path / "transformers.jsonl").read_text()
+
+
+def test_gpu_benchmark_tiny_mode(tmp_path):
+    """benchmarks/gpu_generation.py --tiny (its CPU mode) runs every part but transformers'
+    continuous batching (tried by hand: slow to warm up on a CPU) and writes its results."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_generation.py", "--tiny", "--skip", "cb"], cwd=PROJECT,
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_generation.json").read_text())
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert rows["default"]["completed"] and rows["default"]["tokens"] == result["job"]["tokens"]
+    assert rows["generate-b8"]["tokens_per_s"] > 0 and rows["generate-b32"]["batch"] == 32
+    assert result["exact_float32"]["identical"] == result["exact_float32"]["sample"] == 16
+    assert result["agreement"]["share_identical"] == 1.0  # float32 on the CPU: no rounding ties
+    assert "| default (slots 48) |" in proc.stdout and "decode floor" in proc.stdout
