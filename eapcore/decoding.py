@@ -1,5 +1,6 @@
 """Greedy continuous batching over a Hugging Face causal LM's own modules: the generation path a
-run takes on a GPU (eapcore.generation picks it), token for token equal to transformers' `generate`.
+run takes by default (eapcore.generation picks it), token for token equal to transformers' `generate`.
+On the CPU it beats plain `generate` too (the demo: 1.37 s of CPU time against 2.12 s at batch 128).
 
 Why this design (measured on an H200, Qwen2-7B shape, bf16; ENVIRONMENT.md, BENCHMARKS.md):
 - plain `generate` (93 tokens/s at batch 8, 1,926 at 256) pads a batch to its longest answer,
@@ -218,7 +219,8 @@ class SlotDecoder:
             return min(self.slots, n_prompts)
         if self.device.type != "cuda":
             return min(64, n_prompts)
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+            - torch.cuda.memory_allocated(self.device)  # blocks PyTorch holds but does not use count as free
         cap = min(MAX_SLOTS, n_prompts)
         slots = plan_slots(self.kv_bytes_per_token(), length, free, self._workspace_bytes(cap), cap)
         if slots < 1:
