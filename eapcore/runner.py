@@ -827,7 +827,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            self.bar.set_postfix_str(st.get("message") or "", refresh=False)
+            speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
+            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), speed))), refresh=False)
             self.bar.refresh()
 
     def close(self):

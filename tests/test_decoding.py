@@ -192,3 +192,12 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert result["exact_float32"]["identical"] == result["exact_float32"]["sample"] == 16
     assert result["agreement"]["share_identical"] == 1.0  # float32 on the CPU: no rounding ties
     assert "| default (slots 48) |" in proc.stdout and "decode floor" in proc.stdout
+
+
+def test_command_line_bar_shows_tokens_per_second(capsys):
+    from eapcore.runner import _Bars
+
+    bars = _Bars(True)
+    bars({"stage": "generate", "total": 10, "done": 3, "message": "generating base answers", "tokens_per_s": 1234.4})
+    bars.close()
+    assert "generating base answers, 1,234 tokens/s" in capsys.readouterr().err
