@@ -215,19 +215,20 @@ class SlotDecoder:
         return self.prefill_tokens * per_token + 4 * rows * cfg.vocab_size * 4
 
     def _choose_slots(self, n_prompts: int, length: int) -> int:
-        if self.slots:
-            return min(self.slots, n_prompts)
+        """The slots asked for, or (0) as many as free memory holds; ValueError if they do not fit."""
+        wanted = min(self.slots, n_prompts)
         if self.device.type != "cuda":
-            return min(64, n_prompts)
+            return wanted or min(64, n_prompts)
         free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
             - torch.cuda.memory_allocated(self.device)  # blocks PyTorch holds but does not use count as free
-        cap = min(MAX_SLOTS, n_prompts)
-        slots = plan_slots(self.kv_bytes_per_token(), length, free, self._workspace_bytes(cap), cap)
-        if slots < 1:
-            raise ValueError(f"not enough GPU memory for one answer of {length} tokens: its KV cache needs "
-                             f"{self.kv_bytes_per_token() * length / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "
-                             "lower max_new_tokens or use a larger GPU")
-        return slots
+        cap = wanted or min(MAX_SLOTS, n_prompts)
+        fit = plan_slots(self.kv_bytes_per_token(), length, free, self._workspace_bytes(cap), cap=1 << 20)
+        if fit < max(1, wanted):
+            each = self.kv_bytes_per_token() * length / 2**30
+            raise ValueError(f"{max(1, wanted)} answer(s) of up to {length} tokens need {each:.2f} GiB of KV cache "
+                             f"each, {free / 2**30:.1f} GiB of GPU memory is free: at most {fit} fit; lower the "
+                             "batch size (0: from free memory) or max_new_tokens")
+        return min(cap, fit)
 
     # -------------------------------------------------------------------------------- forward
     def _forward(self, step: _Step, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -265,6 +266,7 @@ class SlotDecoder:
                 self.cur.copy_(saved[0])
                 self.pos.copy_(saved[1])
                 graph = torch.cuda.CUDAGraph()
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
                 with torch.cuda.graph(graph, pool=self._pool):
                     self._decode_once(rows, keys)
             except Exception as err:  # any capture failure: eager from here on, reason kept
@@ -334,7 +336,7 @@ class SlotDecoder:
                                                         for _ in range(4))
             self.out = torch.zeros(n_slots, self.sync_every, dtype=torch.long, device=self.device)
             self._graphs: dict[tuple[int, int], Any] = {}
-            self._pool = torch.cuda.graph_pool_handle() if self.graphs_wanted else None
+            self._pool = None  # the CUDA graphs' shared memory pool, made at the first capture
         job = _Job(prompts, limits, n_slots)
         try:
             with self._on_device():
