@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION = "eapcore_slots"
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "olmo3", "gpt2")
 KEY_BLOCK = {"cuda": 256, "cpu": 16}  # key length read per step, rounded up to this (one graph per block)
 MAX_SLOTS = 256  # past ~256 rows a 7B decode step is bound by compute: more slots add memory, not speed
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("eapcore_slot_step", default=None)

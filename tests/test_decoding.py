@@ -22,13 +22,17 @@ from eapcore.harness import read_samples
 from eapcore.specs import GenerationSettings, ModelSpec
 
 VOCAB = 50
+# every architecture the decoder supports; sliding windows (6) shorter than the inputs
+ARCH_CASES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("gpt2", {}), ("qwen3", {}),
+              ("olmo2", {}), ("olmo3", {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]})]
+ARCH_IDS = ["llama", "mistral-window6", "qwen2", "gpt2", "qwen3", "olmo2", "olmo3-window6-then-full"]
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def config(arch: str, **overrides):
     """A tiny config of `arch` (grouped-query attention where the architecture has it)."""
-    if arch in ("qwen3", "olmo2"):
-        cls = {"qwen3": tf.Qwen3Config, "olmo2": tf.Olmo2Config}[arch]
+    if arch in ("qwen3", "olmo2", "olmo3"):
+        cls = {"qwen3": tf.Qwen3Config, "olmo2": tf.Olmo2Config, "olmo3": tf.Olmo3Config}[arch]
         cfg = cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -40,9 +44,11 @@ def config(arch: str, **overrides):
 
 
 def random_model(cfg, seed: int = 0):
-    """Weights large enough that greedy choices are far from ties (as conftest.make_checkpoint)."""
+    """Weights large enough that greedy choices are far from ties (as conftest.make_checkpoint);
+    no default EOS (`generate` would stop at the config's even when given none)."""
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -71,14 +77,12 @@ def job(seed: int, n: int = 13):
     return prompts, [rng.randrange(1, 15) for _ in prompts]
 
 
-@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}),
-                                             ("gpt2", {}), ("qwen3", {}), ("olmo2", {})],
-                         ids=["llama", "mistral-window6", "qwen2", "gpt2", "qwen3", "olmo2"])
+@pytest.mark.parametrize("arch, overrides", ARCH_CASES, ids=ARCH_IDS)
 def test_answers_equal_generate(arch, overrides):
     """Mixed prompt lengths (1-20 tokens), per-prompt max_new_tokens (1-14), an EOS token that the
     model emits mid-way, more prompts than slots (refill) and as many slots as prompts (the tail
     moved down), sync intervals of 1 and 4 steps."""
-    assert arch in ARCHITECTURES
+    assert arch in ARCHITECTURES and sorted(ARCHITECTURES) == sorted(a for a, _ in ARCH_CASES)
     model = random_model(config(arch, **overrides))
     prompts, limits = job(seed=len(arch))
     # as EOS, the token the model emits most often after its first answer token: answers end mid-way
@@ -90,8 +94,8 @@ def test_answers_equal_generate(arch, overrides):
         decoder = SlotDecoder(model, eos, slots, sync_every=sync)
         assert decoder(prompts, limits) == expected, f"slots {slots}, sync every {sync}"
         assert decoder.stats["tokens"] >= sum(map(len, expected)) and decoder.stats["slots"] == slots
-    if arch == "mistral":  # the window shapes the answers: the test above is not blind to it
-        no_window = random_model(config(arch, sliding_window=None))
+    if "sliding_window" in overrides:  # the window shapes the answers: the test above is not blind to it
+        no_window = random_model(config(arch, **{**overrides, "sliding_window": 1000}))  # longer than any input
         assert reference(no_window, prompts, limits, eos) != expected
 
 
@@ -110,9 +114,7 @@ def test_rows_rounded_as_for_cuda_graphs(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch, overrides", [("qwen2", {}), ("mistral", {"sliding_window": 6}), ("llama", {}),
-                                             ("qwen3", {}), ("olmo2", {}), ("gpt2", {})],
-                         ids=["qwen2", "mistral-window6", "llama", "qwen3", "olmo2", "gpt2"])
+@pytest.mark.parametrize("arch, overrides", ARCH_CASES, ids=ARCH_IDS)
 def test_cuda_answers_equal_generate(arch, overrides):
     """On the GPU (float32): the captured (CUDA graph) and the eager decode step both equal `generate`."""
     prompts, limits = job(seed=3, n=24)
