@@ -303,7 +303,7 @@ def run_exact(device, n: int = 12) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny Qwen2 and a small job")
-    ap.add_argument("--budget", type=float, default=0, help="overall seconds (default 390 on GPU, 150 tiny)")
+    ap.add_argument("--budget", type=float, default=0, help="overall seconds (default 370 on GPU, 150 tiny)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: exact,default,eager,plain,cb,agreement")
     args = ap.parse_args()
     kind = "tiny" if args.tiny else "gpu"
@@ -313,7 +313,7 @@ def main() -> int:
         return 2
     out_dir = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    budget_end = time.perf_counter() + (args.budget or (150 if args.tiny else 390))
+    budget_end = time.perf_counter() + (args.budget or (150 if args.tiny else 370))
     caps, spec, skip = CAPS[kind], JOBS[kind], set(filter(None, args.skip.split(",")))
 
     def cap(name: str) -> float:
