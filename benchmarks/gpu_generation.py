@@ -60,7 +60,7 @@ JOBS = {  # prompts, prompt lengths, answer lengths (log-uniform), plain-generat
     "tiny": dict(n=48, prompt=(4, 24), answer=(2, 40), slice_new=12, sample=8),
 }
 CAPS = {  # seconds per candidate (each also stops at the overall budget)
-    "gpu": dict(default=140, eager=40, plain=20, cb=60, agreement=45),
+    "gpu": dict(default=120, eager=35, plain=18, cb=60, agreement=40),
     "tiny": dict(default=60, eager=20, plain=10, cb=20, agreement=30),
 }
 
