@@ -144,7 +144,7 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"alpha must be > 0, got {s.alpha}")
     if s.group not in GROUPS:
         problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
-    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
-        problems.append("max_new_tokens and the generation batch size must be >= 1")
+    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
+        problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
     if problems:
         raise RunError("invalid run spec: " + "; ".join(problems))
