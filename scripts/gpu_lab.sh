@@ -15,7 +15,8 @@
 #                          time it at SmolLM2's shape (random weights, real batches, a few steps)
 #   scripts/gpu_lab.sh B   join and decompress the GGUF and check its sha256, then train, evaluate
 #                          and sweep SmolLM2 into demo/smollm2 (stops itself by 9 min), results to $OUT
-# LAB_CONFIG='{"grpo_steps": 150}' overrides the lab's settings in B (eapcore/lab/smollm2.py Config).
+# LAB_CONFIG='{"grpo_steps": 150}' overrides the lab's settings in B (eapcore/lab/smollm2.py Config);
+# LAB_SHAPE=0 skips A's timing rehearsal at SmolLM2's shape.
 # On the CPU (checks this script): OUT=/tmp/out LAB_TINY=1 scripts/gpu_lab.sh A, then ... B
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +63,7 @@ A)
   log "rehearsal on a tiny GGUF model"
   "$py" -m eapcore lab-smollm2 --tiny --out "$state/tiny" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A.txt"
   cp "$state/tiny/lab_results.json" "$out/tiny_results.json"
-  if [ "${LAB_TINY:-}" != 1 ]; then
+  if [ "${LAB_TINY:-}" != 1 ] && [ "${LAB_SHAPE:-1}" = 1 ]; then
     log "timing rehearsal: SmolLM2's shape with random weights, real batch sizes, a few steps"
     "$py" -m eapcore lab-smollm2 --shape --out "$state/shape" "${gsm8k[@]}" 2>&1 | grep -v "it/s]" | tee "$out/log_A_shape.txt"
     cp "$state/shape/lab_results.json" "$out/shape_results.json"
