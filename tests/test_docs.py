@@ -10,7 +10,7 @@ from eapcore.runs import registry
 from eapcore.specs import AttributionSettings, MetricSettings, SelectionSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = ROOT / "docs" / "METHOD.md"
+METHOD = ROOT / "docs/METHOD.md"
 
 
 def test_every_citation_of_method_md_is_docs_method_md():

@@ -27,7 +27,8 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     g, s, a = GenerationSettings(), SelectionSettings(), AttributionSettings()
     p.add_argument("--limit", type=int, help="first N problems of the dataset only")
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the pair's)")
-    p.add_argument("--gen-batch-size", type=int, default=g.batch_size)
+    p.add_argument("--gen-batch-size", type=int, default=g.batch_size,
+                   help="sequences decoded together (0: from free memory)")
     p.add_argument("--backend", choices=choices(GenerationSettings, "backend"), default=g.backend)
     p.add_argument("--gen-dtype", choices=choices(GenerationSettings, "dtype"), default=g.dtype)
     p.add_argument("--beta", type=float, default=s.beta)
@@ -115,7 +116,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            self.bar.set_postfix_str(st.get("message") or "", refresh=False)
+            speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
+            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), speed))), refresh=False)
             self.bar.refresh()
 
     def close(self):
