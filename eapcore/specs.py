@@ -126,6 +126,16 @@ class AnswersSpec:
     joined: str  # path of the joined jsonl file
 
 
+@dataclass(frozen=True)
+class QuickSettings:
+    """A quick run (README "Quick runs"): questions in a seeded random order, answered by both
+    models in rounds, until `SelectionSettings.n` of them pass the selection rules, with T_ref
+    from the answers so far; the rest of the dataset is never answered."""
+
+    seed: int = 0  # order of the questions: numpy.random.default_rng(seed).permutation
+    chunk: int = 0  # questions added per round; 0: 2N first, then what the pass rate so far says N needs (+20%)
+
+
 # Fields added after runs were cached: part of a spec's key only when set, so the keys of specs
 # that leave them unset (every run cached before them) do not change.
 _KEYED_WHEN_SET = {"key_when_set": True}
@@ -140,6 +150,7 @@ class RunSpec:
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     scoring_version: str = SCORING_VERSION
     answers: AnswersSpec | None = field(default=None, metadata=_KEYED_WHEN_SET)  # None: generate and grade
+    quick: QuickSettings | None = field(default=None, metadata=_KEYED_WHEN_SET)  # None: the whole dataset
 
 
 def to_dict(spec: Any) -> dict[str, Any]:
@@ -184,5 +195,5 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 _DATACLASSES = {
     c.__name__: c
     for c in (ModelSpec, PairSpec, DatasetSpec, GenerationSettings, SelectionSettings,
-              AttributionSettings, MetricSettings, AnswersSpec, RunSpec)
+              AttributionSettings, MetricSettings, AnswersSpec, QuickSettings, RunSpec)
 }

@@ -162,7 +162,7 @@ def test_generate_answers_streams_in_problem_order(tmp_path):
     generate_answers(problems[2:5], out, SlotDecoder(model, plain.eos_ids, 2), tok, "{question}", 6, progress=False)
     seen = []
     report = generate_answers(problems, out, SlotDecoder(model, plain.eos_ids, 2), tok, "{question}", 6,
-                              progress=False, on_progress=lambda n, tokens: seen.append((n, tokens)))
+                              progress=False, on_progress=lambda p: seen.append((p.answers, p.tokens)))
     assert (report.n_existing, report.n_generated) == (3, 6)
     assert seen[-1] == (6, report.n_tokens) and report.n_tokens > 0
     assert out.read_text() == expected.read_text()

@@ -170,7 +170,8 @@ class SlotDecoder:
     prefill_tokens: prompt tokens per prefill forward. cuda_graphs: None = on for CUDA.
     Answers: token ids up to and including the first EOS, or `max_new_tokens` of them; no padding.
     After a call, `stats` holds counters: tokens (generated, in answers or in flight), steps,
-    row_steps (rows computed), prefill_tokens, seconds, slots, length, graphs (on/off and why).
+    row_steps (rows computed), prefill_tokens, seconds, slots, length, graphs (on/off and why);
+    during a stream also in_flight (tokens so far of each unfinished answer, at the last sync).
     """
 
     def __init__(self, model: Any, eos_ids: Iterable[int], slots: int = 0, *, sync_every: int = 0,
@@ -390,6 +391,7 @@ class SlotDecoder:
                     finished.append(s)
                     break
         job.steps = 0
+        self.stats["in_flight"] = [len(job.answer[s]) for s in job.active() if s not in finished]
         if not finished:
             return []
         index = torch.tensor(finished, device=self.device)  # their rows restart at 0 until a new prompt comes

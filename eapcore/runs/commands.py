@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from eapcore.answers.generation import progress_text
 from eapcore.runs import registry
 from eapcore.files import read_json_or_none
 from eapcore.runs.cache import Cache, CacheError
@@ -19,7 +20,7 @@ from eapcore.runs.runner import run
 from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec,
-                           RunSpec, SelectionSettings, choices, from_dict, spec_key)
+                           QuickSettings, RunSpec, SelectionSettings, choices, from_dict, spec_key)
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,13 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=choices(AttributionSettings, "device"), default=a.device)
     p.add_argument("--ig-steps", type=int, default=a.ig_steps)
     p.add_argument("--max-batch-tokens", type=int, default=a.max_batch_tokens, help="0: fit to free memory")
+    q = QuickSettings()
+    p.add_argument("--quick", action="store_true",
+                   help="answer questions in a seeded random order, in rounds, only until --n of them pass the "
+                        "selection rules (T_ref from the answers so far; README 'Quick runs')")
+    p.add_argument("--quick-seed", type=int, default=q.seed, help="order of the questions of a quick run")
+    p.add_argument("--quick-chunk", type=int, default=q.chunk,
+                   help="questions added per round of a quick run (0: 2N, then as the pass rate so far says)")
 
 
 def _spec_from_args(args, pair: PairSpec, ds: DatasetSpec, alpha: float, answers: AnswersSpec | None = None) -> RunSpec:
@@ -51,7 +59,7 @@ def _spec_from_args(args, pair: PairSpec, ds: DatasetSpec, alpha: float, answers
         SelectionSettings(alpha, args.beta, args.low, args.high, args.n, args.seed, args.group),
         AttributionSettings(granularity=args.granularity, dtype=args.dtype, device=args.device,
                             ig_steps=args.ig_steps, max_batch_tokens=args.max_batch_tokens),
-        answers=answers)
+        answers=answers, quick=QuickSettings(args.quick_seed, args.quick_chunk) if args.quick else None)
 
 
 def _local_file(path: str, what: str) -> str:
@@ -95,8 +103,19 @@ def load_spec_json(text_or_path: str) -> RunSpec:
         raise RunError(f"--spec-json: not a run spec ({type(err).__name__}: {err})") from None
 
 
+def quick_summary(quick: dict) -> str:
+    """One line of a quick run's quick.json: questions answered, rounds, tokens saved."""
+    tokens = sum(quick["answer_tokens"].values())
+    return (f"{quick['questions']} of {quick['of']} questions answered in {len(quick['rounds'])} round(s), "
+            f"{quick['kept']} pass the selection (N = {quick['n']}); {tokens:,} answer tokens, about "
+            f"{quick['tokens_saved_estimate']:,} fewer than the whole dataset would take (estimated from the "
+            "mean answer length so far)")
+
+
 class _Bars:
-    """tqdm bars for progress callbacks: one bar per stage."""
+    """tqdm bars for progress callbacks: one bar per stage, with the stage's message, generated
+    tokens/s and the ETA of status.json (tqdm's own items-per-second estimate is not shown: in
+    generation it is optimistic, the short answers finishing first)."""
 
     def __init__(self, enabled: bool, position: int = 0):
         self.enabled, self.position, self.bar, self.stage = enabled, position, None, None
@@ -112,12 +131,13 @@ class _Bars:
             if st["stage"] in FINAL:
                 return
             self.bar = tqdm(total=st["total"], initial=st["done"], desc=st["stage"], unit="item",
-                            position=self.position, leave=False, file=sys.stderr)
+                            position=self.position, leave=False, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
-            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), speed))), refresh=False)
+            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), progress_text(
+                st.get("tokens_per_s"), st.get("eta_s"))))), refresh=False)
             self.bar.refresh()
 
     def close(self):
@@ -133,6 +153,9 @@ def _on_sigterm(folder: Path):
 
 
 def _print_metrics(folder: Path) -> None:
+    quick = read_json_or_none(folder / "quick.json")
+    if isinstance(quick, dict):
+        print(f"  quick run: {quick_summary(quick)}")
     m = read_json_or_none(folder / "metrics.json") or {}
     for name in ("activation_intensity", "information_complexity", "kurtosis"):
         if isinstance(m.get(name), dict):

@@ -2,7 +2,9 @@
 whether a spec can run at all.
 
     generations/<k>  k = (model identity, dataset identity, template, max_new_tokens, generation settings),
-                     or for answers imported from a joined file (file fingerprint, model, group, limit)
+                     or for answers imported from a joined file (file fingerprint, model, group, limit),
+                     or for a quick run (the whole dataset's generation key, order seed, questions
+                     answered): the first K questions of the seeded order
     grades/<k>       k = (generation key, grading code identity)
     selections/<k>   k = (both grade keys, selection settings)
     scores/<k>       k = (model identity, the sample's prompt + first T_cut answer tokens, T_cut,
@@ -129,11 +131,23 @@ def import_key(which: str, spec: RunSpec) -> str:
                    "limit": spec.dataset.limit})
 
 
-def stage_keys(spec: RunSpec) -> dict[str, Any]:
+def quick_key(full_generation: str, spec: RunSpec, questions: int) -> str:
+    """Key of a quick run's answers: the first `questions` of the seeded order, taken from the
+    answers of the whole dataset's generation `full_generation` (eapcore.runs.stages.stage_quick)."""
+    return digest({"stage": "generations", "quick": {"from": full_generation, "seed": spec.quick.seed,
+                                                     "questions": questions}})
+
+
+def stage_keys(spec: RunSpec, questions: int | None = None) -> dict[str, Any]:
     """Keys of the generation (or import), grade and selection entries of a spec (only the
-    fingerprints of local files are read)."""
+    fingerprints of local files are read). A quick spec needs `questions`, the number it answered
+    (quick.json of its run folder)."""
     models = (("base", spec.pair.base), ("tuned", spec.pair.tuned))
+    if spec.quick is not None and questions is None:
+        raise ValueError("a quick run's keys depend on the questions it answered: give `questions`")
     gen = {w: import_key(w, spec) if spec.answers else generation_key(m, spec) for w, m in models}
+    if spec.quick is not None:
+        gen = {w: quick_key(k, spec, questions) for w, k in gen.items()}
     grades = {w: grades_key(k) for w, k in gen.items()}
     return {"generations": gen, "grades": grades,
             "selection": selection_key(grades["base"], grades["tuned"], spec.selection)}
@@ -157,6 +171,9 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
     if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
         problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
+    if spec.quick is not None and (spec.answers is not None or s.n <= 0 or spec.quick.chunk < 0):
+        problems.append("a quick run generates answers until n questions pass the selection: it needs n > 0, "
+                        "chunk >= 0 and no imported answers (--joined)")
     if spec.answers and not Path(registry.resolve_path(spec.answers.joined)).is_file():
         problems.append(f"the joined answers file {spec.answers.joined} does not exist")
     if problems:

@@ -20,7 +20,7 @@ from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
 
 
-def _is_done(cache: Cache, key: str, selection: str) -> bool:
+def _is_done(cache: Cache, key: str, selection: str | None) -> bool:
     st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
@@ -28,7 +28,7 @@ def _is_done(cache: Cache, key: str, selection: str) -> bool:
     if problems:
         cache.report(f"run {key} is damaged and will be rebuilt from its cached stages: {'; '.join(problems)}")
         return False
-    return ("selections", selection) in cache.run_entries(key)
+    return selection is not None and ("selections", selection) in cache.run_entries(key)
 
 
 def explain(err: BaseException, stage: str) -> str:
@@ -55,8 +55,9 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     folder = cache.run_dir(key)
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
-        keys = stage_keys(spec)
-        if _is_done(cache, key, keys["selection"]):
+        questions = stages.quick_questions(folder) if spec.quick else None  # a quick run: known once answered
+        keys = stage_keys(spec, questions) if spec.quick is None or questions else None
+        if _is_done(cache, key, keys and keys["selection"]):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
@@ -66,7 +67,11 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         rep = Reporter(folder, progress)
         try:
             rep.check_cancel()
-            answers = stages.stage_generate(cache, spec, keys, rep)
+            if spec.quick is not None:
+                answers, questions = stages.stage_quick(cache, spec, folder, rep)
+                keys = stage_keys(spec, questions)
+            else:
+                answers = stages.stage_generate(cache, spec, keys, rep)
             graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
             selection = stages.stage_select(cache, spec, keys, graded, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)

@@ -19,7 +19,8 @@ from eapcore.specs import RunSpec, spec_key, to_dict
 
 STAGES = ("queued", "generate", "grade", "select", "attribute", "metrics", "done", "error", "cancelled")
 FINAL = ("done", "error", "cancelled")
-MUTABLE_FILES = ("status.json", "worker.log", "cancel")  # not sealed: they change after a run
+CLOCK = "clock.json"
+MUTABLE_FILES = ("status.json", "worker.log", "cancel", CLOCK)  # not sealed: they change after a run
 _WORKERS: dict[str, subprocess.Popen] = {}  # workers started by this process (reaped in status())
 
 Progress = Callable[[dict], None]
@@ -37,8 +38,12 @@ class Reporter:
     progress callback, and raises Cancelled when the run's cancel flag appears.
 
     status["clock"]: {stage: {"seconds": wall time, "device": where it ran}} of the stages this
-    execution went through (a cached stage takes about 0 s); status["tokens_per_s"]: generated
-    tokens per second during the generate stage."""
+    execution went through (a cached stage takes about 0 s); the same is appended to the run's
+    clock.json, one entry per execution ({"executions": [{"started", "pid", "stages"}]}), so a
+    resumed run keeps the time its earlier executions spent. status["tokens_per_s"]: generated
+    tokens per second during the generate stage; status["eta_s"]: seconds left in the stage,
+    from the stage's own estimate when it gives one (generate: eapcore.answers.generation.Progress),
+    else from the items per second so far."""
 
     def __init__(self, folder: Path, callback: Progress | None = None):
         self.folder, self.callback = folder, callback
@@ -46,11 +51,24 @@ class Reporter:
                                        "tokens_per_s": None, "gpu_mem_gb": None, "message": "", "error": None,
                                        "clock": {}, "pid": os.getpid()}
         self._t0, self._done0, self._written = time.time(), 0, 0.0
+        previous = read_json_or_none(folder / CLOCK)
+        runs = previous.get("executions") if isinstance(previous, dict) else None
+        self._executions = [e for e in runs if isinstance(e, dict)] if isinstance(runs, list) else []
+        self._executions.append({"started": self._t0, "pid": os.getpid(), "stages": {}})
 
     def _stop_clock(self) -> None:
         entry = self.status["clock"].get(self.status["stage"])
         if entry is not None and entry["seconds"] is None:
             entry["seconds"] = round(time.time() - self._t0, 3)
+
+    def _write_clock(self) -> None:
+        """clock.json with this execution's stages (the running one at its time so far: a killed
+        worker's time is kept up to its last status write)."""
+        now, stage = time.time(), self.status["stage"]
+        self._executions[-1]["stages"] = {
+            name: {**c, "seconds": round(now - self._t0, 3)} if c["seconds"] is None and name == stage else c
+            for name, c in self.status["clock"].items()}
+        write_json_atomic(self.folder / CLOCK, {"executions": self._executions})
 
     def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu") -> None:
         self._stop_clock()
@@ -60,14 +78,21 @@ class Reporter:
                            message=message, error=None)
         self._emit(force=True)
 
-    def update(self, done: int, message: str | None = None, tokens: int | None = None) -> None:
-        """done: items finished in this stage; tokens: tokens generated so far in this stage."""
+    def update(self, done: int, message: str | None = None, tokens_per_s: float | None = None,
+               eta_s: float | None = None, total: int | None = None) -> None:
+        """done: items finished in this stage (of `total`, when the stage's total changes);
+        tokens_per_s: generation speed; eta_s: the stage's own estimate of the seconds left
+        (None: from items per second)."""
         self.check_cancel()
+        if total is not None:
+            self.status["total"] = total
         elapsed, computed = time.time() - self._t0, done - self._done0
         rate = computed / elapsed if computed > 0 and elapsed > 0 else None
-        self.status.update(done=done, rate=rate, eta_s=(self.status["total"] - done) / rate if rate else None)
-        if tokens is not None and elapsed > 0:
-            self.status["tokens_per_s"] = tokens / elapsed
+        if eta_s is None and rate:
+            eta_s = (self.status["total"] - done) / rate
+        self.status.update(done=done, rate=rate, eta_s=eta_s)
+        if tokens_per_s is not None:
+            self.status["tokens_per_s"] = tokens_per_s
         if message is not None:
             self.status["message"] = message
         self._emit()
@@ -86,6 +111,7 @@ class Reporter:
         self.status.update(updated=now, gpu_mem_gb=_gpu_mem_gb())
         if force or now - self._written >= 0.5:
             write_json_atomic(self.folder / "status.json", self.status)
+            self._write_clock()
             self._written = now
         if self.callback is not None:
             self.callback(dict(self.status))
