@@ -6,14 +6,13 @@ too. `?from=<run key>` opens the page on that run's exact spec (same key); other
 to a missing group.
 """
 import json
-import time
 from pathlib import Path
 
 import streamlit as st
 
 from eapcore.views import query
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec,
-                           PairSpec, RunSpec, SelectionSettings, choices, spec_key, to_dict)
+                           PairSpec, QuickSettings, RunSpec, SelectionSettings, choices, spec_key, to_dict)
 from pages.common import PAGES, all_runs, page_header, show_table, url_select
 
 page_header("Run an attribution",
@@ -33,7 +32,7 @@ NEW = "➕ custom pair…"
 SOURCES = {"registered": "registered", "file": "file or URL", "upload": "upload",
            "joined": "joined answers file (import)"}
 ALPHAS = ["0.03", "0.1", "0.3", "0.5", "1.0"]
-G, S, A = GenerationSettings(), SelectionSettings(), AttributionSettings()
+G, S, A, Q = GenerationSettings(), SelectionSettings(), AttributionSettings(), QuickSettings()
 
 
 def _from_run() -> RunSpec | None:
@@ -73,23 +72,24 @@ def _prefill(spec: RunSpec, key: str) -> None:
     ss["w_group"] = st.query_params.get("group") or spec.selection.group
     ss["w_gran"] = st.query_params.get("gran") or spec.attribution.granularity
     g, s, a = spec.generation, spec.selection, spec.attribution
-    ss.update(_settings(g, s, a))
+    ss.update(_settings(g, s, a, spec.quick))
     ss[f"run_limit_{ds.name}"] = ds.limit or 0
     ss["prefilled_from"] = key
 
 
-def _settings(g: GenerationSettings, s: SelectionSettings, a: AttributionSettings) -> dict:
-    """The values of the keyed setting widgets for these settings."""
+def _settings(g: GenerationSettings, s: SelectionSettings, a: AttributionSettings, q: QuickSettings | None) -> dict:
+    """The values of the keyed setting widgets for these settings (q None: not a quick run)."""
     return dict(run_max_new=g.max_new_tokens or 0, run_gen_bs=g.batch_size, run_backend=g.backend,
                 run_gen_dtype=g.dtype, run_beta=s.beta, run_low=s.low, run_high=s.high, run_n=s.n,
                 run_seed=s.seed, run_dtype=a.dtype, run_device=a.device, run_ig=a.ig_steps,
-                run_mbt=a.max_batch_tokens)
+                run_mbt=a.max_batch_tokens, run_quick=q is not None, run_quick_seed=(q or Q).seed,
+                run_quick_chunk=(q or Q).chunk)
 
 
 source_spec = _from_run()
 if source_spec is not None and st.session_state.get("prefilled_from") != st.query_params.get("from"):
     _prefill(source_spec, st.query_params["from"])
-for k, v in _settings(G, S, A).items():  # widgets start at the specs' defaults (the command line's)
+for k, v in _settings(G, S, A, None).items():  # widgets start at the specs' defaults (the command line's)
     st.session_state.setdefault(k, v)
 from_pair = st.session_state.get("from_pair")
 if from_pair and from_pair[0] not in pairs:
@@ -200,8 +200,17 @@ att_dtype = c2.selectbox("Attribution dtype", choices(AttributionSettings, "dtyp
 device = c3.selectbox("Device", choices(AttributionSettings, "device"), key="run_device")
 ig_steps = c4.number_input("EAP-IG steps (0: EAP)", 0, 1000, key="run_ig")
 max_batch_tokens = c5.number_input("Max batch tokens (0: fit to memory)", 0, 10**9, key="run_mbt")
+quick = None
 if answers is None:
     st.markdown("**Generation**")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    if c1.checkbox("Quick run: stop generating once N questions pass the selection", key="run_quick",
+                   help="questions in a seeded random order, answered by both models in rounds, until N of them "
+                        "pass the selection rules, with T_ref from the answers so far (README 'Quick runs'); "
+                        "a quick run is a different run from the one on the whole dataset"):
+        quick = QuickSettings(int(c2.number_input("Order seed", 0, 2**31 - 1, key="run_quick_seed")),
+                              int(c3.number_input("Questions per round (0: automatic)", 0, 1_000_000,
+                                                  key="run_quick_chunk")))
     c1, c2, c3, c4 = st.columns(4)
     max_new = c1.number_input(f"Max new tokens (0: the pair's, {pair.max_new_tokens})", 0, 1_000_000,
                               key="run_max_new")
@@ -217,7 +226,7 @@ spec = RunSpec(pair=pair, dataset=dataset, generation=generation,
                selection=SelectionSettings(alpha, float(beta), float(low), float(high), int(n), int(seed), group),
                attribution=AttributionSettings(granularity=gran, dtype=att_dtype, device=device,
                                                ig_steps=int(ig_steps), max_batch_tokens=int(max_batch_tokens)),
-               answers=answers)
+               answers=answers, quick=quick)
 key = spec_key(spec)
 existing = query.get_run(key)
 
@@ -236,6 +245,7 @@ with c1:
         st.info(f"In the cache but not finished (stage: {existing.stage}); starting it again resumes it.")
     else:
         st.caption("Not cached yet.")
+
 
 
 @st.cache_data(max_entries=16, ttl=600, show_spinner="Predicting memory from the model configs…")
@@ -278,6 +288,13 @@ with c2:
             (st.success if mem["fits"] else st.error)(mem["message"])
 
 
+if existing is not None and existing.quick:
+    st.caption(f"Quick run: {query.quick_summary(existing.quick)}.")
+if existing is not None and existing.clock:
+    st.markdown("**Run clock**: each stage's wall time over all executions of this run, and where it ran")
+    show_table(query.clock_frame(existing), f"clock_{key}", f"clock_{key}", index=False)
+
+
 def _start(spec: RunSpec) -> None:
     """on_click of Start: callbacks run before the script, so a rerun early in the script (the
     first-run navigation rerun in page_header) cannot swallow the click."""
@@ -310,16 +327,14 @@ def progress(key: str) -> None:
         return
     stage, done, total = s.get("stage", "?"), s.get("done") or 0, s.get("total") or 0
     frac = min(1.0, done / total) if total else 0.0
-    eta = s.get("eta_s")
-    eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
+    speed = query.progress_text(s.get("tokens_per_s"), s.get("eta_s")).replace(", ", " · ")
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
-    speed = f" · {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{speed}{mem}")
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{' · ' + speed if speed else ''}{mem}")
     st.caption(s.get("message") or "")
     clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
     if clock:
         st.caption("Stage clock: " + " · ".join(
-            f"{name} {'running' if c['seconds'] is None else format(c['seconds'], '.1f') + ' s'} on {c['device']}"
+            f"{name} {'running' if c['seconds'] is None else query.format_duration(c['seconds'])} on {c['device']}"
             for name, c in clock))
     if stage == "error":
         st.error(s.get("error") or s.get("message") or "failed")

@@ -212,10 +212,55 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert "| default (slots 48) |" in proc.stdout and "decode floor" in proc.stdout
 
 
-def test_command_line_bar_shows_tokens_per_second(capsys):
+def test_command_line_bar_shows_tokens_per_second_and_eta(capsys):
     from eapcore.runs.commands import _Bars
 
     bars = _Bars(True)
-    bars({"stage": "generate", "total": 10, "done": 3, "message": "generating base answers", "tokens_per_s": 1234.4})
+    bars({"stage": "generate", "total": 10, "done": 3, "message": "generating base answers", "tokens_per_s": 1234.4,
+          "eta_s": 4000})
     bars.close()
-    assert "generating base answers, 1,234 tokens/s" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "generating base answers, 1,234 tokens/s, ETA 1 h 06 min" in err and "answer/s" not in err
+
+
+def _kaplan_meier_mean_remaining(finished, in_flight, p, cap):
+    """E[L - p | L > p] by the textbook product-limit estimate, one length at a time (lengths beyond
+    the last one observed stay at the last survival, up to cap)."""
+    survival, s = [], 1.0
+    for length in range(cap):  # S(length) = P(L > length)
+        at_risk = sum(x >= length for x in finished) + sum(x >= length for x in in_flight)
+        ends = sum(x == length for x in finished)
+        s *= 1 - ends / at_risk if at_risk else 1
+        survival.append(s)
+    return sum(survival[p:]) / survival[p]
+
+
+def test_expected_remaining_tokens_and_eta():
+    from eapcore.answers.generation import Progress, expected_remaining, format_duration
+
+    assert expected_remaining([], [], 10, 100) == (1000, 100)  # nothing seen yet: every answer at the cap
+    assert expected_remaining([10] * 50, [], 10, 100) == (100, 10)
+    rng = random.Random(3)
+    finished = [rng.randrange(1, 60) for _ in range(40)]
+    in_flight = [rng.randrange(0, 70) for _ in range(12)]  # censored: still running at these lengths
+    total, longest = expected_remaining(finished, in_flight, 5, 80)
+    each = [_kaplan_meier_mean_remaining(finished, in_flight, p, 80) for p in in_flight]
+    fresh = _kaplan_meier_mean_remaining(finished, in_flight, 0, 80)
+    assert total == pytest.approx(sum(each) + 5 * fresh) and longest == pytest.approx(max(each + [fresh]))
+    # 30 steps into a job of lengths 1..100: the finished answers alone (the short ones) promise less
+    # than the truth; counting the running ones as censored errs long, as documented
+    lengths = list(range(1, 101))
+    truth = sum(x - 30 for x in lengths if x > 30)
+    naive = expected_remaining([x for x in lengths if x <= 30], [], 70, 100)[0]
+    censored = expected_remaining([x for x in lengths if x <= 30], [30] * 70, 0, 100)[0]
+    assert naive < truth / 2 and truth < censored < 2 * truth
+
+    p = Progress(answers=50, remaining=12, tokens=1000, seconds=10.0, lengths=[10] * 50, in_flight=[5, 20], steps=10)
+    assert p.tokens_per_s == 100
+    # S(x) = 1 up to 10 tokens, then 1/51 (the answer running at 20 survives) up to the cap: a queued answer
+    # adds 10 + 90/51 tokens, the running ones 5 + 90/51 and 80. With 10 queued: tokens / (100 tokens/s)
+    # is under 2 s, the longest answer's 80 steps at 1 step/s rule; with 10,000 more answers the tokens do.
+    assert p.eta_s(cap=100) == pytest.approx(80.0)
+    assert p.eta_s(cap=100, more=10000) == pytest.approx((85 + 90 / 51 + 10010 * (10 + 90 / 51)) / 100)
+    assert Progress(0, 5, 0, 1.0, []).eta_s(cap=100) is None  # no speed yet
+    assert [format_duration(s) for s in (42, 425, 12000, 200000)] == ["42 s", "7 min 05 s", "3 h 20 min", "2 d 07 h"]

@@ -243,6 +243,11 @@ def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
     assert any("stage **done**" in str(p.proto) for p in at.get("progress"))
     clock = next(c.value for c in at.caption if c.value.startswith("Stage clock: "))
     assert "generate" in clock and " s on cpu" in clock and "metrics" in clock
+    assert any(m.value.startswith("**Run clock**") for m in at.markdown)  # clock.json, over all executions
+    table = next(d.value for d in at.dataframe if "wall time" in d.value.columns)
+    assert list(table["stage"]) == ["generate", "grade", "select", "attribute", "metrics", "total"]
+    assert set(table["device"][:-1]) == {"cpu"} and table["seconds"].iloc[-1] == pytest.approx(
+        table["seconds"][:-1].sum(), abs=0.3)
     folder = Path(run_lab) / "runs" / key
     for name in ("base/scores.safetensors", "tuned/scores.safetensors", "metrics.json", "manifest.json"):
         assert (folder / name).is_file(), name
@@ -323,7 +328,7 @@ def odd_specs(tmp_path: Path) -> list:
 
     from eapcore.runs import registry
     from eapcore.specs import (AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec,
-                               RunSpec, SelectionSettings)
+                               QuickSettings, RunSpec, SelectionSettings)
 
     demo = registry.get_pair("demo: SFT vs GRPO")
     odd = RunSpec(demo, dataclasses.replace(registry.get_dataset("demo"), limit=37),
@@ -337,7 +342,37 @@ def odd_specs(tmp_path: Path) -> list:
             dataclasses.replace(odd, dataset=DatasetSpec("mine", str(problems), "train", None)),
             dataclasses.replace(odd, dataset=DatasetSpec("math/all_correct"), generation=GenerationSettings(),
                                 answers=AnswersSpec(str(tmp_path / "math" / "all_correct.jsonl"))),
-            dataclasses.replace(odd, pair=PairSpec("gone", ModelSpec("org/base"), ModelSpec("org/rl"), "mistral", 99))]
+            dataclasses.replace(odd, pair=PairSpec("gone", ModelSpec("org/base"), ModelSpec("org/rl"), "mistral", 99)),
+            dataclasses.replace(odd, quick=QuickSettings(seed=9, chunk=11))]
+
+
+def test_run_page_offers_quick_runs_and_shows_what_they_saved(monkeypatch, tmp_path):
+    """The quick-run checkbox makes the spec a quick one (another key; its seed and round size are
+    settings too); a quick run's folder shows its questions, rounds and tokens saved."""
+    import dataclasses
+
+    from eapcore.specs import QuickSettings, spec_key
+
+    monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")
+    root = tmp_path / "cache"
+    spec = odd_specs(tmp_path)[0]
+    at = _app(monkeypatch, root, "pages/run.py", {"from": _spec_json(root, spec)})
+    _widget(at.checkbox, "Quick run").check().run()
+    assert _page_key(at) == spec_key(dataclasses.replace(spec, quick=QuickSettings()))
+    _widget(at.number_input, "Order seed").set_value(4).run()
+    _widget(at.number_input, "Questions per round").set_value(50).run()
+    quick = dataclasses.replace(spec, quick=QuickSettings(seed=4, chunk=50))
+    assert _page_key(at) == spec_key(quick)
+    folder = root / "runs" / _spec_json(root, quick)
+    (folder / "quick.json").write_text(json.dumps({
+        "seed": 4, "chunk": 50, "n": 33, "questions": 100, "of": 600, "kept": 41, "generated_now": 0,
+        "rounds": [{"questions": 50, "kept": 20}, {"questions": 100, "kept": 41}], "answer_tokens": {"base": 900,
+        "tuned": 1100}, "whole_dataset_tokens_estimate": 12000, "tokens_saved_estimate": 10000}))
+    at = _app(monkeypatch, root, "pages/run.py", {"from": quick and spec_key(quick)})
+    text = " ".join(c.value for c in at.caption)
+    assert ("Quick run: 100 of 600 questions answered in 2 round(s), 41 pass the selection (N = 33); 2,000 answer "
+            "tokens, about 10,000 fewer than the whole dataset would take") in text
 
 
 def test_run_page_reproduces_a_runs_exact_spec_and_key(monkeypatch, tmp_path):

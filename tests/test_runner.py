@@ -124,7 +124,7 @@ def test_run_layout_and_second_call_served_from_cache(spec, counters):
     assert st["stage"] == "done" and not st["running"]
     assert set(st["clock"]) == {"generate", "grade", "select", "attribute", "metrics"}  # the run's clock
     assert all(c["seconds"] >= 0 and c["device"] == "cpu" for c in st["clock"].values())
-    assert any(s["stage"] == "generate" and (s["tokens_per_s"] or 0) > 0 for s in seen)
+    assert any(s["stage"] == "generate" and (s["tokens_per_s"] or 0) > 0 and s["eta_s"] is not None for s in seen)
     assert json.loads((folder / "spec.json").read_text()) == {"key": spec_key(spec), "spec": to_dict(spec)}
     n = len(json.loads((folder / "selection.json").read_text())["idx"])
     assert n >= 2 and counters["attribute"] == 2 * n and counters["generate"] == 2
@@ -475,3 +475,137 @@ def test_run_command_source_file_default_alpha_and_empty_group(spec, lab, capsys
                      *opts[4:]]) == 1
     err = capsys.readouterr().err
     assert "group 'both_correct' (both correct) is empty; groups with questions: both wrong (both_wrong): 8" in err
+
+
+# ---- quick runs ------------------------------------------------------------------------------------
+
+def _by_hand(answers: dict[str, dict], idx: list, settings: SelectionSettings) -> tuple[float, set]:
+    """T_ref and the questions of `idx` passing the selection rules, computed here from the answer
+    rows (docs/METHOD.md, Eq. 10-12), not by eapcore.answers.selection."""
+    import math
+
+    wrong = [i for i in idx if not answers["base"][i]["score"][0] and not answers["tuned"][i]["score"][0]]
+    length = {w: {i: len(answers[w][i]["generate_token_ids"][0]) for i in wrong} for w in answers}
+    t_ref = min(sum(length[w].values()) / len(wrong) for w in answers)
+    t_cut = max(math.floor(settings.alpha * t_ref), 1)
+    kept = set()
+    for i in wrong:
+        b, t = length["base"][i], length["tuned"][i]
+        mean = (b + t) / 2
+        if (len(answers["base"][i]["prompt_token_ids"]) == len(answers["tuned"][i]["prompt_token_ids"])
+                and min(b, t) >= t_cut and math.floor(settings.low * t_ref) <= mean <= math.floor(settings.high * t_ref)
+                and abs(b - t) / mean <= settings.beta):
+            kept.add(i)
+    return t_ref, kept
+
+
+def _rows(folder: Path, which: str) -> dict:
+    return {r["idx"]: r for r in map(json.loads, (folder / f"answers_{which}.jsonl").read_text().splitlines())}
+
+
+def test_quick_run_stops_once_n_pass_resumes_and_leaves_the_full_run_alone(spec, tmp_path, monkeypatch):
+    """A quick run answers the seeded order's first questions round by round until N pass the
+    rules (checked here by hand, T_ref from those answers), is killed in its second round and
+    resumes to the same questions, records its rounds, clock and tokens; a full run on the same data
+    afterwards answers only the rest and equals a full run in a fresh cache, and a quick run there
+    takes its answers from the full run's entries."""
+    import numpy as np
+
+    import eapcore.answers.generation
+    from eapcore.runs.results import get_run
+    from eapcore.specs import QuickSettings
+
+    data = tmp_path / "thirty.jsonl"
+    data.write_text("".join(json.dumps({"idx": i, "question": f"What is {i} + {i % 7}?", "answer": str(i + i % 7)})
+                            + "\n" for i in range(30)))
+    full = dataclasses.replace(spec, dataset=registry.add_dataset(DatasetSpec("thirty", str(data))),
+                               selection=dataclasses.replace(spec.selection, n=4))
+    quick = dataclasses.replace(full, quick=QuickSettings(seed=5, chunk=3))
+    assert spec_key(quick) != spec_key(full)
+    unset = {k: v for k, v in to_dict(full).items() if k not in ("answers", "quick")}
+    assert spec_key(full) == spec_key({"__type__": "RunSpec", **unset})  # runs cached before quick runs keep their keys
+
+    real, generated, calls = eapcore.answers.generation.generate_answers, Counter(), []
+
+    def counted(problems, out, *args, **kwargs):
+        calls.append(len(problems))
+        if os.environ.get("EAP_TEST_KILL_AT") == str(len(calls)):
+            raise KeyboardInterrupt  # as a kill between two models' answers
+        report = real(problems, out, *args, **kwargs)
+        generated[os.environ["EAP_CACHE_DIR"]] += report.n_generated  # per cache
+        return report
+
+    monkeypatch.setattr(eapcore.answers.generation, "generate_answers", counted)
+    monkeypatch.setenv("EAP_TEST_KILL_AT", "4")  # round 2, the tuned model
+    a, root_a = Cache(), os.environ["EAP_CACHE_DIR"]
+    with pytest.raises(runner.Cancelled):
+        runner.run(quick, cache=a)
+    monkeypatch.delenv("EAP_TEST_KILL_AT")
+    folder = runner.run(quick, cache=a)
+    record = json.loads((folder / "quick.json").read_text())
+    order = list(np.random.default_rng(5).permutation(30))
+    size = record["questions"]
+    answers = {w: _rows(folder, w) for w in ("base", "tuned")}
+    assert 0 < size < 30 and sorted(answers["base"]) == sorted(answers["tuned"]) == sorted(order[:size])
+    assert [r["questions"] for r in record["rounds"]] == list(range(3, size + 1, 3))  # chunk 3
+    for r in record["rounds"]:  # each round's count, by hand; it stopped at the first with N passing
+        assert r["kept"] == len(_by_hand(answers, order[:r["questions"]], full.selection)[1])
+    assert [r["kept"] >= 4 for r in record["rounds"]] == [False] * (len(record["rounds"]) - 1) + [True]
+    assert generated[root_a] == 2 * size  # the kill lost nothing and nothing was answered twice
+    selection = json.loads((folder / "selection.json").read_text())
+    t_ref, kept = _by_hand(answers, order[:size], full.selection)
+    assert selection["t_ref"] == t_ref and len(selection["idx"]) == 4 and set(selection["idx"]) <= kept
+    tokens = {w: sum(len(r["generate_token_ids"][0]) for r in answers[w].values()) for w in answers}
+    assert record["answer_tokens"] == tokens and record["of"] == 30 and record["kept"] == record["rounds"][-1]["kept"]
+    assert record["whole_dataset_tokens_estimate"] == round(sum(tokens.values()) * 30 / size)
+    assert record["tokens_saved_estimate"] == record["whole_dataset_tokens_estimate"] - sum(tokens.values())
+    info = get_run(spec_key(quick), a.root)
+    assert info.finished and info.quick == record
+    executions = json.loads((folder / "clock.json").read_text())["executions"]
+    assert len(executions) == 2 and info.clock["generate"]["executions"] == 2
+    assert info.clock["generate"]["seconds"] == pytest.approx(sum(s["seconds"] for e in executions
+                                                                  for s in e["stages"] if s["stage"] == "generate"))
+    assert list(info.clock) == ["generate", "grade", "select", "attribute", "metrics"]
+    manifest = json.loads((folder / "base" / "manifest.json").read_text())
+    assert manifest["device"] == "cpu" and manifest["seconds"] > 0 and manifest["seconds_missing"] == 0
+    n_calls = len(calls)
+    assert runner.run(quick, cache=a) == folder and len(calls) == n_calls  # done: nothing runs again
+
+    full_a = runner.run(full, cache=a)  # after the quick run, in the same cache
+    assert generated[root_a] == 2 * 30  # only the questions the quick run had not answered
+    monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "fresh"))
+    b = Cache()
+    full_b, quick_b = runner.run(full, cache=b), runner.run(quick, cache=b)
+    assert generated[str(tmp_path / "fresh")] == 2 * 30  # the quick run there generated nothing
+    for name in ("answers_base.jsonl", "answers_tuned.jsonl", "selection.json", "metrics.json"):
+        assert sha(full_a / name) == sha(full_b / name), name
+        assert sha(folder / name) == sha(quick_b / name), name
+    again = json.loads((quick_b / "quick.json").read_text())
+    assert again["generated_now"] == 0 and {**again, "generated_now": None} == {**record, "generated_now": None}
+
+
+def test_quick_run_settings_checked_and_offered_on_the_command_line(spec, capsys):
+    from eapcore import cli
+    from eapcore.runs.stages import next_round
+    from eapcore.specs import QuickSettings
+
+    for bad in (dataclasses.replace(spec, quick=QuickSettings()),  # n = 0: nothing to stop at
+                dataclasses.replace(spec, quick=QuickSettings(chunk=-1),
+                                    selection=dataclasses.replace(spec.selection, n=3))):
+        with pytest.raises(RunError, match="a quick run generates answers until n questions pass"):
+            run_keys.check_spec(bad)
+    # 2N first; none passing: twice as many; else the pass rate so far x what is missing, +20%, at most all
+    assert [next_round(0, 0, 10, 1000, 0), next_round(20, 0, 10, 1000, 0), next_round(40, 4, 10, 1000, 0),
+            next_round(40, 4, 10, 60, 0), next_round(6, 1, 10, 1000, 4)] == [20, 40, 40 + 72, 60, 10]
+    opts = ["--n", "2", "--group", "both_wrong", "--device", "cpu", "--gen-dtype", "float32", "--max-batch-tokens",
+            "1", "--quiet"]
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--quick", "--quick-chunk", "3", *opts]) == 0
+    out = capsys.readouterr().out
+    assert "quick run: 3 of 8 questions answered in 1 round(s)" in out and "fewer than the whole dataset" in out
+    grid = ["sweep", "--pairs", "tiny", "--datasets", "tiny-set", "--alphas", "0.5", "0.3", "--dry-run", *opts]
+    dry = {}
+    for extra in ([], ["--quick"]):
+        assert cli.main(grid + extra) == 0
+        dry[bool(extra)] = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()]
+    assert [label for _, label in dry[True]] == [label for _, label in dry[False]]  # the same grid, other runs
+    assert not {k for k, _ in dry[True]} & {k for k, _ in dry[False]}

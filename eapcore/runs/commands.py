@@ -16,6 +16,7 @@ from eapcore.runs.cache import Cache, CacheError
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec
 from eapcore.runs.memory import predict_memory
+from eapcore.runs.results import quick_summary
 from eapcore.runs.runner import run
 from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
@@ -101,15 +102,6 @@ def load_spec_json(text_or_path: str) -> RunSpec:
         return from_dict(RunSpec, data["spec"] if "spec" in data and "pair" not in data else data)
     except (ValueError, KeyError, TypeError) as err:
         raise RunError(f"--spec-json: not a run spec ({type(err).__name__}: {err})") from None
-
-
-def quick_summary(quick: dict) -> str:
-    """One line of a quick run's quick.json: questions answered, rounds, tokens saved."""
-    tokens = sum(quick["answer_tokens"].values())
-    return (f"{quick['questions']} of {quick['of']} questions answered in {len(quick['rounds'])} round(s), "
-            f"{quick['kept']} pass the selection (N = {quick['n']}); {tokens:,} answer tokens, about "
-            f"{quick['tokens_saved_estimate']:,} fewer than the whole dataset would take (estimated from the "
-            "mean answer length so far)")
 
 
 class _Bars:

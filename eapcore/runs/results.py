@@ -94,6 +94,34 @@ class RunInfo:
         idx = selection.get("idx") if isinstance(selection, dict) else None
         return len(idx) if isinstance(idx, list) else None
 
+    @cached_property
+    def clock(self) -> dict[str, dict[str, Any]]:
+        """{stage: {"seconds", "device", "executions"}} from clock.json: each stage's wall time summed
+        over the executions of this run (a resumed run was executed more than once), and where the
+        longest of them ran (an execution that found the stage cached takes about 0 s)."""
+        record = read_json_or_none(self.path / "clock.json")
+        runs = record.get("executions") if isinstance(record, dict) else None
+        out: dict[str, dict[str, Any]] = {}
+        longest: dict[str, float] = {}
+        for run in runs if isinstance(runs, list) else []:
+            for c in (run.get("stages") or []) if isinstance(run, dict) else ():
+                seconds = c.get("seconds") if isinstance(c, dict) else None
+                if not isinstance(seconds, (int, float)):
+                    continue
+                stage = str(c.get("stage"))
+                entry = out.setdefault(stage, {"seconds": 0.0, "device": None, "executions": 0})
+                entry["seconds"] += seconds
+                entry["executions"] += 1
+                if seconds >= longest.get(stage, -1.0):
+                    longest[stage], entry["device"] = seconds, c.get("device")
+        return out
+
+    @cached_property
+    def quick(self) -> dict | None:
+        """quick.json of a quick run (None for a run on the whole dataset, or before it answered)."""
+        record = read_json_or_none(self.path / "quick.json")
+        return record if isinstance(record, dict) else None
+
     @property
     def updated(self) -> float:
         return float(self.status.get("updated") or 0.0)
@@ -111,6 +139,15 @@ class RunInfo:
             if isinstance(spec.get(section), dict):
                 spec[section].pop(name, None)
         return json.dumps(spec, sort_keys=True)
+
+
+def quick_summary(quick: dict) -> str:
+    """One line of a quick run's quick.json: questions answered, rounds, tokens saved."""
+    tokens = sum(quick["answer_tokens"].values())
+    return (f"{quick['questions']} of {quick['of']} questions answered in {len(quick['rounds'])} round(s), "
+            f"{quick['kept']} pass the selection (N = {quick['n']}); {tokens:,} answer tokens, about "
+            f"{quick['tokens_saved_estimate']:,} fewer than the whole dataset would take (estimated from the "
+            "mean answer length so far)")
 
 
 def _signature(path: Path) -> tuple:

@@ -39,8 +39,8 @@ class Reporter:
 
     status["clock"]: {stage: {"seconds": wall time, "device": where it ran}} of the stages this
     execution went through (a cached stage takes about 0 s); the same is appended to the run's
-    clock.json, one entry per execution ({"executions": [{"started", "pid", "stages"}]}), so a
-    resumed run keeps the time its earlier executions spent. status["tokens_per_s"]: generated
+    clock.json, one entry per execution ({"executions": [{"started", "pid", "stages": [{"stage",
+    "seconds", "device"}]}]}), so a resumed run keeps the time its earlier executions spent. status["tokens_per_s"]: generated
     tokens per second during the generate stage; status["eta_s"]: seconds left in the stage,
     from the stage's own estimate when it gives one (generate: eapcore.answers.generation.Progress),
     else from the items per second so far."""
@@ -54,7 +54,7 @@ class Reporter:
         previous = read_json_or_none(folder / CLOCK)
         runs = previous.get("executions") if isinstance(previous, dict) else None
         self._executions = [e for e in runs if isinstance(e, dict)] if isinstance(runs, list) else []
-        self._executions.append({"started": self._t0, "pid": os.getpid(), "stages": {}})
+        self._executions.append({"started": self._t0, "pid": os.getpid(), "stages": []})
 
     def _stop_clock(self) -> None:
         entry = self.status["clock"].get(self.status["stage"])
@@ -62,12 +62,12 @@ class Reporter:
             entry["seconds"] = round(time.time() - self._t0, 3)
 
     def _write_clock(self) -> None:
-        """clock.json with this execution's stages (the running one at its time so far: a killed
-        worker's time is kept up to its last status write)."""
+        """clock.json with this execution's stages in the order they ran (the running one at its time
+        so far: a killed worker's time is kept up to its last status write)."""
         now, stage = time.time(), self.status["stage"]
-        self._executions[-1]["stages"] = {
-            name: {**c, "seconds": round(now - self._t0, 3)} if c["seconds"] is None and name == stage else c
-            for name, c in self.status["clock"].items()}
+        self._executions[-1]["stages"] = [
+            {"stage": name, **c, "seconds": round(now - self._t0, 3) if c["seconds"] is None and name == stage
+             else c["seconds"]} for name, c in self.status["clock"].items()]
         write_json_atomic(self.folder / CLOCK, {"executions": self._executions})
 
     def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu") -> None:

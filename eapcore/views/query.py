@@ -13,9 +13,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from eapcore.answers.generation import format_duration, progress_text  # noqa: F401  (for the pages)
 from eapcore.runs import results
 from eapcore.runs.results import (RunData, RunInfo, RunNotReady, cache_root, finished_runs, get_run,  # noqa: F401
-                                  list_runs, load_run)  # the pages read runs through this module
+                                  list_runs, load_run, quick_summary)  # the pages read runs through this module
 from eapcore.harness import first
 from eapcore.specs import GROUP_LABELS, GROUPS  # noqa: F401  (GROUP_LABELS: for the pages)
 from eapcore.stats import analysis, metrics
@@ -35,6 +36,18 @@ def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
              "key": r.key} for r in runs]
     cols = ["pair", "dataset", "alpha", "group", "granularity", "n", "N asked", "answers", "stage", "updated", "key"]
     return pd.DataFrame(rows, columns=cols).astype({"n": "Int64"})
+
+
+def clock_frame(info: RunInfo) -> pd.DataFrame:
+    """The run's clock (RunInfo.clock): one row per stage with its wall time over all executions,
+    the device and the number of executions; plus a total row."""
+    rows = [{"stage": stage, "seconds": round(c["seconds"], 1), "wall time": format_duration(c["seconds"]),
+             "device": c["device"], "executions": c["executions"]} for stage, c in info.clock.items()]
+    if rows:
+        total = sum(r["seconds"] for r in rows)
+        rows.append({"stage": "total", "seconds": round(total, 1), "wall time": format_duration(total),
+                     "device": "", "executions": max(r["executions"] for r in rows)})
+    return pd.DataFrame(rows, columns=["stage", "seconds", "wall time", "device", "executions"])
 
 
 def default_view(runs: Iterable[RunInfo]) -> dict[str, str] | None:
