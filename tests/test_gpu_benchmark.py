@@ -1,9 +1,12 @@
-"""The GPU benchmark's CPU mode (--tiny): the script the lead runs on the GPU machine, checked here
-on scaled-down shapes of the same architectures (windows included)."""
+"""The GPU benchmarks' CPU modes (--tiny): the scripts the lead runs on the GPU machine, checked
+here on scaled-down shapes of the same architectures (windows included)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,3 +24,55 @@ def test_tiny_mode_runs_every_requested_row(tmp_path):
                    ("mistral-7b-window", "layer", 32, "blocks"), ("mistral-7b-window", "layer", 64, "blocks")]
     assert all(isinstance(row["seconds"], float) and row["floor_s"] > 0 for row in rows)
     assert [row["window"] for row in rows if row.get("kernel")] == [16, 16]
+
+
+NOT_ON_THE_GPU_MACHINE = ("datasets", "streamlit", "transformer_lens", "wandb", "plotly", "trl")
+RECORD_IMPORTS = """import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["IMPORT_LOG"], "a").write(
+    json.dumps(sorted({m.split(".")[0] for m in sys.modules})) + "\\n"))
+"""
+
+
+def test_whole_run_benchmark_tiny_mode(tmp_path):
+    """benchmarks/gpu_run.py: a tokenizer folder with its chat template from a GGUF file
+    (--make-tokenizer), then --tiny: both checkpoints, `eapcore run` in a child process, every
+    stage's clock, the plain-generate measurement; no process imports what the GPU machine lacks."""
+    from eapcore.lab import tiny_gguf as T
+    from eapcore.lab.problems import build_prompt, generate
+
+    tok = T.train_tokenizer([build_prompt(p.question) + p.solution for p in generate(200, seed=5)], 350)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    gguf = T.write_gguf(T.build_model(tok.get_vocab_size()), tok, tmp_path / "tiny.gguf", chat_template=template)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(RECORD_IMPORTS)
+    env = {**os.environ, "EAP_CACHE_DIR": str(tmp_path / "cache"), "IMPORT_LOG": str(tmp_path / "imports.jsonl"),
+           "PYTHONPATH": str(tmp_path / "site"), "OMP_NUM_THREADS": "1"}
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"}) + "\n"
+                            for i in range(20)))
+    script = [sys.executable, "benchmarks/gpu_run.py"]
+    made = subprocess.run([*script, "--make-tokenizer", str(tmp_path / "tok"), "--tokenizer-from", str(gguf)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert "chat_template" in (tmp_path / "tok" / "tokenizer_config.json").read_text() + "".join(
+        p.name for p in (tmp_path / "tok").iterdir())
+    (tmp_path / "imports.jsonl").unlink()
+    r = subprocess.run([*script, "--tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(data), "--work",
+                        str(tmp_path / "work"), "--out", str(tmp_path / "run.json")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "run.json").read_text())
+    after, before = result["after"], result["before"]
+    assert list(after["clock"]) == ["generate", "grade", "select", "attribute", "metrics"]
+    assert {c["device"] for c in after["clock"].values()} == {"cpu"}
+    assert after["answers"] == 24 and after["selected"] == 4 and after["answer_tokens"] > 0
+    assert after["total_s"] == pytest.approx(sum(c["seconds"] for c in after["clock"].values()), abs=0.2)
+    assert before["questions"] == 8 and before["batches"] == 1 and before["generate_stage_s_extrapolated"] > 0
+    assert before["total_s_extrapolated"] == pytest.approx(
+        after["total_s"] - after["clock"]["generate"]["seconds"] + before["generate_stage_s_extrapolated"], abs=1)
+    assert "| generate |" in r.stdout and "| total |" in r.stdout
+    logged = [set(json.loads(line)) for line in (tmp_path / "imports.jsonl").read_text().splitlines()]
+    assert len(logged) >= 3  # the benchmark, `pairs add` and `run`
+    assert all("eapcore" in m and not m & set(NOT_ON_THE_GPU_MACHINE) for m in logged), \
+        [sorted(m & set(NOT_ON_THE_GPU_MACHINE)) for m in logged]
