@@ -8,7 +8,8 @@ On the GPU machine (carry gpu-carry/: the tokenizer folder, gsm8k_test.jsonl and
 needs math-verify and that machine lacks it, its wheels in gpu-carry/wheels: WHEELS), about 4 min:
     PYTHONUNBUFFERED=1 python benchmarks/gpu_run.py --tokenizer gpu-carry/smollm2-tokenizer \
         --data gpu-carry/gsm8k_test.jsonl --wheels gpu-carry/wheels     # writes $OUT/gpu_run.json
-CPU rehearsal (a tiny Qwen2, a dozen questions; tests/test_gpu_benchmark.py runs it):
+CPU rehearsal (a tiny Qwen2 in float32 weights run in bf16 as on the GPU, a dozen questions;
+tests/test_gpu_benchmark.py runs it):
     python benchmarks/gpu_run.py --tiny --tokenizer FOLDER --data FILE
 
 What it does:
@@ -58,7 +59,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "tie_word_embeddings": False}
 SETTINGS = {  # questions, new tokens, N drawn, questions of the "before" measurement, dtypes
     "gpu": dict(limit=500, max_new_tokens=256, n=100, before=8, gen_dtype="bfloat16", dtype="bfloat16"),
-    "tiny": dict(limit=12, max_new_tokens=16, n=4, before=8, gen_dtype="float32", dtype="float32"),
+    "tiny": dict(limit=12, max_new_tokens=16, n=4, before=8, gen_dtype="bfloat16", dtype="bfloat16"),
 }
 WHEELS = "math_verify-0.9.0, latex2sympy2_extended-1.11.0, antlr4_python3_runtime-4.13.2 (pure-Python wheels)"
 
@@ -285,46 +286,46 @@ def main() -> int:
     code, timeline, tail = run_and_watch(run_args, env, status)
     result["run_wall_s"] = round(time.perf_counter() - t, 1)
     result["timeline"] = timeline
-    if code:
+    if code:  # what the run did before it failed is still reported (clock.json has its stages)
         result["error"] = tail
-        out.write_text(json.dumps(result, indent=1))
         print(tail, file=sys.stderr)
-        return 1
     from eapcore.runs.results import list_runs
 
     info = list_runs(work / "cache")[0]
-    answers = {w: [json.loads(line) for line in (info.path / f"answers_{w}.jsonl").read_text().splitlines()]
-               for w in ("base", "tuned")}
-    tokens = sum(len(r["generate_token_ids"][0]) for rows in answers.values() for r in rows)
-    manifests = {w: json.loads((info.path / w / "manifest.json").read_text()) for w in ("base", "tuned")}
-    result["after"] = {"clock": info.clock, "total_s": round(sum(c["seconds"] for c in info.clock.values()), 1),
-                       "answers": sum(map(len, answers.values())), "answer_tokens": tokens,
-                       "generate_tokens_per_s": round(tokens / info.clock["generate"]["seconds"]),
-                       "selected": len(json.loads((info.path / "selection.json").read_text())["idx"]),
-                       "attribution_seconds": {w: m.get("seconds") for w, m in manifests.items()},
-                       "attribution_device": {w: m.get("device") for w, m in manifests.items()},
-                       "eta_check": eta_check(timeline)}
-    log(f"after: {json.dumps({k: v for k, v in result['after'].items() if k != 'clock'})}")
+    result["after"] = after = {"clock": info.clock, "total_s": round(sum(c["seconds"] for c in info.clock.values()), 1),
+                               "eta_check": eta_check(timeline)}
+    if not code:
+        answers = {w: [json.loads(line) for line in (info.path / f"answers_{w}.jsonl").read_text().splitlines()]
+                   for w in ("base", "tuned")}
+        tokens = sum(len(r["generate_token_ids"][0]) for rows in answers.values() for r in rows)
+        manifests = {w: json.loads((info.path / w / "manifest.json").read_text()) for w in ("base", "tuned")}
+        after.update(answers=sum(map(len, answers.values())), answer_tokens=tokens,
+                     generate_tokens_per_s=round(tokens / info.clock["generate"]["seconds"]),
+                     selected=len(json.loads((info.path / "selection.json").read_text())["idx"]),
+                     attribution_seconds={w: m.get("seconds") for w, m in manifests.items()},
+                     attribution_device={w: m.get("device") for w, m in manifests.items()})
+    log(f"after: {json.dumps({k: v for k, v in after.items() if k != 'clock'})}")
     out.write_text(json.dumps(result, indent=1))
     if not args.skip_before:
         result["before"] = before(result["checkpoints"]["base"], tokenizer_dir, data, settings, work)
-        other = result["after"]["total_s"] - result["after"]["clock"]["generate"]["seconds"]
+        other = after["total_s"] - after["clock"].get("generate", {}).get("seconds", 0.0)
         result["before"]["total_s_extrapolated"] = round(other + result["before"]["generate_stage_s_extrapolated"])
         log(f"before: {result['before']}")
     result["wall_s"] = round(time.perf_counter() - t_all, 1)
     out.write_text(json.dumps(result, indent=1))
 
     print("\n| stage | after: s | device | before: s |\n|---|---|---|---|")
-    for stage, c in result["after"]["clock"].items():
+    for stage, c in after["clock"].items():
         b = result.get("before", {}).get("generate_stage_s_extrapolated") if stage == "generate" else c["seconds"]
         print(f"| {stage} | {c['seconds']:.1f} | {c['device']} | {'-' if b is None else format(b, '.1f')} |")
-    print(f"| total | {result['after']['total_s']} | | {result.get('before', {}).get('total_s_extrapolated', '-')} |")
-    print(f"\ngenerated {tokens:,} answer tokens at {result['after']['generate_tokens_per_s']:,} tokens/s over the "
-          "generate stage (model loads included)")
-    for row in result["after"]["eta_check"]:
+    print(f"| total | {after['total_s']} | | {result.get('before', {}).get('total_s_extrapolated', '-')} |")
+    if "answer_tokens" in after:
+        print(f"\ngenerated {after['answer_tokens']:,} answer tokens at {after['generate_tokens_per_s']:,} tokens/s "
+              "over the generate stage (model loads included)")
+    for row in after["eta_check"]:
         print(f"ETA at {row['at_s']} s into generate: {row['eta_s']} s; it took {row['actual_s']} s more")
     print(f"\nwrote {out}")
-    return 0
+    return 1 if code else 0
 
 
 if __name__ == "__main__":

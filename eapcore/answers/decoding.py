@@ -10,7 +10,8 @@ Why this design (measured on an H200, Qwen2-7B shape, bf16; ENVIRONMENT.md, BENC
   minute and still runs a batch to its longest answer; transformers' continuous batching gave 888
   tokens/s at its defaults and ran out of memory with CUDA graphs; vLLM cannot be installed here
   (it stays the opt-in backend where it is).
-So: continuous batching of our own, in which every layer, norm, rotary embedding and head is the
+So: continuous batching of our own (7,999 tokens/s on that card for a job of 1,024 prompts of
+128-512 tokens and answers of 64-2,048: 222x plain `generate` at batch 8, 17.8x at 256), in which every layer, norm, rotary embedding and head is the
 model's own module (any architecture whose attention goes through transformers'
 `AttentionInterface` works unchanged; ARCHITECTURES lists the ones tested against `generate`) and
 only the attention call is ours, registered under ATTENTION for the duration of a call:
@@ -32,7 +33,13 @@ only the attention call is ours, registered under ATTENTION for the duration of 
   an interval runs at most sync_every - 1 wasted steps;
 - on CUDA each decode step is captured once per (rows, key length) as a CUDA graph (one replay per
   step instead of ~1,000 kernel launches from Python), with the eager step as fallback when a
-  capture fails (the reason is kept in `stats["graphs"]`).
+  capture fails (the reason is kept in `stats["graphs"]`). They stay on by default, by measurement
+  (BENCHMARKS.md, H200, 7B, 1,024 prompts: 7,999 tokens/s over the whole job): the eager step
+  never ran under 17.6 ms, bound by the launches, while graphed steps took 13.6 ms at 256 rows
+  with short buffers (12% less time over the same full-slot intervals) and 8.7-13.5 ms in the
+  job's tail, where few long answers run (eager would take at least 17.6 ms there: the whole job
+  at least 82 s against 70); capture cost 1.49 s for 15 graphs. Where the GPU is the bound (256
+  rows, long buffers) the two are equal.
 What it does not do (vLLM does): paged memory (a slot reserves room for the longest answer
 allowed), attention that skips the masked part of shorter slots, sampling. Greedy only:
 argmax of the raw logits, no logits processors.
