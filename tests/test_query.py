@@ -231,6 +231,12 @@ def test_runs_table_shows_the_n_a_run_used_and_the_default_view(cache, tmp_path)
     assert frame.loc[src.name, "n"] == n_selected == 12 and frame.loc[src.name, "N asked"] == 100
     assert frame.loc[fresh.name, "N asked"] == 100 and frame["n"].isna()[fresh.name]
     assert frame.loc[src.name, "answers"] == "generated"
+    (fresh / "spec.json").write_text(json.dumps(stored | {"key": fresh.name, "spec": stored["spec"] | {
+        "quick": {"seed": 0, "chunk": 0}}}))
+    assert query.runs_frame(query.list_runs(tmp_path)).set_index("key").loc[fresh.name, "answers"] == "quick"
+    (fresh / "quick.json").write_text(json.dumps({"questions": 240, "of": 1319}))  # once it has answered
+    assert query.runs_frame(query.list_runs(tmp_path)).set_index("key").loc[fresh.name, "answers"] == \
+        "quick: 240 of 1319 questions"
     assert "n=12" in query.get_run(src.name, tmp_path).label
 
     view = query.default_view(query.list_runs(root))  # no demo pair in the fake cache: the closest run

@@ -27,11 +27,16 @@ METRIC_LABELS, METRIC_UNITS = metrics.METRIC_LABELS, metrics.METRIC_UNITS
 
 def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
     """One row per run for tables: pair, dataset, alpha, group, granularity, n (questions the run
-    used; empty before its selection), N asked, answers (generated, or the imported file), stage,
-    updated, key."""
+    used; empty before its selection), N asked, answers (generated, a quick run's "quick: K of M
+    questions", or the imported file), stage, updated, key."""
+    def answers(r: RunInfo) -> str:
+        if r.quick:
+            return f"quick: {r.quick['questions']} of {r.quick['of']} questions"
+        return r._get("answers", "joined") or ("quick" if r._get("quick") else "generated")
+
     rows = [{"pair": r.pair, "dataset": r.dataset, "alpha": r.alpha, "group": r.group,
              "granularity": r.granularity, "n": r.n_used, "N asked": r.n_requested,
-             "answers": r._get("answers", "joined") or "generated", "stage": r.stage,
+             "answers": answers(r), "stage": r.stage,
              "updated": pd.Timestamp(r.updated, unit="s").floor("s") if r.updated else pd.NaT,
              "key": r.key} for r in runs]
     cols = ["pair", "dataset", "alpha", "group", "granularity", "n", "N asked", "answers", "stage", "updated", "key"]
