@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("eapcore.stats.report:command", "the paper's three metrics of base vs tuned scores"),
     "run": ("eapcore.runs.commands:command_run", "one full run spec, cached"),
     "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
+    "compare": ("eapcore.views.compare:command", "two runs that share a graph, edge by edge, with tests"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
     "export": ("eapcore.runs.commands:command_export", "bundle cached runs into one file"),
     "import": ("eapcore.runs.commands:command_import", "load a bundle into the cache"),

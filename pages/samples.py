@@ -3,7 +3,7 @@ import html
 
 import streamlit as st
 
-from eapcore.views import figures, query
+from eapcore.views import figures, maps, query
 from pages.common import cached, loaded_run, open_run, page_header, show_figure, show_table, url_select
 
 page_header("Samples: one question at a time",
@@ -63,11 +63,9 @@ st.caption("Per-question values: mean |s| over real edges, Shannon entropy (nats
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _sample_fig(key: str, signature: tuple, position: int, n_layers: int, sample):
-    grids = query.module_grid(loaded_run(key, signature), "dst", sample=position)
-    return figures.grid_triptych(grids, title=f"Question {sample}: mean |s| by destination layer and module",
-                                 x_title="destination module", y_title="destination layer",
-                                 row_labels=figures.layer_labels(grids["base"].index, n_layers),
-                                 col_labels=figures.TYPE_LABELS)
+    grids = maps.run_map(loaded_run(key, signature), "dst", sample=position)
+    return figures.map_view_figure(grids, n_layers, tested=False,
+                                   title=f"Question {sample}: mean |s| by destination layer and module")
 
 
 show_figure(_sample_fig(info.key, info.signature, view["position"], data.graph.n_layers, sample),
