@@ -206,7 +206,8 @@ def progress(key: str) -> None:
     eta = s.get("eta_s")
     eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{mem}")
+    cached = f" ({s['cached']} from cache)" if s.get("cached") else ""  # not skipped: already computed
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}{eta_txt}{mem}")
     st.caption(s.get("message") or "")
     if stage == "error":
         st.error(s.get("error") or s.get("message") or "failed")

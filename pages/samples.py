@@ -24,12 +24,18 @@ st.markdown(f"**Question {sample}.** {html.escape(str(view.get('question') or '(
 st.markdown(f"Reference answer: `{view.get('gt')}` · T_cut = **{view['t_cut']}** answer tokens scored")
 
 
+def _escape(text: str) -> str:
+    """HTML text with its line breaks as <br>: a blank line would end the markdown HTML block and
+    leave the rest of the answer outside the highlight."""
+    return html.escape(text).replace("\r\n", "\n").replace("\n", "<br>")
+
+
 def answer_html(part: dict, t_cut: int) -> str:
     if part["tokenizer"]:
-        scored, rest = html.escape(part["scored_text"] or ""), html.escape(part["rest_text"] or "")
+        scored, rest = _escape(part["scored_text"] or ""), _escape(part["rest_text"] or "")
     else:
-        scored = html.escape(" ".join(map(str, part["scored_ids"])))
-        rest = html.escape(" ".join(map(str, part["rest_ids"])))
+        scored = _escape(" ".join(map(str, part["scored_ids"])))
+        rest = _escape(" ".join(map(str, part["rest_ids"])))
     marker = (f"<span style='color:#fff;background:#B03A2E;border-radius:3px;padding:0 4px;margin:0 2px;"
               f"font-size:0.75em'>✂ T_cut={t_cut}</span>")
     return (f"<div style='font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
@@ -45,7 +51,8 @@ for col, model in zip(cols, ("base", "tuned")):
         badge = {True: ":green-badge[correct]", False: ":red-badge[wrong]"}.get(ok, ":gray-badge[ungraded]")
         st.markdown(f"#### {model.capitalize()} model {badge}")
         loss = "–" if part["loss"] is None else f"{part['loss']:.3f}"
-        st.caption(f"`{part['model']}` · prediction `{part['pred']}` · {part['n_tokens']} answer tokens "
+        pred = f"prediction `{part['pred']}`" if part["pred"] not in (None, "") else "no boxed answer"
+        st.caption(f"`{part['model']}` · {pred} · {part['n_tokens']} answer tokens "
                    f"({part['n_prompt_tokens']} prompt tokens) · clean loss on the scored part {loss} nats")
         st.markdown(answer_html(part, view["t_cut"]), unsafe_allow_html=True)
         if not part["tokenizer"]:

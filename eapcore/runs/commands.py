@@ -83,7 +83,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            self.bar.set_postfix_str(st.get("message") or "", refresh=False)
+            cached = f"{st['cached']} from cache" if st.get("cached") else ""
+            self.bar.set_postfix_str(" · ".join(filter(None, (cached, st.get("message")))), refresh=False)
             self.bar.refresh()
 
     def close(self):

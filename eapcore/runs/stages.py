@@ -62,9 +62,14 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     problems = load_problems(dataclasses.replace(spec.dataset, source=registry.resolve_path(spec.dataset.source))
                              if spec.dataset.source else spec.dataset)[0] if todo else []
     work = {w: cache.work_dir("generations", k) / "answers.jsonl" for w, k in todo.items()}
+    started = {w: _count_lines(p) for w, p in work.items()}  # answers written per model (resume)
+    if len(set(work.values())) < len(work):  # base and tuned are one model: its answers are made once
+        started["tuned"] = 0
+    progress = dict(started)
     n = len(problems)
-    rep.stage("generate", total=2 * n, done=(2 - len(todo)) * n + sum(_count_lines(p) for p in work.values()),
-              message=f"{spec.dataset.name}: {n} problems" if todo else "cached")
+    cached = (2 - len(todo)) * n
+    rep.stage("generate", total=2 * n, done=cached + sum(started.values()), cached=cached,
+              message=f"{spec.dataset.name}: {n} problems" if todo else "both models' answers from the cache")
     gen = dataclasses.replace(spec.generation, max_new_tokens=max_new_tokens(spec))
     chunk = gen.batch_size * 8
     for which, key in todo.items():
@@ -73,15 +78,17 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
             for i in range(0, n, chunk):
                 generate_answers(problems[i: i + chunk], work[which], backend, tokenizer, spec.pair.template,
                                  gen.max_new_tokens, gen.batch_size, progress=False)
-                rep.update(rep.status["total"] - sum(n - _count_lines(work[w]) for w in work),
-                           f"generating {which} answers")
+                progress[which] = _count_lines(work[which])
+                rep.update(cached + sum(progress.values()), f"generating {which} answers")
             del backend
             _free_memory()
             shutil.copyfile(work[which], folder / "answers.jsonl")
 
         meta = {"model": models[which].name_or_path, "dataset": spec.dataset.name, "template": spec.pair.template,
                 "max_new_tokens": gen.max_new_tokens}
-        cache.get_or_compute("generations", key, write, meta)
+        _, computed = cache.get_or_compute("generations", key, write, meta)
+        if not computed:  # the same model as the other side, or another process generated them
+            rep.from_cache(n - progress[which], f"{which} answers from the cache")
         cache.drop_work("generations", key)
     return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
 
@@ -224,17 +231,25 @@ def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, 
     job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
     batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
     total = sum(map(len, keys.values()))
-    done = sum(cache.get("scores", k) is not None for k in itertools.chain(*keys.values()))
-    rep.stage("attribute", total=total, done=done, message=f"{total // 2} samples per model, T_cut {cut_len}")
+    cached = {w: sum(cache.get("scores", k) is not None for k in keys[w]) for w in models}
+    done = sum(cached.values())
+    rep.stage("attribute", total=total, done=done, cached=done,
+              message=f"{total // 2} samples per model, T_cut {cut_len}"
+                      + "".join(f"; {w}: {c} from the cache" for w, c in cached.items() if c))
     for which, model_spec in models.items():
+        computed = 0
+
         def on_batch(n: int, which=which) -> None:
-            nonlocal done
-            done += n
+            nonlocal done, computed
+            done, computed = done + n, computed + n
             rep.update(done, f"attributing {which}")
 
         with cache.lock(f"attribute-{digest(keys[which])}"):  # one process computes a model's samples
             _score_missing(cache, model_spec, samples[which], keys[which], lengths[which], cut_len, att,
                            batch_tokens, on_batch)
+        meanwhile = len(keys[which]) - cached[which] - computed  # e.g. the same model and answers as base
+        done += max(meanwhile, 0)
+        rep.from_cache(meanwhile, f"{which}: {cached[which] + meanwhile} of {len(keys[which])} samples from the cache")
         result = _assemble(cache, model_spec, samples[which], keys[which], cut_len, att, batch_tokens)
         tmp = folder / f".tmp-{which}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -217,7 +217,9 @@ def compare_cells(a: np.ndarray, b: np.ndarray, cells: np.ndarray | None, n_cell
     mean_a, mean_b (mean over questions of the cell value), relative_change (%, b vs a), p, q
     (BH over the map's cells), noise_change, noise_p, noise_q (the map and tests of the
     label-exchanged pair); n (paired: non-zero differences per cell, else Na + Nb), exact (paired:
-    exact p per cell); and paired, n_a, n_b."""
+    exact p per cell); and paired, n_a, n_b, relabel (the noise floor's exchange: paired, bool [Na]
+    questions whose sides were swapped; unpaired, the order [Na + Nb] of the pooled questions a,
+    then b, whose first Na rows became side a)."""
     na, nb = len(a), len(b)
     if paired and na != nb:
         raise ValueError(f"a paired comparison needs the same questions on both sides; got {na} and {nb}")
@@ -242,4 +244,4 @@ def compare_cells(a: np.ndarray, b: np.ndarray, cells: np.ndarray | None, n_cell
     noise_a, noise_b = out.pop("noise_mean_a"), out.pop("noise_mean_b")
     return {**out, "relative_change": relative_change(out["mean_a"], out["mean_b"]), "q": fdr_adjust(out["p"]),
             "noise_change": relative_change(noise_a, noise_b), "noise_q": fdr_adjust(out["noise_p"]),
-            "paired": paired, "n_a": na, "n_b": nb}
+            "paired": paired, "n_a": na, "n_b": nb, "relabel": swap if paired else order}

@@ -359,9 +359,10 @@ def change_vs_gain_figure(points: pd.DataFrame, metric: str, caveat: str = "") -
     n_pairs = sub["pair"].nunique()
     _layout(fig, f"{METRIC_LABELS.get(metric, metric)}: change vs accuracy gain ({n_pairs} pairs)", height=400,
             legend={"title": {"text": "dataset"}})
-    if caveat:
-        fig.add_annotation(text=caveat, xref="paper", yref="paper", x=0, y=-0.22, showarrow=False,
-                           xanchor="left", font={"size": 11, "color": "#B03A2E"})
+    if caveat:  # below the x-axis title (tick labels and title take about 55 px under the axis)
+        fig.add_annotation(text=caveat, xref="paper", yref="paper", x=0, y=0, yanchor="top", yshift=-62,
+                           showarrow=False, xanchor="left", font={"size": 11, "color": "#B03A2E"})
+        fig.update_layout(margin={"b": 100})
     fig.update_xaxes(title_text="accuracy gain, tuned − base (percentage points)")
     fig.update_yaxes(title_text="relative change of the metric (%)", ticksuffix="%")
     return fig
@@ -391,12 +392,15 @@ def stars(p: float) -> str:
 
 
 def change_cell_colors(change: pd.DataFrame, pvals: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
-    """CSS per cell: red (up) / blue (down) background, strong when p < level, pale otherwise."""
+    """CSS per cell: red (up) / blue (down) background, strong when p < level, pale otherwise; no
+    background for an exact 0 (no change) or a missing cell."""
     def css(c: float, p: float) -> str:
         if c is None or not np.isfinite(c):
             return "color: #999999;"
+        if c == 0:  # no change: neither direction's colour
+            return "color: #111111;"
         sig = p is not None and np.isfinite(p) and p < level
-        if c >= 0:
+        if c > 0:
             bg = "#E8776B" if sig else "#F8DCD8"
         else:
             bg = "#6E9FD0" if sig else "#DCE7F3"
@@ -409,9 +413,10 @@ def change_cell_colors(change: pd.DataFrame, pvals: pd.DataFrame, level: float =
 
 
 def change_table_text(change: pd.DataFrame, pvals: pd.DataFrame) -> pd.DataFrame:
-    """Cells like '+12.3% **' (stars: Wilcoxon p < 0.05 / 0.01 / 0.001); '–' when missing."""
+    """Cells like '+12.3% **' (stars: Wilcoxon p < 0.05 / 0.01 / 0.001), '0.0%' for no change at all;
+    '–' when missing."""
     p = pvals.reindex_like(change)
-    return pd.DataFrame([[("–" if not np.isfinite(c) else f"{c:+.1f}% {stars(q)}".strip())
+    return pd.DataFrame([[("–" if not np.isfinite(c) else f"{c:+.1f}% {stars(q)}".strip() if c else "0.0%")
                           for c, q in zip(cr, pr)] for cr, pr in zip(change.to_numpy(float), p.to_numpy(float))],
                         index=change.index, columns=change.columns)
 
