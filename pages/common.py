@@ -233,7 +233,7 @@ def map_controls(granularity: str) -> tuple[str, str, float | None, bool]:
     (view, kind, fdr, scale). The head view is offered at head granularity only."""
     views = [v for v in MAP_VIEWS if v != "heads" or granularity == "head"]
     view = url_select("Aggregation", views, "view", format_func=MAP_VIEWS.get, default="dst")
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3 = st.columns([2, 1, 1])
     level = url_select("False discovery rate (colour a change only where q ≤ this)", FDR_LEVELS, "fdr",
                        default="0.05", container=c1, horizontal_radio=True,
                        format_func=lambda v: "off: colour every cell" if v == "off" else v,
@@ -248,6 +248,22 @@ def map_controls(granularity: str) -> tuple[str, str, float | None, bool]:
     elif view == "heads":
         kind = url_select("Heads", list(maps.KINDS["heads"]), "kind", container=c3, format_func=HEAD_KINDS.get)
     return view, kind, None if level == "off" else float(level), log_color
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _map_figure(name: str, root: str, runs: tuple, args: tuple, n_layers: int, options: tuple) -> Any:
+    return figures.map_view_figure(_cached_call(name, root, runs, *args), n_layers, **dict(options))
+
+
+def map_view(fn: Callable[..., Any], infos: Sequence[query.RunInfo], args: tuple, n_layers: int,
+             **options: Any) -> tuple[dict[str, Any], Any]:
+    """A map of eapcore.views (`fn(*loaded runs, *args)`, cached as `cached` does) and its figure
+    (figures.map_view_figure(grids, n_layers, **options), cached under the same key plus options)."""
+    grids = cached(fn, len(infos))(*infos, *args)
+    runs = tuple((i.key, i.signature) for i in infos)
+    fig = _map_figure(f"{fn.__module__}:{fn.__name__}", str(query.cache_root()), runs, args, n_layers,
+                      tuple(sorted(options.items())))
+    return grids, fig
 
 
 def map_summary(grids: dict[str, Any], level: float | None) -> str:

@@ -1,8 +1,8 @@
 """Compare two runs: one model side of two runs that share a graph, edge by edge, with tests."""
 import streamlit as st
 
-from eapcore.views import compare, figures, maps
-from pages.common import (cached, finished_runs, load, map_controls, map_summary, no_runs_message, page_header,
+from eapcore.views import compare, maps
+from pages.common import (finished_runs, load, map_controls, map_summary, map_view, no_runs_message, page_header,
                           show_figure, show_table, url_select)
 
 page_header("Compare two runs",
@@ -43,13 +43,13 @@ if data_a is None or load(info_b) is None:
 
 st.markdown(f"**A** · {info_a.label}  \n**B** · {info_b.label}")
 view, kind, level, log_color = map_controls(info_a.granularity)
-grids = cached(compare.compare_map, 2)(info_a, info_b, side, view, kind)
+grids, fig = map_view(compare.compare_map, [info_a, info_b], (side, view, kind), data_a.graph.n_layers,
+                      names=(f"Run A: {side} model", f"Run B: {side} model"), change_name="Relative change (B vs A)",
+                      level=level, log_color=log_color)
 meta = grids["meta"]
 st.markdown("The runs differ in: " + ("; ".join(f"`{d}`" for d in meta["differences"]) or "nothing (the same spec)"))
 (st.success if meta["paired"] else st.warning)(meta["pairing"].capitalize() + ".")
 
-fig = figures.map_view_figure(grids, data_a.graph.n_layers, names=(f"Run A: {side} model", f"Run B: {side} model"),
-                              change_name="Relative change (B vs A)", level=level, log_color=log_color)
 show_figure(fig, f"compare_{a_key[:8]}_{b_key[:8]}_{side}_{view}{kind}", "compare_map")
 st.markdown(map_summary(grids, level))
 st.caption(

@@ -3,7 +3,8 @@ where the questions support the change."""
 import streamlit as st
 
 from eapcore.views import figures, maps, query
-from pages.common import cached, map_controls, map_summary, open_run, page_header, show_figure, show_table
+from pages.common import (cached, map_controls, map_summary, map_view, open_run, page_header, show_figure,
+                          show_table)
 
 page_header("Heatmaps: where the circuitry changes",
             "Per-edge mean |EAP score| over the run's questions for the base and tuned model, and the "
@@ -13,8 +14,7 @@ page_header("Heatmaps: where the circuitry changes",
 data = open_run("the heatmaps")
 info = data.info
 view, kind, level, log_color = map_controls(info.granularity)
-grids = cached(maps.run_map)(info, view, kind)
-fig = figures.map_view_figure(grids, data.graph.n_layers, level=level, log_color=log_color)
+grids, fig = map_view(maps.run_map, [info], (view, kind), data.graph.n_layers, level=level, log_color=log_color)
 show_figure(fig, f"heatmap_{info.pair}_{info.dataset}_a{info.alpha:g}_{view}{kind}", "heatmap")
 st.markdown(map_summary(grids, level))
 st.caption(

@@ -213,10 +213,10 @@ def make_small_cache(root: Path) -> dict[str, str]:
     return keys
 
 
-def make_paper_run(root: Path) -> str:
+def make_paper_run(root: Path, alpha: float = 0.5) -> str:
     """A paper-sized run: 100 samples, 28 layers (Qwen2-7B-like: 28 / 4 heads), layer granularity:
-    scores [100, 57, 113]."""
-    return make_run(root, pair="Paper-Sized", dataset="math500", alpha=0.5, n_layers=28, n_heads=28,
+    scores [100, 57, 113]. Runs of several alphas score the same questions."""
+    return make_run(root, pair="Paper-Sized", dataset="math500", alpha=alpha, n_layers=28, n_heads=28,
                     n_kv_heads=4, n=100, n_questions=200, acc_base=0.8, acc_tuned=0.9, n_bootstrap=1000,
                     n_permutations=9999, algorithm="GRPO")
 

@@ -194,13 +194,16 @@ def test_map_figure_marks_cells_that_do_not_pass(runs):
     fig = figures.map_view_figure(grids, 4, level=0.05)
     titles = [a.text for a in fig.layout.annotations]
     assert titles[:4] == ["Base model", "Tuned model", "Relative change (tuned vs base)",
-                          "Noise floor (sides swapped at random)"]
+                          "Noise floor (sides swapped)"]
     coloured = [t for t in fig.data if getattr(t, "coloraxis", None) == "coloraxis2"]
     grey = [t for t in fig.data if t.type == "heatmap" and t.name == "not significant"]
     change = np.asarray(coloured[0].z, dtype=float)
     np.testing.assert_array_equal(np.isfinite(change), passing)  # coloured exactly where q <= 0.05
     np.testing.assert_array_equal(np.isfinite(np.asarray(grey[0].z, dtype=float)),
                                   grids["relative_change"].notna().to_numpy() & ~passing)
+    assert "(passes at FDR 0.05)" in coloured[0].hovertemplate and "relative change: %{z:+.2f} %" in grey[0].hovertemplate
+    assert "(not significant at FDR 0.05)" in grey[0].hovertemplate
+    np.testing.assert_array_equal(np.asarray(grey[0].customdata, dtype=float), grids["q_value"].to_numpy(float))
     legend = [t.name for t in fig.data if t.showlegend]
     assert legend and "not significant" in legend[0] and "q > 0.05" in legend[0]
     assert "coloured where q ≤ 0.05" in fig.layout.coloraxis2.colorbar.title.text

@@ -79,7 +79,7 @@ def test_heatmap_aggregation_changes_the_figure(monkeypatch, cache):
     fig = _figures(at)[0]
     panels = [a["text"] for a in fig["layout"]["annotations"][:4]]
     assert panels == ["Base model", "Tuned model", "Relative change (tuned vs base)",
-                      "Noise floor (sides swapped at random)"]
+                      "Noise floor (sides swapped)"]
     coloured, grey = _change_traces(fig)
     assert len(coloured) == 2  # the change and its noise floor, on one symmetric diverging axis
     assert fig["layout"]["coloraxis2"]["cmin"] == -fig["layout"]["coloraxis2"]["cmax"]
@@ -93,7 +93,7 @@ def test_heatmap_aggregation_changes_the_figure(monkeypatch, cache):
     at.selectbox(key="w_view").select("full").run()
     full = _figures(at)[0]
     assert len(full["data"][0]["y"]) == 9 and len(full["data"][0]["x"]) == 17  # 4-layer graph
-    assert "→" in full["data"][0]["customdata"][1][0]  # hover names the edge
+    assert full["data"][0]["hovertemplate"].startswith("%{y} → %{x}")  # hover names the edge
     assert any(len(d.value) == 77 for d in at.dataframe)  # the edge table: one row per real edge
 
 
@@ -220,6 +220,19 @@ def test_one_cache_layer_shares_a_loaded_run_until_its_files_change(monkeypatch,
     os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
     again = query.get_run(info.key)
     assert again.signature != info.signature and common.load(again) is not data
+
+
+def test_run_page_progress_says_what_came_from_the_cache(monkeypatch, tmp_path):
+    """A run whose tuned side's 30 scores came from the cache: its bar says so instead of looking
+    like a model was skipped."""
+    key = "c" * 16
+    folder = tmp_path / "runs" / key
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"stage": "done", "done": 60, "total": 60, "cached": 30,
+                                                    "message": "tuned: 30 of 30 samples from the cache"}))
+    at = _app(monkeypatch, tmp_path, "pages/run.py", {"watch": key})
+    bars = [str(p.proto) for p in at.get("progress")]
+    assert any("60/60 (30 from cache)" in b for b in bars), bars
 
 
 # ---- Run page against a real worker process (workers.start) ----------------------------------------

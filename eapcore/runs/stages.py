@@ -66,7 +66,9 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     if len(set(work.values())) < len(work):  # base and tuned are one model: its answers are made once
         started["tuned"] = 0
     progress = dict(started)
-    n = len(problems)
+    # problems per model: the dataset's, or (nothing to generate) the cached answers' count
+    n = len(problems) if todo else _count_lines(cache.entry_path("generations", keys["generations"]["base"])
+                                                / "answers.jsonl")
     cached = (2 - len(todo)) * n
     rep.stage("generate", total=2 * n, done=cached + sum(started.values()), cached=cached,
               message=f"{spec.dataset.name}: {n} problems" if todo else "both models' answers from the cache")

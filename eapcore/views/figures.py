@@ -53,28 +53,12 @@ def symmetric_limit(values: Any, pct: float = 98.0) -> float:
     return lim if lim > 0 else float(v.max() or 1.0)
 
 
-def _fmt(v: float, rel: bool) -> str:
-    if v is None or not np.isfinite(v):
-        return "no edge"
-    return f"{v:+.2f} %" if rel else f"{v:.4g}"
-
-
-def _q_text(q: float, level: float | None) -> str:
-    """Hover note of a cell's BH q-value at the chosen FDR level."""
-    if q is None or not np.isfinite(q):
-        return ""
-    if level is None:
-        return f" · q = {q:.3g}"
-    verdict = "passes" if q <= level else "not significant"
-    return f" · q = {q:.3g} ({verdict} at FDR {level:g})"
-
-
 def _category_ticks(fig: go.Figure, axis: str, n: int, **kw: Any) -> None:
     """Label every category of an axis (Plotly skips some when crowded) up to 130 of them, in a
     font small enough to fit; x labels turn vertical past 12 categories."""
     if n > 130:
         return
-    style = {"dtick": 1, "tickfont": {"size": 9 if n > 40 else 11}}
+    style = {"dtick": 1, "tickfont": {"size": 8 if n > 100 else 9 if n > 40 else 11}}
     if axis == "x" and n > 12:
         style["tickangle"] = -90
     (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**style, **kw)
@@ -106,7 +90,7 @@ def map_figure(grids: dict[str, Any], *, title: str, x_title: str, y_title: str,
     test = "Wilcoxon signed-rank per cell, paired by question" if paired else "Mann-Whitney U per cell, unpaired"
     if tested:
         panels.append((grids["noise_change"].to_numpy(float), "noise",
-                       "Noise floor (sides swapped at random)" if paired else "Noise floor (questions dealt at random)"))
+                       "Noise floor (sides swapped)" if paired else "Noise floor (questions reshuffled)"))
     n = len(panels)
     rows, cols = (n, 1) if stacked else (1, n)
     per_row = 14 if len(y_lab) > 40 else 18
@@ -136,29 +120,30 @@ def map_figure(grids: dict[str, Any], *, title: str, x_title: str, y_title: str,
                       (("change", r), ("noise", panels[3][0]))}
     coloured = r[passes["change"]] if passes["change"].any() else r
     lim = symmetric_limit(coloured)
-    hover_row = np.broadcast_to(np.asarray(y_lab, dtype=object)[:, None], r.shape)
-    hover_col = np.broadcast_to(np.asarray(x_lab, dtype=object)[None, :], r.shape)
-    where = (hover_row + " → " + hover_col + "<br>") if edge_hover else \
-        (f"{y_title}: " + hover_row + f"<br>{x_title}: " + hover_col + "<br>")
+    # hover from numbers (z, customdata), not per-cell strings: a head-granularity matrix stays small
+    where = "%{y} → %{x}<br>" if edge_hover else f"{y_title}: %{{y}}<br>{x_title}: %{{x}}<br>"
     for i, (arr, which, name) in enumerate(panels):
-        rel = which in ("change", "noise")
-        label = "relative change" if rel else f"{name.lower()} {value_name}"
-        text = np.vectorize(lambda v: _fmt(v, rel), otypes=[object])(arr)
-        if rel:
-            text = text + np.vectorize(lambda v: _q_text(v, level), otypes=[object])(q[which])
-        custom = (where + f"{label}: " + text).astype(object)
         pos = {"row": (i + 1), "col": 1} if stacked else {"row": 1, "col": i + 1}
-        common = dict(x=x_lab, y=y_lab, customdata=custom, hovertemplate="%{customdata}<extra></extra>",
-                      hoverongaps=False, xgap=1 if len(x_lab) < 40 else 0, ygap=1 if len(y_lab) < 40 else 0)
-        if not rel:
-            fig.add_trace(go.Heatmap(z=tr(arr), coloraxis="coloraxis", **common), **pos)
+        common = dict(x=x_lab, y=y_lab, hoverongaps=False, xgap=1 if len(x_lab) < 40 else 0,
+                      ygap=1 if len(y_lab) < 40 else 0)
+        if which in ("a", "b"):
+            fig.add_trace(go.Heatmap(z=tr(arr), customdata=arr, coloraxis="coloraxis", **common,
+                                     hovertemplate=f"{where}{name.lower()} {value_name}: %{{customdata:.4g}}"
+                                                   "<extra></extra>"), **pos)
             continue
         ok = passes[which] if passes[which] is not None else np.isfinite(arr)
-        fig.add_trace(go.Heatmap(z=np.where(ok, arr, np.nan), coloraxis="coloraxis2", **common), **pos)
         grey = np.isfinite(arr) & ~ok
-        if grey.any():
-            fig.add_trace(go.Heatmap(z=np.where(grey, 0.0, np.nan), colorscale=[[0, NOT_SIGNIFICANT], [1, NOT_SIGNIFICANT]],
-                                     showscale=False, zmin=0, zmax=1, name="not significant", **common), **pos)
+        for cells, style in ((ok, {"coloraxis": "coloraxis2"}),
+                             (grey, {"colorscale": [[0, NOT_SIGNIFICANT], [1, NOT_SIGNIFICANT]], "showscale": False,
+                                     "name": "not significant"})):
+            if cells is grey and not grey.any():
+                continue
+            verdict = "" if not tested else "<br>q = %{customdata:.3g}" + (
+                "" if level is None else f" ({'passes' if cells is ok else 'not significant'} at FDR {level:g})")
+            fig.add_trace(go.Heatmap(z=np.where(cells, arr, np.nan), customdata=q[which] if tested else None,
+                                     **style, **common,
+                                     hovertemplate=f"{where}relative change: %{{z:+.2f}} %{verdict}<extra></extra>"),
+                          **pos)
     if tested and level is not None:  # the legend says what grey means
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=True,
                                  marker={"symbol": "square", "size": 14, "color": NOT_SIGNIFICANT},
@@ -190,7 +175,7 @@ def map_figure(grids: dict[str, Any], *, title: str, x_title: str, y_title: str,
     _layout(fig, title, height=h)
     fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1 - 64 / h, "yanchor": "top",
                               "yref": "container", "font": {"size": 11}},  # under the title
-                      margin={"l": 70, "r": 90 if stacked else 30, "t": 125, "b": 80 if stacked else 190 + x_room})
+                      margin={"l": 60, "r": 80 if stacked else 30, "t": 125, "b": 80 if stacked else 190 + x_room})
     return fig
 
 
