@@ -1,4 +1,4 @@
-"""Uncertainty, where-in-the-network tables, answer groups and cross-pair correlation.
+"""Uncertainty, the real edges' nodes and node entropy, answer groups and cross-pair correlation.
 
 Inputs are real-edge score matrices `s` float64 [N, E] (`metrics.real_edge_scores`) or stored
 `[N, F, B]` score tensors with their bool `[F, B]` mask and graph dict (graph.json).

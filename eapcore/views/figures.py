@@ -1,12 +1,14 @@
 """Pure Plotly figure builders and table formatting / export helpers for the dashboard.
 
 Nothing here reads the cache or imports Streamlit: inputs are the DataFrames and arrays of
-eapcore.views.query. Colour conventions (all pages):
-- base / tuned magnitudes share one sequential scale (Viridis) from 0 (or the log floor) to the
-  larger maximum of the two;
-- relative change uses a diverging scale (RdBu reversed: red = tuned larger, blue = tuned
-  smaller) symmetric about 0, clipped at the 98th percentile of |change| so a few cells with a
-  near-zero base do not wash the map out (the hover always shows the exact value);
+eapcore.views.query and eapcore.views.maps. Colour conventions (all pages):
+- base / tuned (run A / run B) magnitudes share one sequential scale (Viridis) from 0 (or the log
+  floor) to the larger maximum of the two;
+- relative change uses a diverging scale (RdBu reversed: red = tuned / B larger, blue = smaller)
+  symmetric about 0, clipped at the 98th percentile of the coloured cells' |change| so a few cells
+  with a near-zero base do not wash the map out (the hover always shows the exact value and q);
+  a cell whose change does not pass the map's test at the chosen FDR level is grey (NOT_SIGNIFICANT),
+  and the legend says so; the noise-floor panel shares the change's scale and marks;
 - base is grey-blue, tuned orange in every chart that shows both models.
 Exports: PNG / SVG through kaleido (a persistent headless Chromium, started on first use), CSV,
 LaTeX through pandas' Styler.
