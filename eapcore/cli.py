@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("eapcore.runs.commands:command_export", "bundle cached runs into one file"),
     "import": ("eapcore.runs.commands:command_import", "load a bundle into the cache"),
     "lab": ("eapcore.lab:command", "train the demo pairs (SFT -> GRPO / DPO)"),
+    "lab-smollm2": ("eapcore.lab.smollm2:command", "train, evaluate and sweep the SmolLM2 pairs (GPU; --tiny: CPU)"),
 }
 
 

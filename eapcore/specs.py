@@ -58,11 +58,14 @@ class DatasetSpec:
     limit: int | None = None  # first `limit` problems only (None: all)
 
 
+BACKENDS: tuple[str, ...] = ("auto", "continuous", "transformers", "vllm")  # eapcore.answers.generation says which
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int | None = None  # None: the pair's own
-    batch_size: int = 8
-    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    batch_size: int = 0  # sequences decoded together; 0: from free memory (eapcore.answers.decoding)
+    backend: Literal["auto", "continuous", "transformers", "vllm"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 

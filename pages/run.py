@@ -207,8 +207,14 @@ def progress(key: str) -> None:
     eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
     cached = f" ({s['cached']} from cache)" if s.get("cached") else ""  # not skipped: already computed
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}{eta_txt}{mem}")
+    speed = f" · {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}{eta_txt}{speed}{mem}")
     st.caption(s.get("message") or "")
+    clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
+    if clock:
+        st.caption("Stage clock: " + " · ".join(
+            f"{name} {'running' if c['seconds'] is None else format(c['seconds'], '.1f') + ' s'} on {c['device']}"
+            for name, c in clock))
     if stage == "error":
         st.error(s.get("error") or s.get("message") or "failed")
     if stage == "done":

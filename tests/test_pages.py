@@ -310,6 +310,8 @@ def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
     assert not at.exception, [e.message for e in at.exception]
     assert "Finished." in [s.value for s in at.success]
     assert any("stage **done**" in str(p.proto) for p in at.get("progress"))
+    clock = next(c.value for c in at.caption if c.value.startswith("Stage clock: "))
+    assert "generate" in clock and " s on cpu" in clock and "metrics" in clock
     folder = Path(run_lab) / "runs" / key
     for name in ("base/scores.safetensors", "tuned/scores.safetensors", "metrics.json", "manifest.json"):
         assert (folder / name).is_file(), name

@@ -113,8 +113,8 @@ def n_score_entries(cache: Cache) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def test_run_layout_and_second_call_served_from_cache(spec, counters):
-    cache = Cache()
-    folder = runner.run(spec, cache=cache)
+    cache, seen = Cache(), []
+    folder = runner.run(spec, seen.append, cache=cache)
     assert folder == cache.root / "runs" / spec_key(spec)
     for name in ("spec.json", "status.json", "answers_base.jsonl", "answers_tuned.jsonl", "selection.json",
                  "metrics.json", "plan.json", "manifest.json", "base/scores.safetensors", "base/graph.json",
@@ -122,6 +122,9 @@ def test_run_layout_and_second_call_served_from_cache(spec, counters):
         assert (folder / name).is_file(), name
     st = workers.status(spec_key(spec), cache)
     assert st["stage"] == "done" and not st["running"]
+    assert set(st["clock"]) == {"generate", "grade", "select", "attribute", "metrics"}  # the run's clock
+    assert all(c["seconds"] >= 0 and c["device"] == "cpu" for c in st["clock"].values())
+    assert any(s["stage"] == "generate" and (s["tokens_per_s"] or 0) > 0 for s in seen)
     assert json.loads((folder / "spec.json").read_text()) == {"key": spec_key(spec), "spec": to_dict(spec)}
     n = len(json.loads((folder / "selection.json").read_text())["idx"])
     assert n >= 2 and counters["attribute"] == 2 * n and counters["generate"] == 2

@@ -18,7 +18,7 @@ from eapcore.runs.memory import predict_memory
 from eapcore.runs.runner import run
 from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
-from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec, RunSpec,
+from eapcore.specs import (BACKENDS, GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec, RunSpec,
                            SelectionSettings, from_dict, spec_key)
 
 
@@ -26,8 +26,9 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     g, s, a = GenerationSettings(), SelectionSettings(), AttributionSettings()
     p.add_argument("--limit", type=int, help="first N problems of the dataset only")
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the pair's)")
-    p.add_argument("--gen-batch-size", type=int, default=g.batch_size)
-    p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default=g.backend)
+    p.add_argument("--gen-batch-size", type=int, default=g.batch_size,
+                   help="sequences decoded together (0: from free memory)")
+    p.add_argument("--backend", choices=BACKENDS, default=g.backend)
     p.add_argument("--gen-dtype", choices=("float32", "bfloat16", "float16"), default=g.dtype)
     p.add_argument("--beta", type=float, default=s.beta)
     p.add_argument("--low", type=float, default=s.low)
@@ -84,7 +85,8 @@ class _Bars:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
             cached = f"{st['cached']} from cache" if st.get("cached") else ""
-            self.bar.set_postfix_str(" · ".join(filter(None, (cached, st.get("message")))), refresh=False)
+            speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
+            self.bar.set_postfix_str(", ".join(filter(None, (cached, st.get("message"), speed))), refresh=False)
             self.bar.refresh()
 
     def close(self):

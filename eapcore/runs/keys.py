@@ -60,9 +60,14 @@ def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
 
 
 def model_identity(model: ModelSpec) -> dict[str, Any]:
-    """What a model's outputs depend on: a local folder's file fingerprints (wherever it lies), or
+    """What a model's outputs depend on: a GGUF file's sha256, an adapter's files and its base's
+    identity (eapcore.engine.checkpoints), a local folder's file fingerprints (wherever it lies), or
     the hub id and revision."""
+    from eapcore.engine import checkpoints
+
     local = registry.resolve_path(model.name_or_path)
+    if checkpoints.is_derived(local):
+        return {**checkpoints.identity(local, model.revision), "trust_remote_code": model.trust_remote_code}
     if Path(local).is_dir():
         return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
     return {"hub": model.name_or_path, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
@@ -139,7 +144,7 @@ def check_spec(spec: RunSpec) -> None:
         problems.append(f"alpha must be > 0, got {s.alpha}")
     if s.group not in GROUPS:
         problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
-    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
-        problems.append("max_new_tokens and the generation batch size must be >= 1")
+    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
+        problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
     if problems:
         raise RunError("invalid run spec: " + "; ".join(problems))

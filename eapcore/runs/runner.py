@@ -34,6 +34,9 @@ def _is_done(cache: Cache, key: str, selection: str) -> bool:
 def explain(err: BaseException, stage: str) -> str:
     """A one-paragraph message for an exception raised during `stage`."""
     torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError) and stage == "generate":
+        return ("out of GPU memory during generate: set a smaller generation batch size (--gen-batch-size; "
+                "0 sizes it from free memory) or max_new_tokens; finished answers are kept")
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return (f"out of GPU memory during {stage}: set a smaller max_batch_tokens (--max-batch-tokens), "
                 "use dtype bfloat16 or layer granularity, or a smaller alpha; finished samples are kept")
