@@ -81,6 +81,9 @@ def test_module_views_and_full_matrix():
     assert len(rows) == mask.sum() and list(rows.columns)[:2] == ["src", "dst"]
     assert rows["passes"].tolist() == ((rows["q_value"] <= 0.05) & rows["relative_change"].notna()).tolist()
     assert full["meta"]["smallest_p"] == 2.0 ** -5 and full["meta"]["best_q"] == min(1, 2.0 ** -5 * mask.sum())
+    many = maps.change_map(*(real_edge_scores(random_scores(rng, 60, graph), mask) for _ in range(2)), graph, mask,
+                           "dst", paired=True)["meta"]
+    assert np.isnan(many["smallest_p"]) and np.isnan(many["best_q"])  # normal approximation: no such bound
 
 
 def test_head_views():
@@ -178,7 +181,7 @@ def test_unpaired_comparison_is_mann_whitney(runs):
     _, _, data = runs
     a, b = data["a01"], data["math"]
     grids = compare.compare_map(a, b, "base", "src")
-    assert not grids["meta"]["paired"] and grids["meta"]["side"] == "base"
+    assert not grids["meta"]["paired"] and grids["meta"]["side"] == "base" and np.isnan(grids["meta"]["best_q"])
     ca = np.abs(a.base.scores[:, 0].astype(float)).sum(1)  # the input node's outgoing edges, per question
     cb = np.abs(b.base.scores[:, 0].astype(float)).sum(1)
     assert grids["p_value"].loc[-1, "input"] == pytest.approx(

@@ -114,6 +114,17 @@ def test_heatmap_fdr_level_greys_what_does_not_pass(monkeypatch, cache):
     assert not grey and any("FDR control off" in m.value for m in at.markdown)
 
 
+def test_heatmap_says_when_no_cell_can_pass(monkeypatch, cache):
+    """12 questions: the smallest possible p is 2^-11, so among the full matrix's 77 edges BH can
+    reach q = 0.038 at best: passing at 0.05 is possible, at 0.01 it is not, and the page says so."""
+    params = {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5", "view": "full"}
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {**params, "fdr": "0.05"})
+    assert not any("no q-value can reach" in m.value for m in at.markdown)
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {**params, "fdr": "0.01"})
+    assert any("smallest possible p is 0.00049" in m.value and "among 77 cells no q-value can reach 0.01" in m.value
+               for m in at.markdown), [m.value for m in at.markdown]
+
+
 def test_compare_page(monkeypatch, cache):
     keys = json.loads((Path(cache) / "keys.json").read_text())
     at = _app(monkeypatch, cache, "pages/compare.py",

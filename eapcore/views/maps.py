@@ -75,8 +75,9 @@ def change_map(a: np.ndarray, b: np.ndarray, graph: dict, mask: np.ndarray, view
     the cell; relative_change %; p_value, q_value: the cell's test and its Benjamini-Hochberg
     adjustment over the map; noise_change, noise_q: the same for the label-exchanged pair; n_edges)
     and "meta": {view, kind, paired, n_a, n_b, n_cells, exact_share (paired: share of cells with an
-    exact p), smallest_p (paired: 2^(1-N)), best_q (smallest_p x n_cells: no cell can have a smaller
-    q-value)}. "full": rows source nodes, columns destination nodes, NaN off the mask."""
+    exact p), smallest_p (paired, N <= 50: 2^(1-N), else NaN), best_q (smallest_p x n_cells capped
+    at 1: no cell can have a smaller q-value; NaN with smallest_p)}. "full": rows source nodes,
+    columns destination nodes, NaN off the mask."""
     edges = analysis.edge_nodes(graph, mask)
     cell, labels = cells(edges, view, kind)
     n_cells = len(labels)
@@ -105,7 +106,7 @@ def change_map(a: np.ndarray, b: np.ndarray, graph: dict, mask: np.ndarray, view
     smallest = significance.smallest_p(res["n_a"], paired)
     out["meta"] = {"view": view, "kind": kind, "paired": paired, "n_a": res["n_a"], "n_b": res["n_b"],
                    "n_cells": n_cells, "exact_share": float(res["exact"].mean()) if paired else 0.0,
-                   "smallest_p": smallest, "best_q": min(1.0, smallest * n_cells)}
+                   "smallest_p": smallest, "best_q": float(np.minimum(1.0, smallest * n_cells))}
     return out
 
 
