@@ -1,4 +1,5 @@
-"""`python -m eapcore <command> ...`: a dispatch table; each command lives in its stage module.
+"""`eapcore <command> ...` (the console script; the same as `python -m eapcore <command> ...`): a
+dispatch table; each command lives in its stage module.
 
 Every target is `module:function` with signature `function(argv: list[str]) -> int`.
 Modules are imported lazily so `--help` and light commands start fast.
@@ -15,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grade": ("eapcore.answers.grading:command", "grade an answers file and report accuracy"),
     "metrics": ("eapcore.stats.report:command", "the paper's three metrics of base vs tuned scores"),
     "run": ("eapcore.runs.commands:command_run", "one full run spec, cached"),
+    "pairs": ("eapcore.runs.registry_commands:command_pairs", "list, add or remove model pairs (--json)"),
+    "datasets": ("eapcore.runs.registry_commands:command_datasets", "list, add or remove datasets (--json)"),
     "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
     "compare": ("eapcore.views.compare:command", "two runs that share a graph, edge by edge, with tests"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: python -m eapcore <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: eapcore <command> [options]   (or: python -m eapcore <command> [options])\n\n"
+              "commands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -1,5 +1,6 @@
 """Known model pairs and datasets: built-in (the paper's, a small real pair, the demo lab's) and
-user-defined ones kept in `registry.json` in the project folder (`$EAP_REGISTRY` overrides).
+user-defined ones kept in `registry.json` (eapcore.files.registry_file: the checkout's, or the
+user's for an installed package; `$EAP_REGISTRY` overrides).
 
 registry.json is plain JSON, editable by hand:
 
@@ -9,13 +10,13 @@ registry.json is plain JSON, editable by hand:
      "datasets": [{"name": "my set", "source": "data/test.jsonl"}]}
 
 A model may be given as a string (hub id or folder) or as a ModelSpec object. Relative local
-paths (models and dataset files) are relative to the project folder (`resolve_path`).
+paths (models and dataset files) are looked up in the folder holding `demo/` (the checkout, or
+the installed package), then the working directory (`resolve_path`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from hashlib import sha256
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from eapcore.files import PROJECT_ROOT, looks_like_path, write_json_atomic
+from eapcore.files import DATA_ROOT, looks_like_path, registry_file, write_json_atomic
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
 
 
@@ -37,7 +38,7 @@ def _pair(name, base, tuned, template, max_new_tokens, algorithm, architecture, 
                     notes, architecture)
 
 
-# METHOD.md's table, in the paper's order.
+# The paper's pairs (docs/METHOD.md, "Model pairs"), in the paper's order.
 PAPER_PAIRS: tuple[PairSpec, ...] = (
     _pair("DeepSeek-Math", "deepseek-ai/deepseek-math-7b-instruct", "deepseek-ai/deepseek-math-7b-rl",
           "deepseek-math", 4096, "GRPO", "llama"),
@@ -89,25 +90,26 @@ BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
 # ---------------------------------------------------------------------------------------------
 
 def registry_path() -> Path:
-    return Path(os.environ.get("EAP_REGISTRY") or PROJECT_ROOT / "registry.json").expanduser()
+    return registry_file()
 
 
 def looks_local(name_or_path: str) -> bool:
     """True for a folder/file path, False for a hub id ("name" or "org/name") that is not on disk."""
     return (looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists()
-            or (PROJECT_ROOT / name_or_path).exists())
+            or (DATA_ROOT / name_or_path).exists())
 
 
 def resolve_path(name_or_path: str) -> str:
-    """An existing local path -> absolute (a relative one is looked up under the project folder
-    first, then the working directory); anything else (hub ids) unchanged."""
+    """An existing local path -> absolute (a relative one is looked up under DATA_ROOT, the
+    checkout or the installed package, first, then the working directory); anything else (hub
+    ids) unchanged."""
     if not name_or_path:
         return name_or_path
     p = Path(name_or_path).expanduser()
     if p.is_absolute():
         return str(p)
-    if (PROJECT_ROOT / p).exists():
-        return str(PROJECT_ROOT / p)
+    if (DATA_ROOT / p).exists():
+        return str(DATA_ROOT / p)
     return str(p.resolve()) if p.exists() else name_or_path
 
 

@@ -67,7 +67,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         try:
             rep.check_cancel()
             answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep)
+            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
             selection = stages.stage_select(cache, spec, keys, graded, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):

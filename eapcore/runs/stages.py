@@ -52,11 +52,43 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
+def stage_import(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[str, Path]:
+    """Generation entries of base and tuned from the spec's joined file, instead of generating:
+    answers.jsonl (each row's correctness = the run's answer group, which the file's rows are) and
+    import.json (source, format, group, rows, skipped lines)."""
+    from eapcore.harness import read_joined, write_samples
+
+    path = registry.resolve_path(spec.answers.joined)
+    rep.stage("generate", total=2, message=f"importing both models' answers from {path}")
+    read: dict = {}
+    for i, (which, key) in enumerate(keys["generations"].items()):
+        def write(folder: Path, which=which) -> None:
+            if not read:
+                base, tuned, report = read_joined(path, spec.selection.group)
+                if not base:
+                    raise RunError(f"no usable row in the joined answers file: {report.summary()}")
+                limit = spec.dataset.limit or len(base)
+                read.update(base=base[:limit], tuned=tuned[:limit], problems=report.problems)
+            write_samples(folder / "answers.jsonl", read[which])
+            write_json_atomic(folder / "import.json", {"source": path, "format": "joined", "model": which,
+                                                       "group": spec.selection.group, "rows": len(read[which]),
+                                                       "skipped": read["problems"]})
+
+        cache.get_or_compute("generations", key, write, {"imported": path, "format": "joined", "model": which,
+                                                         "group": spec.selection.group})
+        rep.update(i + 1)
+    return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
+
+
 def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[str, Path]:
-    """Generation entries of base and tuned (answers.jsonl); resumable through work files."""
+    """Generation entries of base and tuned (answers.jsonl); resumable through work files.
+    Imported answers (spec.answers) come from stage_import instead."""
     from eapcore.answers.data import load_problems
     from eapcore.answers.generation import generate_answers, make_backend
     from eapcore.engine.models import resolve_device
+
+    if spec.answers is not None:
+        return stage_import(cache, spec, keys, rep)
 
     models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
     todo = {w: keys["generations"][w] for w in models if cache.get("generations", keys["generations"][w]) is None}
@@ -100,8 +132,10 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
 
 
-def stage_grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporter) -> dict[str, Path]:
-    """Grade entries: the answers regraded with the current grading code."""
+def stage_grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporter,
+                imported: bool = False) -> dict[str, Path]:
+    """Grade entries: the answers regraded with the current grading code (imported answers keep
+    the correctness their file declares)."""
     from eapcore.answers.grading import accuracy, regrade, scores_of
     from eapcore.harness import read_samples, write_samples
 
@@ -109,7 +143,7 @@ def stage_grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporte
     for i, (which, key) in enumerate(keys["grades"].items()):
         def write(folder: Path, which=which) -> None:
             samples, report = read_samples(answers[which])
-            problems = report.problems + regrade(samples)
+            problems = report.problems + ([] if imported else regrade(samples))
             write_samples(folder / "answers.jsonl", samples)
             write_json_atomic(folder / "report.json", {"accuracy": accuracy(scores_of(samples)[0]),
                                                        "problems": problems})
@@ -127,9 +161,8 @@ def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path
 
     def write(folder: Path) -> None:
         base, tuned = read_samples(graded["base"])[0], read_samples(graded["tuned"])[0]
-        lengths, _ = group_lengths(base, tuned, spec.selection.group)
         try:
-            selection = select(lengths, spec.selection)
+            selection = select(group_lengths(base, tuned, spec.selection.group)[0], spec.selection)
         except ValueError as err:
             raise RunError(f"{err}; choose another group (--group) or a larger dataset") from None
         if not selection.idx:
