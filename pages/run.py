@@ -329,7 +329,9 @@ def progress(key: str) -> None:
     frac = min(1.0, done / total) if total else 0.0
     speed = query.progress_text(s.get("tokens_per_s"), s.get("eta_s")).replace(", ", " · ")
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{' · ' + speed if speed else ''}{mem}")
+    cached = f" ({s['cached']} from cache)" if s.get("cached") else ""  # not skipped: already computed
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}"
+                          f"{' · ' + speed if speed else ''}{mem}")
     st.caption(s.get("message") or "")
     clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
     if clock:

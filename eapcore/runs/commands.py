@@ -128,7 +128,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), progress_text(
+            cached = f"{st['cached']} from cache" if st.get("cached") else ""
+            self.bar.set_postfix_str(", ".join(filter(None, (cached, st.get("message"), progress_text(
                 st.get("tokens_per_s"), st.get("eta_s"))))), refresh=False)
             self.bar.refresh()
 

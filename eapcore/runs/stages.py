@@ -120,18 +120,28 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     todo = {w: keys["generations"][w] for w in ("base", "tuned") if cache.get("generations", keys["generations"][w]) is None}
     problems = _problems(spec) if todo else []
     work = {w: cache.work_dir("generations", k) / "answers.jsonl" for w, k in todo.items()}
-    n = len(problems)
+    started = {w: _count_lines(p) for w, p in work.items()}  # answers written per model (resume)
+    if len(set(work.values())) < len(work):  # base and tuned are one model: its answers are made once
+        started["tuned"] = 0
+    # problems per model: the dataset's, or (nothing to generate) the cached answers' count
+    n = len(problems) if todo else _count_lines(cache.entry_path("generations", keys["generations"]["base"])
+                                                / "answers.jsonl")
+    cached = (2 - len(todo)) * n
     device = resolve_device("auto").type if todo else "cpu"
-    rep.stage("generate", total=2 * n, done=(2 - len(todo)) * n + sum(_count_lines(p) for p in work.values()),
-              message=f"{spec.dataset.name}: {n} problems" if todo else "cached", device=device)
+    rep.stage("generate", total=2 * n, done=cached + sum(started.values()), cached=cached, device=device,
+              message=f"{spec.dataset.name}: {n} problems" if todo else "both models' answers from the cache")
     for i, (which, key) in enumerate(todo.items()):
-        def write(folder: Path, which=which, key=key, i=i) -> None:
-            _generate(spec, which, problems, work[which], rep, sum(n - _count_lines(work[w]) for w in list(todo)[i + 1:]))
+        later = [w for w in list(todo)[i + 1:] if work[w] != work[which]]  # answers still to come, for the ETA
+
+        def write(folder: Path, which=which, later=later) -> None:
+            _generate(spec, which, problems, work[which], rep, sum(n - _count_lines(work[w]) for w in later))
             shutil.copyfile(work[which], folder / "answers.jsonl")
 
         meta = {"model": getattr(spec.pair, which).name_or_path, "dataset": spec.dataset.name,
                 "template": spec.pair.template, "max_new_tokens": max_new_tokens(spec)}
-        cache.get_or_compute("generations", key, write, meta)
+        _, computed = cache.get_or_compute("generations", key, write, meta)
+        if not computed:  # the same model as the other side, or another process generated them
+            rep.from_cache(n - started[which], f"{which} answers from the cache")
         cache.drop_work("generations", key)
     return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
 
@@ -209,8 +219,9 @@ def stage_quick(cache: Cache, spec: RunSpec, folder: Path, rep: Reporter) -> tup
         subset = [p for p in problems if p.idx in wanted]  # dataset order, as the work file keeps it
         have = {w: answered(w) for w in models}
         missing = {w: sum(i not in have[w] for i in wanted) for w in models}
-        rep.update(2 * size - sum(missing.values()), f"quick round {len(rounds) + 1}: {size} of {total} "
-                   f"questions, {kept} of {n} pass so far", total=2 * size)
+        message = f"quick round {len(rounds) + 1}: {size} of {total} questions, {kept} of {n} pass so far"
+        rep.update(rep.status["done"], message, total=2 * size)
+        rep.from_cache(2 * size - sum(missing.values()) - rep.status["done"], message)  # answered before
         for i, which in enumerate(models):
             if not missing[which]:
                 continue
@@ -385,18 +396,25 @@ def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, 
     job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
     batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
     total = sum(map(len, keys.values()))
-    done = sum(cache.get("scores", k) is not None for k in itertools.chain(*keys.values()))
-    rep.stage("attribute", total=total, done=done, message=f"{total // 2} samples per model, T_cut {cut_len}",
-              device=resolve_device(att.device).type)
+    cached = {w: sum(cache.get("scores", k) is not None for k in keys[w]) for w in models}
+    done = sum(cached.values())
+    rep.stage("attribute", total=total, done=done, cached=done, device=resolve_device(att.device).type,
+              message=f"{total // 2} samples per model, T_cut {cut_len}"
+                      + "".join(f"; {w}: {c} from the cache" for w, c in cached.items() if c))
     for which, model_spec in models.items():
+        computed = 0
+
         def on_batch(n: int, which=which) -> None:
-            nonlocal done
-            done += n
+            nonlocal done, computed
+            done, computed = done + n, computed + n
             rep.update(done, f"attributing {which}")
 
         with cache.lock(f"attribute-{digest(keys[which])}"):  # one process computes a model's samples
             _score_missing(cache, model_spec, samples[which], keys[which], lengths[which], cut_len, att,
                            batch_tokens, on_batch)
+        meanwhile = len(keys[which]) - cached[which] - computed  # e.g. the same model and answers as base
+        done += max(meanwhile, 0)
+        rep.from_cache(meanwhile, f"{which}: {cached[which] + meanwhile} of {len(keys[which])} samples from the cache")
         result = _assemble(cache, model_spec, samples[which], keys[which], cut_len, att, batch_tokens)
         tmp = folder / f".tmp-{which}"
         shutil.rmtree(tmp, ignore_errors=True)

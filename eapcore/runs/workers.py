@@ -37,20 +37,22 @@ class Reporter:
     """Keeps status.json current (at most 2 writes a second, always at a stage change), calls the
     progress callback, and raises Cancelled when the run's cancel flag appears.
 
-    status["clock"]: {stage: {"seconds": wall time, "device": where it ran}} of the stages this
-    execution went through (a cached stage takes about 0 s); the same is appended to the run's
-    clock.json, one entry per execution ({"executions": [{"started", "pid", "stages": [{"stage",
-    "seconds", "device"}]}]}), so a resumed run keeps the time its earlier executions spent. status["tokens_per_s"]: generated
-    tokens per second during the generate stage; status["eta_s"]: seconds left in the stage,
-    from the stage's own estimate when it gives one (generate: eapcore.answers.generation.Progress),
-    else from the items per second so far."""
+    status: done of total items of the stage, of which `cached` came from the cache (not computed
+    by this run: the rate and ETA count only computed items); status["clock"]: {stage:
+    {"seconds": wall time, "device": where it ran}} of the stages this execution went through (a
+    cached stage takes about 0 s); the same is appended to the run's clock.json, one entry per
+    execution ({"executions": [{"started", "pid", "stages": [{"stage", "seconds", "device"}]}]}),
+    so a resumed run keeps the time its earlier executions spent; status["tokens_per_s"]:
+    generated tokens per second during the generate stage; status["eta_s"]: seconds left in the
+    stage, from the stage's own estimate when it gives one (generate:
+    eapcore.answers.generation.Progress), else from the computed items per second so far."""
 
     def __init__(self, folder: Path, callback: Progress | None = None):
         self.folder, self.callback = folder, callback
-        self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,
-                                       "tokens_per_s": None, "gpu_mem_gb": None, "message": "", "error": None,
-                                       "clock": {}, "pid": os.getpid()}
-        self._t0, self._done0, self._written = time.time(), 0, 0.0
+        self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "cached": 0, "rate": None,
+                                       "eta_s": None, "tokens_per_s": None, "gpu_mem_gb": None, "message": "",
+                                       "error": None, "clock": {}, "pid": os.getpid()}
+        self._t0, self._done0, self._cached0, self._written = time.time(), 0, 0, 0.0
         previous = read_json_or_none(folder / CLOCK)
         runs = previous.get("executions") if isinstance(previous, dict) else None
         self._executions = [e for e in runs if isinstance(e, dict)] if isinstance(runs, list) else []
@@ -70,23 +72,33 @@ class Reporter:
              else c["seconds"]} for name, c in self.status["clock"].items()]
         write_json_atomic(self.folder / CLOCK, {"executions": self._executions})
 
-    def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu") -> None:
+    def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu",
+              cached: int = 0) -> None:
+        """A new stage of `total` items, `done` of them already (`cached` of those from the cache)."""
         self._stop_clock()
-        self._t0, self._done0 = time.time(), done
+        self._t0, self._done0, self._cached0 = time.time(), done, cached
         self.status["clock"][name] = {"seconds": None, "device": device}
-        self.status.update(stage=name, total=total, done=done, rate=None, eta_s=None, tokens_per_s=None,
-                           message=message, error=None)
+        self.status.update(stage=name, total=total, done=done, cached=cached, rate=None, eta_s=None,
+                           tokens_per_s=None, message=message, error=None)
         self._emit(force=True)
+
+    def from_cache(self, n: int, message: str | None = None) -> None:
+        """n more items of the stage are done because the cache had them (e.g. the other model's
+        identical samples, or another process's work)."""
+        if n > 0:
+            self.status["cached"] += n
+            self.update(self.status["done"] + n, message)
 
     def update(self, done: int, message: str | None = None, tokens_per_s: float | None = None,
                eta_s: float | None = None, total: int | None = None) -> None:
         """done: items finished in this stage (of `total`, when the stage's total changes);
         tokens_per_s: generation speed; eta_s: the stage's own estimate of the seconds left
-        (None: from items per second)."""
+        (None: from the computed items per second)."""
         self.check_cancel()
         if total is not None:
             self.status["total"] = total
-        elapsed, computed = time.time() - self._t0, done - self._done0
+        elapsed = time.time() - self._t0
+        computed = done - self._done0 - (self.status["cached"] - self._cached0)
         rate = computed / elapsed if computed > 0 and elapsed > 0 else None
         if eta_s is None and rate:
             eta_s = (self.status["total"] - done) / rate
