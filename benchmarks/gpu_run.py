@@ -223,7 +223,7 @@ def check_imports(tiny: bool) -> str | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--make-tokenizer", metavar="FOLDER", help="only write the tokenizer folder (from --tokenizer-from)")
+    ap.add_argument("--make-tokenizer", metavar="FOLDER", help="write the tokenizer folder (of --tokenizer-from), only")
     ap.add_argument("--tokenizer-from", default=SMOLLM2, help="model reference the tokenizer comes from")
     ap.add_argument("--tokenizer", help="tokenizer folder (made by --make-tokenizer)")
     ap.add_argument("--data", help="questions (.jsonl), e.g. gsm8k_test.jsonl")

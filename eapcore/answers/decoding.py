@@ -11,10 +11,11 @@ Why this design (measured on an H200, Qwen2-7B shape, bf16; ENVIRONMENT.md, BENC
   tokens/s at its defaults and ran out of memory with CUDA graphs; vLLM cannot be installed here
   (it stays the opt-in backend where it is).
 So: continuous batching of our own (7,999 tokens/s on that card for a job of 1,024 prompts of
-128-512 tokens and answers of 64-2,048: 222x plain `generate` at batch 8, 17.8x at 256), in which every layer, norm, rotary embedding and head is the
-model's own module (any architecture whose attention goes through transformers'
-`AttentionInterface` works unchanged; ARCHITECTURES lists the ones tested against `generate`) and
-only the attention call is ours, registered under ATTENTION for the duration of a call:
+128-512 tokens and answers of 64-2,048: 222x plain `generate` at batch 8, 17.8x at 256), in which
+every layer, norm, rotary embedding and head is the model's own module (any architecture whose
+attention goes through transformers' `AttentionInterface` works unchanged; ARCHITECTURES lists
+the ones tested against `generate`) and only the attention call is ours, registered under
+ATTENTION for the duration of a call:
 - `slots` sequences decode together; each slot owns rows of a preallocated, zeroed KV cache
   [slots, kv_heads, length, head_dim] per layer (length = longest prompt + max_new_tokens + one
   sync interval), sized from free GPU memory (`plan_slots`);

@@ -117,7 +117,7 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     if spec.answers is not None:
         return stage_import(cache, spec, keys, rep)
 
-    todo = {w: keys["generations"][w] for w in ("base", "tuned") if cache.get("generations", keys["generations"][w]) is None}
+    todo = {w: k for w, k in keys["generations"].items() if cache.get("generations", k) is None}
     problems = _problems(spec) if todo else []
     work = {w: cache.work_dir("generations", k) / "answers.jsonl" for w, k in todo.items()}
     started = {w: _count_lines(p) for w, p in work.items()}  # answers written per model (resume)
@@ -223,11 +223,12 @@ def stage_quick(cache: Cache, spec: RunSpec, folder: Path, rep: Reporter) -> tup
         rep.update(rep.status["done"], message, total=2 * size)
         rep.from_cache(2 * size - sum(missing.values()) - rep.status["done"], message)  # answered before
         for i, which in enumerate(models):
-            if not missing[which]:
+            if wanted <= answered(which).keys():  # (base and tuned may be one model: one work file)
                 continue
+            later = sum(missing[w] for w in models[i + 1:] if full[w] != full[which])
             with cache.lock(f"generations-{full[which]}"):  # the work file a full run would append to
                 if cache.get("generations", full[which]) is None:
-                    generated += _generate(spec, which, subset, source(which), rep, sum(missing[w] for w in models[i + 1:]))
+                    generated += _generate(spec, which, subset, source(which), rep, later)
         have = {w: answered(w) for w in models}
         samples = {w: [have[w][p.idx] for p in subset] for w in models}
         kept = _kept(samples, spec.selection)
@@ -235,7 +236,8 @@ def stage_quick(cache: Cache, spec: RunSpec, folder: Path, rep: Reporter) -> tup
     keys = {w: quick_key(full[w], spec, size) for w in models}
     for which in models:
         rows = samples[which]
-        cache.get_or_compute("generations", keys[which], lambda out, rows=rows: write_samples(out / "answers.jsonl", rows),
+        cache.get_or_compute("generations", keys[which],
+                             lambda out, rows=rows: write_samples(out / "answers.jsonl", rows),
                              {"model": getattr(spec.pair, which).name_or_path, "dataset": spec.dataset.name,
                               "quick": {"seed": spec.quick.seed, "questions": size}})
     tokens = {w: sum(len(s.answer_ids) for s in samples[w]) for w in models}
