@@ -76,3 +76,23 @@ def test_whole_run_benchmark_tiny_mode(tmp_path):
     assert len(logged) >= 3  # the benchmark, `pairs add` and `run`
     assert all("eapcore" in m and not m & set(NOT_ON_THE_GPU_MACHINE) for m in logged), \
         [sorted(m & set(NOT_ON_THE_GPU_MACHINE)) for m in logged]
+
+
+def test_bf16_agreement_script_small(checkpoints, tmp_path):
+    """benchmarks/bf16_agreement.py on a tiny checkpoint: three answer sets per dtype, compared with
+    the reference's logits at each first difference; float32 answers all identical."""
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 2?", "answer": str(i + 2)}) + "\n" for i in range(4)))
+    out = tmp_path / "agreement.json"
+    r = subprocess.run([sys.executable, "benchmarks/bf16_agreement.py", "--model", str(checkpoints["llama"]), "--data",
+                        str(data), "--n", "3", "--new-tokens", "5", "--template", "{question}", "--alone-n", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["dtype"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bfloat16", "float32"}
+    f32 = rows["float32"]
+    assert (f32["ours"]["identical"], f32["ours"]["of"], f32["alone"]["identical"], f32["alone"]["of"]) == (3, 3, 2, 2)
+    for row in rows.values():
+        for diff in row["ours"]["differences"] + row["alone"]["differences"]:
+            assert diff["first_difference"] < 5 and "question" in diff
+    assert "| float32 | 3/3 | 2/2 | 2/2 |" in r.stdout
