@@ -104,7 +104,7 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     for which, key in todo.items():
         def write(folder: Path, which=which, key=key) -> None:
             nonlocal tokens_before
-            backend, tokenizer = make_backend(_local(models[which]), gen)
+            backend, tokenizer = make_backend(_local(models[which]), gen, spec.pair.template)
             start = rep.status["done"]
 
             def on_progress(answers: int, tokens: int) -> None:
