@@ -14,13 +14,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def small_model(arch: str, dtype, device, window: int | None = None) -> LoadedModel:
-    """4 layers, width 256; Mistral with an attention window of `window` (default: 4096, unused)."""
+    """4 layers, width 256; Mistral with an attention window of `window` (default: 4096, unused);
+    Qwen3 with heads of 32 (its config's default is 128) and per-head q/k norms, OLMo 2 with its
+    q/k and output norms."""
     import transformers as tf
 
-    cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[arch]
+    cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config,
+           "olmo2": tf.Olmo2Config}[arch]
     cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False,
-              **({"sliding_window": window} if window else {}))
+              bos_token_id=1, eos_token_id=2, **({"sliding_window": window} if window else {}), **({"head_dim": 32} if arch == "qwen3" else {}))
     torch.manual_seed(0)
     hf = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -48,7 +51,8 @@ def compare(out, ref, mask):
     return rel, corr
 
 
-@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", None), ("mistral", 128)])
+@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", None), ("mistral", 128), ("qwen3", None),
+                                         ("olmo2", None)])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_cuda_matches_cpu(arch, window, granularity):
     """float32 on CUDA equals the CPU path; bf16 on CUDA stays within bf16 rounding of it. With a
@@ -65,7 +69,7 @@ def test_cuda_matches_cpu(arch, window, granularity):
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "qwen3", "olmo2"])
 def test_adapter_forward_equals_model_in_bf16_on_cuda(arch):
     m = small_model(arch, torch.bfloat16, "cuda")
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
