@@ -386,3 +386,14 @@ def test_finished_runs_link_to_their_spec_on_the_run_page(monkeypatch, cache):
     key = opened.query_string.removeprefix("from=")
     again = _app(monkeypatch, cache, "pages/run.py", {"from": key})
     assert _page_key(again) == key and "Already cached" in " ".join(s.value for s in again.success)
+
+
+def test_home_lists_the_pairs_with_their_family(monkeypatch, cache):
+    from eapcore.runs import registry
+
+    at = _app(monkeypatch, cache, "pages/home.py")
+    table = next(df.value for df in at.dataframe if "family" in df.value.columns)
+    family = dict(zip(table["pair"], table["family"]))
+    assert {name: family[name] for name in (p.name for p in registry.FAMILY_PAIRS)} == \
+        {p.name: p.family for p in registry.FAMILY_PAIRS}
+    assert family["DeepSeek-Math"] == ""
