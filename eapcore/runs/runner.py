@@ -66,9 +66,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         rep = Reporter(folder, progress)
         try:
             rep.check_cancel()
-            answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
-            selection = stages.stage_select(cache, spec, keys, graded, rep)
+            graded, selection = stages.stage_answers(cache, spec, keys, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
                 write_bytes_atomic(folder / f"answers_{which}.jsonl", Path(graded[which]).read_bytes())
