@@ -108,3 +108,51 @@ def test_cuda_devices_on_a_machine_without_them_are_refused(models):
         pytest.skip("this machine has the GPUs")
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         load_model(str(models["llama"]), devices=["cuda:0", "cuda:1"])
+
+
+def test_the_plan_spreads_a_model_that_does_not_fit_one_gpu(models, monkeypatch):
+    """predict_memory on a (pretended) host of GPUs: the fewest GPUs whose share of the weights
+    plus one sample fits, and none beyond the host's."""
+    import eapcore.engine.models
+    from eapcore.runs import memory
+    from eapcore.specs import ModelSpec, PairSpec, RunSpec, DatasetSpec
+
+    monkeypatch.setattr(eapcore.engine.models, "resolve_device", lambda device="auto": torch.device("cuda"))
+    monkeypatch.setattr(memory, "_gpu_count", lambda device: 4)
+    model = ModelSpec(str(models["llama"]))
+    spec = RunSpec(PairSpec("p", model, model), DatasetSpec("d"))
+    monkeypatch.setattr(memory, "_available_bytes", lambda device: 10 ** 15)
+    roomy = memory.predict_memory(spec, sample_tokens=40)
+    assert roomy["devices"] == 1 and roomy["fits"]
+    weights, activations = roomy["model_bytes"], roomy["bytes_needed"] - roomy["model_bytes"]
+    monkeypatch.setattr(memory, "_available_bytes", lambda device: int((activations + 0.6 * weights) / 0.9))
+    spread = memory.predict_memory(spec, sample_tokens=40)
+    assert spread["fits"] and spread["devices"] == 2 and "2 GPUs (layers spread)" in spread["message"]
+    assert spread["bytes_needed"] <= 0.9 * spread["bytes_available"] < activations + weights
+    assert not memory.predict_memory(spec, sample_tokens=40, max_devices=1)["fits"]
+
+
+def test_score_batches_on_a_spread_model_writes_the_same_entries(models, tmp_path, monkeypatch):
+    """stages.score_batches with a plan of 2 devices (on a CPU: cpu:0 and cpu:1) writes the
+    entries a 1-device plan writes, byte for byte."""
+    import eapcore.engine.models
+    from eapcore.runs import stages
+    from eapcore.runs.cache import Cache
+    from eapcore.specs import AttributionSettings, ModelSpec
+
+    loaded = []
+    load = eapcore.engine.models.load_model
+    monkeypatch.setattr(eapcore.engine.models, "load_model",
+                        lambda *a, **kw: loaded.append(load(*a, **kw)) or loaded[-1])
+
+    att = AttributionSettings(device="cpu", granularity="head")
+    model = ModelSpec(str(models["olmo2"]))
+    batch = dict(samples=tuple(samples()), keys=("s0", "s1", "s2"), cut_len=5, settings=att)
+    one, two = Cache(tmp_path / "one"), Cache(tmp_path / "two")
+    assert stages.score_batches(one, model, [stages.ScoreBatch(**batch)]) == 3
+    assert stages.score_batches(two, model, [stages.ScoreBatch(**batch, devices=2)]) == 3
+    assert [m.adapter.device_map for m in loaded] == [None, [torch.device("cpu:0")] * 2 + [torch.device("cpu:1")] * 2]
+    for key in batch["keys"]:
+        a, b = one.get("scores", key), two.get("scores", key)
+        assert a.file("scores.safetensors").read_bytes() == b.file("scores.safetensors").read_bytes()
+        assert b.meta["device"] == "cpu"

@@ -80,9 +80,9 @@ def _generate_task(env: dict, root: str, spec: RunSpec, which: str, key: str) ->
     return stages.generate_entry(_task_cache(env, root), spec, which, key)
 
 
-def _plan_task(env: dict, root: str, spec: RunSpec, selection: str):
+def _plan_task(env: dict, root: str, spec: RunSpec, selection: str, max_devices: int):
     cache = _task_cache(env, root)
-    return stages.attribution_work(cache, spec, cache.run_dir(spec_key(spec)), Path(selection))
+    return stages.attribution_work(cache, spec, cache.run_dir(spec_key(spec)), Path(selection), max_devices)
 
 
 def _score_task(env: dict, root: str, model: ModelSpec, batches: list) -> int:
@@ -131,16 +131,18 @@ class _Driver:
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
         self.slots = self.gpus or max(1, int(resources.get("CPU", 1)))
+        self.gpus_per_host = max([int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0])
         self._remote: dict = {}
 
     def _options(self, gpus: int) -> dict:
         return {"num_cpus": 1, "num_gpus": gpus, "max_retries": RETRIES, "retry_exceptions": False}
 
-    def _attribution_gpus(self, spec: RunSpec) -> int:
+    def _attribution_gpus(self, spec: RunSpec, devices: int = 1) -> int:
+        """GPUs of an attribution task: the plan's GPUs per model, none on a CPU cluster or device."""
         device = spec.attribution.device
         if device == "cuda" and not self.gpus:
             raise RunError("the spec attributes on device cuda but the Ray cluster has no GPU; use --device auto or cpu")
-        return 0 if device == "cpu" or not self.gpus else 1
+        return 0 if device == "cpu" or not self.gpus else devices
 
     def submit(self, fn, gpus: int, *args):
         if fn not in self._remote:
@@ -198,7 +200,8 @@ class _Driver:
         for r in self.live():
             try:
                 _, r.selection = stages.stage_answers(self.cache, r.spec, r.keys, r.rep)
-                tasks[self.submit(_plan_task, self._attribution_gpus(r.spec), r.spec, str(r.selection))] = [r]
+                tasks[self.submit(_plan_task, self._attribution_gpus(r.spec), r.spec, str(r.selection),
+                                  self.gpus_per_host)] = [r]
             except Cancelled:
                 raise
             except Exception as err:  # as the serial runner: the run ends with its message
@@ -214,7 +217,7 @@ class _Driver:
         return (self.cache.entry_path("scores", key) / MANIFEST).is_file()
 
     def attribute(self) -> None:
-        groups: dict[tuple, dict[tuple, tuple]] = {}  # (model, dtype, device) -> {batch keys: (batch, runs)}
+        groups: dict[tuple, dict[tuple, tuple]] = {}  # (model, dtype, device, GPUs) -> {batch keys: (batch, runs)}
         for r in self.live():
             r.rep.stage("attribute", total=len(r.score_keys), done=sum(map(self._present, r.score_keys)),
                         message=f"on Ray, {self.slots} {'GPU' if self.gpus else 'CPU'} slot(s)")
@@ -222,16 +225,16 @@ class _Driver:
                 for b in w.batches:
                     if all(map(self._present, b.keys)):
                         continue
-                    group = groups.setdefault((w.model, b.settings.dtype, b.settings.device), {})
+                    group = groups.setdefault((w.model, b.settings.dtype, b.settings.device, b.devices), {})
                     batch, runs = group.setdefault(b.keys, (b, []))
                     runs.append(r)
         tasks = {}
-        for (model, _, _), group in groups.items():
+        for (model, _, _, devices), group in groups.items():
             pooled = sorted(group.values(), key=lambda br: -len(br[0].samples) * _tokens(br[0]))  # longest first
-            n = min(len(pooled), self.slots)
+            n = min(len(pooled), max(1, self.slots // devices))
             for chunk in (pooled[i::n] for i in range(n)):
                 runs = list({id(r): r for _, rs in chunk for r in rs}.values())
-                tasks[self.submit(_score_task, self._attribution_gpus(runs[0].spec), model,
+                tasks[self.submit(_score_task, self._attribution_gpus(runs[0].spec, devices), model,
                                   [b for b, _ in chunk])] = runs
         live = self.live()
 

@@ -204,17 +204,18 @@ def stage_answers(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> tup
     return graded, stage_select(cache, spec, keys, graded, rep)
 
 
-def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int) -> int:
-    """max_batch_tokens of this run: recorded in plan.json at the first attempt and reused on
-    resume, so resumed batches equal the uninterrupted ones (bit-exact scores)."""
+def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int, max_devices: int | None = None) -> tuple[int, int]:
+    """(max_batch_tokens, GPUs per model) of this run: recorded in plan.json at the first attempt
+    and reused on resume, so resumed batches equal the uninterrupted ones (bit-exact scores)."""
     plan = read_json_or_none(folder / "plan.json")
     if isinstance(plan, dict) and plan.get("job") == job:
-        return int(plan["max_batch_tokens"])
-    memory = predict_memory(spec, sample_tokens=sample_tokens)
+        return int(plan["max_batch_tokens"]), int(plan.get("devices", 1))
+    memory = predict_memory(spec, sample_tokens=sample_tokens, max_devices=max_devices)
     if not memory["fits"]:
         raise RunError(memory["message"])
-    write_json_atomic(folder / "plan.json", {"job": job, "max_batch_tokens": memory["batch_tokens"], "memory": memory})
-    return memory["batch_tokens"]
+    write_json_atomic(folder / "plan.json", {"job": job, "max_batch_tokens": memory["batch_tokens"],
+                                             "devices": memory["devices"], "memory": memory})
+    return memory["batch_tokens"], memory["devices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +228,7 @@ class ScoreBatch:
     keys: tuple[str, ...]
     cut_len: int
     settings: AttributionSettings
+    devices: int = 1  # GPUs the model's layers are spread over (plan.json; memory.predict_memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +242,11 @@ class ModelWork:
     batches: list[ScoreBatch]
 
 
-def attribution_work(cache: Cache, spec: RunSpec, folder: Path, selection: Path) -> tuple[dict[str, ModelWork], int, int]:
+def attribution_work(cache: Cache, spec: RunSpec, folder: Path, selection: Path,
+                     max_devices: int | None = None) -> tuple[dict[str, ModelWork], int, int]:
     """({"base", "tuned"}: ModelWork, T_cut, max_batch_tokens) of a run whose selection entry is
-    `selection`; the batch size comes from plan.json (written at the first attempt: `_plan`)."""
+    `selection`; the batch size and GPUs per model come from plan.json (written at the first
+    attempt: `_plan`; max_devices: GPUs of a host, default the visible ones)."""
     from eapcore.engine.attribution import pack_batches, sample_tokens
     from eapcore.harness import read_samples
 
@@ -254,10 +258,10 @@ def attribution_work(cache: Cache, spec: RunSpec, folder: Path, selection: Path)
             for w, m in models.items()}
     lengths = {w: [len(sample_tokens(s, cut_len)[0]) for s in samples[w]] for w in models}
     job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
-    batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
+    batch_tokens, devices = _plan(folder, spec, job, max(itertools.chain(*lengths.values())), max_devices)
     work = {w: ModelWork(m, samples[w], keys[w],
-                         [ScoreBatch(tuple(samples[w][i] for i in b), tuple(keys[w][i] for i in b), cut_len, att)
-                          for b in pack_batches(lengths[w], batch_tokens)])
+                         [ScoreBatch(tuple(samples[w][i] for i in b), tuple(keys[w][i] for i in b), cut_len, att,
+                                     devices) for b in pack_batches(lengths[w], batch_tokens)])
             for w, m in models.items()}
     return work, cut_len, batch_tokens
 
@@ -278,7 +282,8 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
                   on_batch: Callable[[int], None] = lambda n: None) -> int:
     """Compute the batches of which a sample has no score entry yet, one at a time, each sample's
     entry written as soon as its batch is done; the model is loaded once (the batches share
-    dtype and device), and only if a batch is missing. on_batch(n new entries) follows each
+    dtype, device and devices: with devices > 1 its layers are spread over the first GPUs, or
+    over CPU devices "cpu:0".. on a CPU), and only if a batch is missing. on_batch(n new entries) follows each
     batch. Returns the number of entries written."""
     from safetensors.torch import save_file
 
@@ -289,9 +294,10 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
     todo = [(b, present) for b, present in todo if not all(present)]
     if not todo:
         return 0
-    att = todo[0][0].settings
+    att, devices = todo[0][0].settings, todo[0][0].devices
+    spread = [f"{_auto_device() if att.device == 'auto' else att.device}:{i}" for i in range(devices)]
     model = load_model(registry.resolve_path(model_spec.name_or_path), att.dtype, att.device,
-                       model_spec.revision, model_spec.trust_remote_code)
+                       model_spec.revision, model_spec.trust_remote_code, devices=spread if devices > 1 else None)
     sleep = float(os.environ.get(SLEEP_ENV) or 0)
     written = 0
     for batch, present in todo:
