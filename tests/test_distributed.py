@@ -14,7 +14,7 @@ import ray
 from eapcore.runs import distributed, runner, stages, workers
 from eapcore.runs.cache import Cache
 from eapcore.specs import spec_key
-from test_runner import lab, one_thread, sha, spec  # noqa: F401  (fixtures: two tiny Llamas, a dataset)
+from test_runner import lab, one_thread, sha, spec, wait_for  # noqa: F401  (fixtures: two tiny Llamas, a dataset)
 
 ALPHAS = (0.5, 0.3)
 VARIABLE = ("status.json", "worker.log", "manifest.json", "plan.json")  # times, pids, free memory
@@ -110,3 +110,36 @@ def test_cli_and_errors(cluster, spec, capsys):
     ((_, folder, error),) = distributed.run_specs([gpu])
     assert folder is None and "has no GPU" in error
     assert workers.status(spec_key(gpu))["stage"] == "error"
+
+
+def test_cancel_stops_the_tasks_and_keeps_finished_samples(cluster, spec, monkeypatch):
+    """The run's cancel flag (the Run page's cancel, SIGTERM) mid-attribution: pending tasks are
+    cancelled, the run is marked cancelled, and a second call resumes from the kept samples."""
+    import threading
+
+    from eapcore.runs.errors import Cancelled
+
+    monkeypatch.setenv(stages.SLEEP_ENV, "1.0")
+    cache, outcome = Cache(), {}
+
+    def go():
+        try:
+            distributed.run_specs([spec], cache=cache)
+        except Cancelled as err:
+            outcome["cancelled"] = str(err)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    key = spec_key(spec)
+    wait_for(lambda: len(score_events(cache)) >= 1, what="a finished sample")
+    (cache.run_dir(key) / "cancel").touch()
+    thread.join(60)
+    assert not thread.is_alive() and "cancelled" in outcome
+    st = workers.status(key, cache)
+    assert st["stage"] == "cancelled" and not st["running"]
+    kept = {e["key"] for e in score_events(cache)}
+    monkeypatch.delenv(stages.SLEEP_ENV)
+    ((_, folder, error),) = distributed.run_specs([spec], cache=cache)
+    assert error is None and not cache.verify_run(key)
+    assert kept < {e["key"] for e in score_events(cache)}  # resumed: the kept ones not computed again
+    assert len(score_events(cache)) == len({e["key"] for e in score_events(cache)})

@@ -260,6 +260,8 @@ class _Driver:
                 continue
             try:
                 r.folder = runner.run(r.spec, progress, self.cache)
+            except Cancelled:
+                raise
             except RunError as err:
                 r.error = str(err)
 
@@ -280,10 +282,15 @@ def run_specs(specs: Sequence[RunSpec], address: str | None = None, cache: Cache
         check_spec(spec)
     cache = cache or Cache()
     distinct = list({spec_key(s): s for s in specs}.items())
+    done = {key for key, spec in distinct if runner.is_done(cache, key, stage_keys(spec)["selection"])}
+    if len(done) == len(distinct):
+        return [(spec, cache.run_dir(key), None) for key, spec in distinct]
     ray = connect(address)
     runs = []
     try:
         for key, spec in sorted(distinct):  # locks in key order: two drivers cannot deadlock
+            if key in done:
+                continue
             folder = cache.run_dir(key)
             folder.mkdir(parents=True, exist_ok=True)
             lock = cache.lock(f"run-{key}")
@@ -292,7 +299,6 @@ def run_specs(specs: Sequence[RunSpec], address: str | None = None, cache: Cache
             (folder / MANIFEST).unlink(missing_ok=True)
             write_json_atomic(folder / "spec.json", {"key": key, "spec": to_dict(spec)})
             runs.append(_Run(spec, key, Reporter(folder), lock))
-        runs.sort(key=lambda r: [k for k, _ in distinct].index(r.key))
         driver = _Driver(ray, cache, runs, progress)
         previous = signal.signal(signal.SIGTERM, lambda *_: [(cache.run_dir(r.key) / "cancel").touch() for r in runs]) \
             if threading.current_thread() is threading.main_thread() else None
@@ -313,5 +319,6 @@ def run_specs(specs: Sequence[RunSpec], address: str | None = None, cache: Cache
         for r in runs:
             if r.lock.is_locked:
                 r.lock.release()
-    return [(r.spec, r.folder, r.error) for r in runs]
+    finished = {r.key: (r.spec, r.folder, r.error) for r in runs}
+    return [finished.get(key) or (spec, cache.run_dir(key), None) for key, spec in distinct]
 

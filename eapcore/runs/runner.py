@@ -20,7 +20,8 @@ from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
 
 
-def _is_done(cache: Cache, key: str, selection: str) -> bool:
+def is_done(cache: Cache, key: str, selection: str) -> bool:
+    """Whether run `key` (of selection entry `selection`) is done and intact."""
     st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
@@ -56,7 +57,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
         keys = stage_keys(spec)
-        if _is_done(cache, key, keys["selection"]):
+        if is_done(cache, key, keys["selection"]):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
