@@ -313,8 +313,9 @@ def progress(key: str) -> None:
     eta = s.get("eta_s")
     eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
+    cached = f" ({s['cached']} from cache)" if s.get("cached") else ""  # not skipped: already computed
     speed = f" · {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{speed}{mem}")
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}{eta_txt}{speed}{mem}")
     st.caption(s.get("message") or "")
     clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
     if clock:
