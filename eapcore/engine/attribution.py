@@ -28,7 +28,8 @@ The loop, per batch of right-padded samples:
      and then freed.
 Memory is the model, the stored residual streams and sources (about (3L+1) x T x d values per
 sample), the kept layers' state and one layer's working set (`memory_per_token`); nothing grows
-with T^2 (fused attention).
+with T^2 (fused attention). A model whose layers are spread over devices (Adapter.device_map,
+eapcore.engine.placement) runs each layer on its device, with the same scores (`_Stores`).
 """
 from __future__ import annotations
 
