@@ -139,3 +139,23 @@ def test_windowed_attention_on_cuda_equals_float64(kernel, dtype):
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < tol, f"{kernel} {dtype} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_model_spread_over_two_gpus_equals_one_gpu(tmp_path, granularity):
+    """The layers on cuda:0 and cuda:1 (eapcore.engine.placement): the same scores and loss, bit
+    for bit, as the whole model on cuda:0 (the same kernels on the same shapes; the sources are
+    gathered to each destination's device), in float32 and bfloat16."""
+    from eapcore.engine.models import load_model
+
+    m = small_model("qwen2", torch.float32, "cpu")
+    m.hf.save_pretrained(tmp_path)
+    batch, graph, _, _ = batch_and_reference("qwen2", granularity)
+    for dtype in ("float32", "bfloat16"):
+        one = load_model(str(tmp_path), dtype, "cuda:0", with_tokenizer=False)
+        two = load_model(str(tmp_path), dtype, with_tokenizer=False, devices=["cuda:0", "cuda:1"])
+        assert {d.index for d in two.adapter.device_map} == {0, 1}
+        ref, ref_loss = attribute_batch(one, batch, graph)
+        out, loss = attribute_batch(two, batch, graph)
+        assert torch.equal(out.cpu(), ref.cpu()) and torch.equal(loss.cpu(), ref_loss.cpu()), dtype

@@ -20,7 +20,8 @@ from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
 
 
-def _is_done(cache: Cache, key: str, selection: str) -> bool:
+def is_done(cache: Cache, key: str, selection: str) -> bool:
+    """Whether run `key` (of selection entry `selection`) is done and intact."""
     st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
@@ -56,7 +57,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
         keys = stage_keys(spec)
-        if _is_done(cache, key, keys["selection"]):
+        if is_done(cache, key, keys["selection"]):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
@@ -66,9 +67,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         rep = Reporter(folder, progress)
         try:
             rep.check_cancel()
-            answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
-            selection = stages.stage_select(cache, spec, keys, graded, rep)
+            graded, selection = stages.stage_answers(cache, spec, keys, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
                 write_bytes_atomic(folder / f"answers_{which}.jsonl", Path(graded[which]).read_bytes())
