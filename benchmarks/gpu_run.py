@@ -179,7 +179,7 @@ def before(base: str, tokenizer_dir: Path, data: Path, settings: dict, work: Pat
     problems = load_problems(DatasetSpec("gsm8k", str(data), limit=settings["before"]))[0]
     gen = GenerationSettings(settings["max_new_tokens"], 8, "transformers", settings["gen_dtype"])
     t = time.perf_counter()
-    backend, tokenizer = make_backend(ModelSpec(base), gen)
+    backend, tokenizer = make_backend(ModelSpec(base), gen, "chat")
     load_s = time.perf_counter() - t
     out = work / "before.jsonl"
     out.unlink(missing_ok=True)

@@ -547,6 +547,7 @@ def test_quick_run_stops_once_n_pass_resumes_and_leaves_the_full_run_alone(spec,
     quick = dataclasses.replace(full, quick=QuickSettings(seed=5, chunk=3))
     assert spec_key(quick) != spec_key(full)
     unset = {k: v for k, v in to_dict(full).items() if k not in ("answers", "quick")}
+    unset["pair"] = {k: v for k, v in unset["pair"].items() if k != "family"}  # keyed only when set too
     assert spec_key(full) == spec_key({"__type__": "RunSpec", **unset})  # runs cached before quick runs keep their keys
 
     real, generated, calls = eapcore.answers.generation.generate_answers, Counter(), []
@@ -626,6 +627,8 @@ def test_quick_run_settings_checked_and_offered_on_the_command_line(spec, capsys
     assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--quick", "--quick-chunk", "3", *opts]) == 0
     out = capsys.readouterr().out
     assert "quick run: 3 of 8 questions answered in 1 round(s)" in out and "fewer than the whole dataset" in out
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--quick", "--executor", "ray", *opts]) == 1
+    assert "quick runs (--quick) run on the serial executor" in capsys.readouterr().err
     grid = ["sweep", "--pairs", "tiny", "--datasets", "tiny-set", "--alphas", "0.5", "0.3", "--dry-run", *opts]
     dry = {}
     for extra in ([], ["--quick"]):

@@ -20,7 +20,8 @@ from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
 
 
-def _is_done(cache: Cache, key: str, selection: str | None) -> bool:
+def is_done(cache: Cache, key: str, selection: str | None) -> bool:
+    """Whether run `key` (of selection entry `selection`; None: not known yet) is done and intact."""
     st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
@@ -56,8 +57,8 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
         questions = stages.quick_questions(folder) if spec.quick else None  # a quick run: known once answered
-        keys = stage_keys(spec, questions) if spec.quick is None or questions else None
-        if _is_done(cache, key, keys and keys["selection"]):
+        keys = stage_keys(spec, questions) if spec.quick is None or questions else {}
+        if is_done(cache, key, keys.get("selection")):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
@@ -67,13 +68,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
         rep = Reporter(folder, progress)
         try:
             rep.check_cancel()
-            if spec.quick is not None:
-                answers, questions = stages.stage_quick(cache, spec, folder, rep)
-                keys = stage_keys(spec, questions)
-            else:
-                answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
-            selection = stages.stage_select(cache, spec, keys, graded, rep)
+            graded, selection = stages.stage_answers(cache, spec, keys, rep, folder)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
                 write_bytes_atomic(folder / f"answers_{which}.jsonl", Path(graded[which]).read_bytes())
