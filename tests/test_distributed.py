@@ -17,7 +17,8 @@ from eapcore.specs import spec_key
 from test_runner import lab, one_thread, sha, spec, wait_for  # noqa: F401  (fixtures: two tiny Llamas, a dataset)
 
 ALPHAS = (0.5, 0.3)
-VARIABLE = ("status.json", "worker.log", "manifest.json", "plan.json")  # times, pids, free memory
+VARIABLE = ("status.json", "worker.log", "manifest.json", "plan.json", "clock.json")  # times, pids, free memory
+TIMED = ("seconds", "seconds_missing")  # the attribution's time in base/ and tuned/manifest.json
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,16 @@ def sweep(spec):
 
 
 def run_files(folder) -> dict[str, str]:
-    """sha256 of every file of a run folder but the ones that record times, pids or free memory."""
-    return {p.relative_to(folder).as_posix(): sha(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() not in VARIABLE}
+    """sha256 of every file of a run folder but the ones that record times, pids or free memory (of
+    the models' manifests: their content but the attribution's time)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if name in ("base/manifest.json", "tuned/manifest.json"):
+            out[name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in TIMED}
+        elif p.is_file() and name not in VARIABLE:
+            out[name] = sha(p)
+    return out
 
 
 def score_events(cache: Cache) -> list[dict]:

@@ -89,7 +89,7 @@ def test_family_is_keyed_only_when_set():
     pair = registry.get_pair("DeepSeek-Math")
     spec = RunSpec(pair, DatasetSpec("math"))
     old = {"__type__": "RunSpec", **to_dict(spec)}
-    del old["pair"]["family"], old["answers"]
+    del old["pair"]["family"], old["answers"], old["quick"]
     blob = json.dumps(old, sort_keys=True, separators=(",", ":"), default=str)
     assert spec_key(spec) == hashlib.sha256(blob.encode()).hexdigest()[:16]
     assert spec_key(dataclasses.replace(spec, pair=dataclasses.replace(pair, family="x"))) != spec_key(spec)
