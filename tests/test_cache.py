@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eapcore.runs.cache import Cache, CacheError, export_bundle, import_bundle
+from eapcore.specs import SCORING_VERSION
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -126,13 +127,14 @@ def test_lock_is_released_when_its_holder_is_killed(cache):
     assert not cache.is_locked("run-x")
 
 
-def make_run(cache: Cache, key: str = "run1") -> None:
+def make_run(cache: Cache, key: str = "run1", version: str = SCORING_VERSION) -> None:
     cache.put("generations", "g1", writer({"answers.jsonl": b"a\n"}))
     cache.put("scores", "s1", writer({"scores.safetensors": os.urandom(256)}))
     folder = cache.run_dir(key)
     folder.mkdir(parents=True)
     (folder / "spec.json").write_text(json.dumps({"key": key, "spec": {"pair": {"name": "p"}, "dataset": {"name": "d"},
-                                                                      "selection": {"alpha": 0.5}}}))
+                                                                      "selection": {"alpha": 0.5},
+                                                                      "scoring_version": version}}))
     (folder / "status.json").write_text(json.dumps({"stage": "done"}))
     (folder / "base").mkdir()
     (folder / "base" / "scores.safetensors").write_bytes(os.urandom(512))

@@ -7,24 +7,25 @@ whether a spec can run at all.
     scores/<k>       k = (model identity, the sample's prompt + first T_cut answer tokens, T_cut,
                           scoring settings, SCORING_VERSION)
 
-Model identity is the hub id and revision, or for a local folder a fingerprint of its files;
-dataset identity likewise (a local file's sha256). The scoring settings are granularity, ablation,
-ig_steps, loss and dtype: `device` and `max_batch_tokens` change scores by rounding only and are
-not part of a score key (they are part of the run key).
+Model identity is the hub id and the commit of its revision, or for a local folder the sha256 of
+each of its files (whole contents, hashed once per file version); dataset identity likewise (a
+local file's sha256). The scoring settings are granularity, ablation, ig_steps, loss and dtype:
+`device` and `max_batch_tokens` change scores by rounding only and are not part of a score key
+(they are part of the run key).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from eapcore import modelfiles
+from eapcore.answers.selection import settings_problems
 from eapcore.runs import registry
-from eapcore.runs.cache import sha256_file
+from eapcore.runs.cache import Cache, sha256_file
 from eapcore.runs.errors import RunError
-from eapcore.specs import (GROUPS, IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
+from eapcore.specs import (IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
                            SelectionSettings, spec_key, to_dict)
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
@@ -35,37 +36,41 @@ def digest(obj: Any) -> str:
     return spec_key(obj, length=32)
 
 
-@functools.lru_cache(maxsize=256)
-def _file_fingerprint(path: str, size: int, mtime_ns: int, whole_below: int = 256 << 20, part: int = 16 << 20) -> str:
-    """sha256 of a file; above `whole_below` bytes, of its first and last `part` bytes and size."""
-    if size <= whole_below:
-        return sha256_file(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(part))
-        fh.seek(size - part)
-        h.update(fh.read(part))
-    return "partial:" + h.hexdigest()
-
-
 def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
-    """{name: fingerprint} of a file, or of the files directly in a folder (a HF checkpoint)."""
+    """{name: sha256} of a file, or of the files directly in a folder (a HF checkpoint): whole
+    contents, each hashed once per file version (Cache.file_sha256's memo in the cache root)."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    out = {}
-    for f in files:
-        st = f.stat()
-        out[f.name] = _file_fingerprint(str(f), st.st_size, st.st_mtime_ns)
-    return out
+    cache = Cache()
+    return {f.name: cache.file_sha256(f) for f in files}
+
+
+def hub_revision(model: ModelSpec) -> str | None:
+    """The commit a hub model's revision names: the revision itself when it is a commit hash, else
+    the commit the local Hugging Face cache holds for it, else the hub's answer when the hub is
+    reachable, else the revision as given (None: the default branch)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if model.revision and len(model.revision) == 40 and all(c in "0123456789abcdef" for c in model.revision):
+        return model.revision
+    try:
+        cached = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+        if modelfiles.hub_unavailable() is None:
+            return HfApi().model_info(model.name_or_path, revision=model.revision, timeout=10).sha or model.revision
+    except Exception:  # noqa: BLE001  (an invalid id, a hub error: the run's loading says what is wrong)
+        pass
+    return model.revision
 
 
 def model_identity(model: ModelSpec) -> dict[str, Any]:
-    """What a model's outputs depend on: a local folder's file fingerprints (wherever it lies), or
-    the hub id and revision."""
+    """What a model's outputs depend on: a local folder's file contents (wherever it lies), or
+    the hub id and the commit of its revision (hub_revision)."""
     local = registry.resolve_path(model.name_or_path)
     if Path(local).is_dir():
         return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
-    return {"hub": model.name_or_path, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    return {"hub": model.name_or_path, "revision": hub_revision(model), "trust_remote_code": model.trust_remote_code}
 
 
 def dataset_identity(ds: DatasetSpec) -> dict[str, Any]:
@@ -135,10 +140,7 @@ def check_spec(spec: RunSpec) -> None:
                         "available from Python via eapcore.engine.attribution.attribute(corrupt=...)")
     if a.ig_steps < 0 or a.max_batch_tokens < 0:
         problems.append("ig_steps and max_batch_tokens must be >= 0")
-    if not s.alpha > 0:
-        problems.append(f"alpha must be > 0, got {s.alpha}")
-    if s.group not in GROUPS:
-        problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
+    problems += settings_problems(s)
     if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
         problems.append("max_new_tokens and the generation batch size must be >= 1")
     if problems:

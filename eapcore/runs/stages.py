@@ -107,7 +107,7 @@ def stage_grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporte
 
 def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path], rep: Reporter) -> Path:
     from eapcore.harness import read_samples
-    from eapcore.answers.selection import group_lengths, select, write_selection
+    from eapcore.answers.selection import group_lengths, none_kept, select, write_selection
 
     rep.stage("select", total=1)
 
@@ -119,9 +119,7 @@ def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path
         except ValueError as err:
             raise RunError(f"{err}; choose another group (--group) or a larger dataset") from None
         if not selection.idx:
-            raise RunError(f"no question of group {spec.selection.group!r} passes the selection rules "
-                           f"(T_ref {selection.t_ref:.1f}, T_cut {selection.t_cut}, counts {selection.counts}); "
-                           "relax beta/low/high or use a larger dataset")
+            raise RunError(none_kept(selection))
         write_selection(folder, base, tuned, selection, {"base": keys["grades"]["base"], "tuned": keys["grades"]["tuned"]})
 
     entry, _ = cache.get_or_compute("selections", keys["selection"], write,
@@ -149,7 +147,9 @@ def _score_missing(cache: Cache, model_spec: ModelSpec, samples: list, keys: lis
     """Compute the score entries of `samples` that are not cached, one batch at a time.
 
     Batches are packed over all samples (so they are the same on every attempt) and a batch runs
-    if any of its samples lacks an entry; on_batch(n new entries) follows each batch."""
+    if any of its samples lacks an entry (checked again before each batch: another run sharing
+    samples may have put them meanwhile; Cache.put locks each entry, so two writers never race);
+    on_batch(n new entries) follows each batch."""
     from safetensors.torch import save_file
 
     from eapcore.engine.attribution import attribute, pack_batches
@@ -167,16 +167,21 @@ def _score_missing(cache: Cache, model_spec: ModelSpec, samples: list, keys: lis
     sleep = float(os.environ.get(SLEEP_ENV) or 0)
     one_batch = dataclasses.replace(att, max_batch_tokens=sys.maxsize)  # the batch as packed above
     for batch in batches:
-        part = attribute(model, [samples[i] for i in batch], cut_len, one_batch)
+        found = [i for i in batch if not present[i] and cache.get("scores", keys[i]) is not None]
+        for i in found:
+            present[i] = True
         new = [(j, i) for j, i in enumerate(batch) if not present[i]]
-        for j, i in new:
-            tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
-            cache.put("scores", keys[i], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
-                      {**meta, "idx": samples[i].idx})
-        on_batch(len(new))
-        if sleep:
+        if new:
+            part = attribute(model, [samples[i] for i in batch], cut_len, one_batch)
+            for j, i in new:
+                tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
+                cache.put("scores", keys[i], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
+                          {**meta, "idx": samples[i].idx})
+            del part
+        on_batch(len(found) + len(new))
+        if sleep and new:
             time.sleep(sleep)
-    del model, part
+    del model
     _free_memory()
 
 
