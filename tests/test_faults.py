@@ -275,3 +275,38 @@ def test_the_cache_root_expands_tilde_once_for_writers_and_readers(tmp_path, mon
     key = make_run(Cache().root, pair="Tilde", dataset="gsm8k", alpha=0.5)
     assert [r.key for r in query.list_runs()] == [key] and query.load_run(key).info.pair == "Tilde"
     assert not (Path.cwd() / "~").exists()
+
+
+def test_the_dashboard_listens_on_localhost_only(tmp_path):
+    """`streamlit run app.py` with no address option binds 127.0.0.1 (the project's
+    .streamlit/config.toml), not every interface; scripts/run.sh says so too."""
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EAP_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                             "--server.fileWatcherType", "none"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.3)
+        listening = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                    listening.add(address)
+        assert listening == {"0100007F"}, listening  # 127.0.0.1 (little-endian hex), nothing else
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "--server.address 127.0.0.1" in (ROOT / "scripts" / "run.sh").read_text()
