@@ -114,6 +114,19 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_json_checked(path: Path, fix: str) -> Any:
+    """The decoded JSON file; ValueError in one line naming the file, what is wrong (not UTF-8,
+    the JSON error with its line and column, unreadable) and `fix`, what to do about it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); {fix}") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}); {fix}") from None
+
+
 def read_json_or_none(path: Path) -> Any:
     """The decoded JSON file, or None if it is missing or not valid JSON (for status and result
     files that another process may be writing or may not have written yet)."""

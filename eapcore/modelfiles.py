@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from eapcore.files import looks_like_path, shorten
+from eapcore.files import looks_like_path, read_json_checked, shorten
 
 PROBE_TIMEOUT_S = 3.0
 _PROBE_MEMO_S = 60.0  # a probe's answer is reused this long (a dashboard asks often)
@@ -62,12 +62,9 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"model folder {folder} has no config.json: it is not a Hugging Face checkpoint "
                               "folder (save one with model.save_pretrained(folder))")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path} is not text (not UTF-8): re-download the model or fix the file") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
-                              "re-download the model or fix the file") from None
+        config = read_json_checked(path, "re-download the model or fix the file")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds {type(config).__name__}, not a JSON object: re-download the model")
     return config

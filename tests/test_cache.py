@@ -214,6 +214,32 @@ def test_model_fingerprints_hash_whole_files(tmp_path, monkeypatch):
     assert ids[0]["files"]["model.safetensors"] != ids[1]["files"]["model.safetensors"]
 
 
+def test_hub_models_are_keyed_by_the_commit_of_their_revision(tmp_path, monkeypatch):
+    """A hub id's identity is the commit its revision names in the local Hugging Face cache (the
+    default branch moves); a commit hash is itself; unknown here and offline: the name as given."""
+    from huggingface_hub import constants
+
+    from eapcore.runs import keys
+    from eapcore.specs import ModelSpec
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--name"
+    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    identity = keys.model_identity(ModelSpec("org/name"))
+    assert identity == {"hub": "org/name", "revision": "a" * 40, "trust_remote_code": False}
+    assert keys.model_identity(ModelSpec("org/name", revision="v1"))["revision"] == "b" * 40
+    assert keys.model_identity(ModelSpec("org/name", revision="c" * 40))["revision"] == "c" * 40
+    assert keys.model_identity(ModelSpec("org/other", revision="v2"))["revision"] == "v2"
+    (repo / "refs" / "main").write_text("d" * 40)  # the branch moved and the new commit was fetched
+    (repo / "snapshots" / ("d" * 40)).mkdir()
+    (repo / "snapshots" / ("d" * 40) / "config.json").write_text("{}")
+    assert keys.model_identity(ModelSpec("org/name"))["revision"] == "d" * 40
+
+
 def test_import_refuses_runs_of_another_scoring_version(cache, tmp_path, capsys, monkeypatch):
     """A bundle's runs must carry this code's scoring version: others are stale and not imported,
     nor the entries only they use; the command says so in one line per run."""

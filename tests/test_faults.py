@@ -32,7 +32,7 @@ from fake_runs import make_run  # noqa: E402
 
 FAULTS = {  # fault: what the one line must say
     "config": r"config\.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1, "
-              r"column 2\): re-download the model or fix the file",
+              r"column 2\); re-download the model or fix the file",
     "truncated": r"model\.safetensors is truncated or damaged \(\d+ of \d+ bytes\)\. Re-download \(or copy again\) "
                  r"the model",
     "shard": r"model-00002-of-00002\.safetensors \(listed in model\.safetensors\.index\.json\) is missing\. Re-download",

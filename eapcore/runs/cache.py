@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 from filelock import FileLock, Timeout
 
-from eapcore.files import cache_root, fsync_path, fsync_tree, read_json, replace_dir, temp_name, write_json_atomic
+from eapcore.files import cache_root, cache_root_problem, fsync_path, fsync_tree, read_json, replace_dir, temp_name, write_json_atomic
 from eapcore.specs import SCORING_VERSION
 
 log = logging.getLogger("eapcore.cache")
@@ -610,5 +610,8 @@ def command(argv: list[str]) -> int:
             print(f"removed {_human(cache.clear())} from {cache.root}")
     except CacheError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only cache or one that is not a folder
+        print(f"error: {cache_root_problem(cache.root) or f'{err.strerror}: {err.filename}'}", file=sys.stderr)
         return 2
     return 0

@@ -254,6 +254,9 @@ def command_export(argv: list[str]) -> int:
     except (RunError, CacheError, registry.RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        print(f"error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {len(bundle['runs'])} run(s), {len(bundle['entries'])} cache entries, "
           f"{len(bundle['files'])} files")
     return 0
@@ -273,6 +276,9 @@ def command_import(argv: list[str]) -> int:
         result = import_bundle(cache, args.bundle, overwrite=args.overwrite)
     except CacheError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a read-only or full cache
+        print(f"error: {explain(err, 'import', cache)}", file=sys.stderr)
         return 1
     for line in result["stale"]:
         print(f"warning: {line}", file=sys.stderr)

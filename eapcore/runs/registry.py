@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import tempfile
 import uuid
@@ -32,8 +31,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from eapcore.files import (PROJECT_ROOT, fsync_path, looks_like_path, shorten, write_bytes_atomic,
-                           write_json_atomic)
+from eapcore.files import (PROJECT_ROOT, fsync_path, looks_like_path, read_json_checked, shorten,
+                           write_bytes_atomic, write_json_atomic)
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
 
 
@@ -156,14 +155,9 @@ def _read(path: Path) -> dict[str, list]:
     if not path.is_file():
         return {"pairs": [], "datasets": []}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise RegistryError(f"{path} is not UTF-8 text; fix it by hand or delete it") from None
-    except json.JSONDecodeError as err:
-        raise RegistryError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                            "fix it by hand or delete it") from None
-    except OSError as err:
-        raise RegistryError(f"{path} cannot be read ({err.strerror})") from None
+        data = read_json_checked(path, "fix it by hand or delete it")
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k, []), list) for k in ("pairs", "datasets")):
         raise RegistryError(f"{path}: expected {{\"pairs\": [...], \"datasets\": [...]}}")
     return {"pairs": data.get("pairs", []), "datasets": data.get("datasets", [])}
