@@ -209,6 +209,10 @@ if active and not query.is_run_key(active):
     st.warning(f"The link's watch={active[:40]!r} is not a run key (16 hexadecimal digits), so it was ignored.",
                icon=":material/link_off:")
     active = None
+elif active and query.get_run(active) is None and not st.session_state.get("active_run"):
+    st.warning(f"The link's watch={active!r} names no run in this cache ({query.cache_root()}), so it was ignored.",
+               icon=":material/link_off:")
+    active = None
 
 
 def _cancel(key: str) -> None:

@@ -221,6 +221,9 @@ def test_bad_link_parameters_are_ignored_with_a_note(monkeypatch, own_cache):
     notes = [w.value for w in at.warning]
     assert "The link's watch='../../etc/passwd' is not a run key (16 hexadecimal digits), so it was ignored." in notes
     assert any(n.startswith("The link's alpha='inf' is not one of the choices") for n in notes)
+    at = _app(monkeypatch, root, "pages/run.py", {"watch": "0123456789abcdef"})
+    assert f"The link's watch='0123456789abcdef' names no run in this cache ({root}), so it was ignored." in \
+        [w.value for w in at.warning]
 
 
 def test_a_broken_registry_keeps_the_builtin_pairs_and_says_so(monkeypatch, own_cache, tmp_path):
