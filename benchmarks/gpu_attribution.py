@@ -53,7 +53,7 @@ from eapcore.engine.windowed_attention import KERNELS  # noqa: E402
 from eapcore.harness import Sample  # noqa: E402
 from eapcore.engine.models import LoadedModel, make_adapter  # noqa: E402
 
-SHAPES = {  # the paper's pairs (METHOD.md), today's RL families (issue 19) and the issue's numbers
+SHAPES = {  # the paper's pairs (docs/METHOD.md), today's RL families (issue 19) and the issue's numbers
     "qwen2-7b": ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                                intermediate_size=18944, vocab_size=152064, rope_theta=1e6)),
     "mistral-7b": ("mistral", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

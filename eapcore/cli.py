@@ -1,4 +1,5 @@
-"""`python -m eapcore <command> ...`: a dispatch table; each command lives in its stage module.
+"""`eapcore <command> ...` (the console script; the same as `python -m eapcore <command> ...`): a
+dispatch table; each command lives in its stage module.
 
 Every target is `module:function` with signature `function(argv: list[str]) -> int`.
 Modules are imported lazily so `--help` and light commands start fast.
@@ -15,11 +16,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grade": ("eapcore.answers.grading:command", "grade an answers file and report accuracy"),
     "metrics": ("eapcore.stats.report:command", "the paper's three metrics of base vs tuned scores"),
     "run": ("eapcore.runs.commands:command_run", "one full run spec, cached"),
+    "pairs": ("eapcore.runs.registry_commands:command_pairs", "list, add or remove model pairs (--json)"),
+    "datasets": ("eapcore.runs.registry_commands:command_datasets", "list, add or remove datasets (--json)"),
     "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
     "export": ("eapcore.runs.commands:command_export", "bundle cached runs into one file"),
     "import": ("eapcore.runs.commands:command_import", "load a bundle into the cache"),
     "lab": ("eapcore.lab:command", "train the demo pairs (SFT -> GRPO / DPO)"),
+    "lab-smollm2": ("eapcore.lab.smollm2:command", "train, evaluate and sweep the SmolLM2 pairs (GPU; --tiny: CPU)"),
 }
 
 
@@ -28,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: python -m eapcore <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: eapcore <command> [options]   (or: python -m eapcore <command> [options])\n\n"
+              "commands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

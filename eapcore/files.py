@@ -1,7 +1,13 @@
 """Project paths and safe file writes, shared by every layer (imports nothing of eapcore).
 
-- PROJECT_ROOT: the folder holding `eapcore/`, `pages/`, `registry.json`.
-- cache_root(): the cache folder (`$EAP_CACHE_DIR`, else `<project>/cache`), `~` expanded.
+- PROJECT_ROOT: the folder holding `eapcore/`; in a checkout (or an editable install of one:
+  IN_CHECKOUT) also `app.py`, `pages/`, `demo/`, `registry.json`.
+- DATA_ROOT: the folder holding `demo/` (the demo checkpoints, problems and runs): the checkout,
+  or inside the installed package (a wheel ships them as package data, `eapcore/demo/`).
+- cache_root(): the cache folder (`$EAP_CACHE_DIR`, else `<checkout>/cache`, else for an installed
+  package `$XDG_CACHE_HOME/eapcore`, i.e. `~/.cache/eapcore`), `~` expanded.
+- registry_file(): the user registry (`$EAP_REGISTRY`, else `<checkout>/registry.json`, else
+  `$XDG_CONFIG_HOME/eapcore/registry.json`, i.e. `~/.config/eapcore/registry.json`).
 - looks_like_path(): whether a model or dataset reference is meant as a local path rather than a
   hub id (`name` or `org/name`).
 - Atomic, durable writes (a temporary file or folder next to the target, fsynced, then
@@ -20,12 +26,28 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "app.py").is_file()
+DATA_ROOT = PROJECT_ROOT if IN_CHECKOUT else PACKAGE_ROOT
+
+
+def _user_dir(xdg: str, default: str) -> Path:
+    return Path(os.environ.get(xdg) or default).expanduser() / "eapcore"
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
-    """The cache folder: `root`, else $EAP_CACHE_DIR, else <project>/cache; `~` expanded."""
-    return Path(root or os.environ.get("EAP_CACHE_DIR") or PROJECT_ROOT / "cache").expanduser()
+    """The cache folder: `root`, else $EAP_CACHE_DIR, else <checkout>/cache, else (installed)
+    $XDG_CACHE_HOME/eapcore; `~` expanded."""
+    default = PROJECT_ROOT / "cache" if IN_CHECKOUT else _user_dir("XDG_CACHE_HOME", "~/.cache")
+    return Path(root or os.environ.get("EAP_CACHE_DIR") or default).expanduser()
+
+
+def registry_file() -> Path:
+    """The user registry: $EAP_REGISTRY, else <checkout>/registry.json, else (installed)
+    $XDG_CONFIG_HOME/eapcore/registry.json; `~` expanded."""
+    default = PROJECT_ROOT / "registry.json" if IN_CHECKOUT else _user_dir("XDG_CONFIG_HOME", "~/.config") / "registry.json"
+    return Path(os.environ.get("EAP_REGISTRY") or default).expanduser()
 
 
 def looks_like_path(name: str) -> bool:

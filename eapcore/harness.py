@@ -1,11 +1,21 @@
-"""The math-evaluation-harness answers format (jsonl), which is also the project's sample format.
+"""The math-evaluation-harness answers format (jsonl), which is also the project's sample format,
+and the paper authors' joined file of both models' answers.
 
-One JSON object per line:
+Harness answers file, one JSON object per line:
     idx               int, the question's id in its dataset
-    prompt_token_ids  list[int], the prompt as the model saw it
-    generate_token_ids list[int] | list[list[int]], the answer (the harness stores one list per
-                      sampled answer; `Sample.answer_ids` is the first)
+    prompt_token_ids  list[int] | list[list[int]], the prompt as the model saw it
+    generate_token_ids list[int] | list[list[int]], the answer
+                      (the harness stores both as one list per sampled answer; the first is used)
     question, gt, pred, score, code   optional text fields, kept as they are
+
+Joined file (the authors' `all_correct.jsonl`, as their released EAP script reads it), one JSON
+object per question, both models' answers side by side:
+    base_prompt_tokens, base_answer_tokens, rl_prompt_tokens, rl_answer_tokens   list[int]
+    base_answer_tokens_range, rl_answer_tokens_range   optional [start, end): where the answer sits
+                      in prompt + answer (start = prompt length, end = start + answer length)
+    idx               optional (else the 0-based line number); every other field is kept
+The file holds the questions of one answer group (`all_correct`: both models right); `read_joined`
+gives each model's samples with that group's correctness as `score`.
 
 Reading never stops at a bad line: each problem is reported with its line number and the rest of
 the file is kept.
@@ -19,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from eapcore.files import shorten, write_bytes_atomic
+from eapcore.specs import GROUP_SCORES
 
 OPTIONAL_FIELDS = ("question", "gt", "pred", "score", "code")
 
@@ -58,8 +69,17 @@ class ReadReport:
 
 
 def _int_list(value: Any, name: str) -> list[int]:
+    """A token id list, flat or one list per sampled answer (`[[...], ...]`: the first)."""
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        value = value[0]
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise ValueError(f"`{name}` must be a list of integers")
+        raise ValueError(f"`{name}` must be a list of integers (or one such list per sampled answer)")
+    return value
+
+
+def _idx(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("`idx` must be an integer or a string")
     return value
 
 
@@ -70,18 +90,70 @@ def parse_sample(obj: Any) -> Sample:
     missing = [k for k in ("idx", "prompt_token_ids", "generate_token_ids") if k not in obj]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
-    idx = obj["idx"]
-    if isinstance(idx, bool) or not isinstance(idx, (int, str)):
-        raise ValueError("`idx` must be an integer or a string")
-    gen = obj["generate_token_ids"]
-    if isinstance(gen, list) and gen and isinstance(gen[0], list):
-        gen = gen[0]
+    idx = _idx(obj["idx"])
     prompt = _int_list(obj["prompt_token_ids"], "prompt_token_ids")
-    answer = _int_list(gen, "generate_token_ids")
+    answer = _int_list(obj["generate_token_ids"], "generate_token_ids")
     if not prompt:
         raise ValueError("`prompt_token_ids` is empty")
     extra = {k: v for k, v in obj.items() if k not in ("idx", "prompt_token_ids", "generate_token_ids")}
     return Sample(idx=idx, prompt_ids=prompt, answer_ids=answer, extra=extra)
+
+
+JOINED_MODELS = {"base": "base", "tuned": "rl"}  # the joined file's field prefix of each model
+JOINED_FIELDS = tuple(f"{p}_{f}" for p in JOINED_MODELS.values()
+                      for f in ("prompt_tokens", "answer_tokens", "answer_tokens_range"))
+
+
+def parse_joined(obj: Any, position: int, group: str) -> dict[str, Sample]:
+    """One decoded joined-file object -> {"base": Sample, "tuned": Sample} with `score` = [correct]
+    of `group` (GROUP_SCORES); ValueError says what is wrong. `position`: the idx when the row has none."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    missing = [f for f in JOINED_FIELDS if not f.endswith("_range") and f not in obj]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)} (a joined file has both models' "
+                         "prompt and answer tokens)")
+    idx = _idx(obj.get("idx", position))
+    extra = {k: v for k, v in obj.items() if k not in (*JOINED_FIELDS, "idx")}
+    out = {}
+    for (which, prefix), correct in zip(JOINED_MODELS.items(), GROUP_SCORES[group]):
+        prompt = _int_list(obj[f"{prefix}_prompt_tokens"], f"{prefix}_prompt_tokens")
+        answer = _int_list(obj[f"{prefix}_answer_tokens"], f"{prefix}_answer_tokens")
+        if not prompt:
+            raise ValueError(f"`{prefix}_prompt_tokens` is empty")
+        span = obj.get(f"{prefix}_answer_tokens_range")
+        if span is not None and list(span) != [len(prompt), len(prompt) + len(answer)]:
+            raise ValueError(f"`{prefix}_answer_tokens_range` is {span} but the answer sits at "
+                             f"[{len(prompt)}, {len(prompt) + len(answer)}) of prompt + answer")
+        out[which] = Sample(idx=idx, prompt_ids=prompt, answer_ids=answer, extra={**extra, "score": [correct]})
+    return out
+
+
+def read_joined(path: str | os.PathLike, group: str = "both_correct") -> tuple[list[Sample], list[Sample], ReadReport]:
+    """A joined file -> (base samples, tuned samples, report), same idx order; every row is a
+    question of `group` (default: both correct, as in the authors' all_correct.jsonl). Bad and
+    duplicate rows are reported by line number and skipped."""
+    if group not in GROUP_SCORES:
+        raise ValueError(f"unknown group {group!r}; one of {', '.join(GROUP_SCORES)}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"joined answers file {path} does not exist")
+    rows, report = read_jsonl(path)
+    base: list[Sample] = []
+    tuned: list[Sample] = []
+    seen: set = set()
+    for line_no, obj in rows:
+        try:
+            pair = parse_joined(obj, line_no - 1, group)
+        except ValueError as err:
+            report.problems.append(f"line {line_no}: {err}")
+            continue
+        if pair["base"].idx in seen:
+            report.problems.append(f"line {line_no}: duplicate idx {pair['base'].idx!r} (first one kept)")
+            continue
+        seen.add(pair["base"].idx)
+        base.append(pair["base"])
+        tuned.append(pair["tuned"])
+    return base, tuned, report
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], ReadReport]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,9 @@ Group = Literal["both_correct", "both_wrong", "base_only", "tuned_only"]
 GROUPS: tuple[str, ...] = ("both_correct", "both_wrong", "base_only", "tuned_only")
 GROUP_LABELS = {"both_correct": "both correct", "both_wrong": "both wrong",
                 "base_only": "base right, tuned wrong", "tuned_only": "base wrong, tuned right"}
+# (base correct, tuned correct) of each group's questions.
+GROUP_SCORES: dict[str, tuple[bool, bool]] = {"both_correct": (True, True), "both_wrong": (False, False),
+                                              "base_only": (True, False), "tuned_only": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,14 @@ class DatasetSpec:
     limit: int | None = None  # first `limit` problems only (None: all)
 
 
+BACKENDS: tuple[str, ...] = ("auto", "continuous", "transformers", "vllm")  # eapcore.answers.generation says which
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     max_new_tokens: int | None = None  # None: the pair's own
-    batch_size: int = 8
-    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    batch_size: int = 0  # sequences decoded together; 0: from free memory (eapcore.answers.decoding)
+    backend: Literal["auto", "continuous", "transformers", "vllm"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
@@ -95,7 +102,7 @@ class AttributionSettings:
     granularity: Granularity = "layer"
     ablation: Ablation = "zero"
     ig_steps: int = 0  # 0: plain EAP at the clean input; m >= 1: EAP-IG over input embeddings (IG_RULE)
-    loss: Literal["self_ce"] = "self_ce"  # truncated self-cross-entropy (METHOD.md)
+    loss: Literal["self_ce"] = "self_ce"  # truncated self-cross-entropy (docs/METHOD.md)
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_tokens: int = 0  # 0: choose from free memory; otherwise pack samples up to this
@@ -110,23 +117,52 @@ class MetricSettings:
 
 
 @dataclass(frozen=True)
+class AnswersSpec:
+    """Answers imported instead of generated and graded: a joined file of both models' answers to
+    the same questions (the paper authors' `all_correct.jsonl`, read by eapcore.harness.read_joined).
+    Every row is a question of the run's answer group (`SelectionSettings.group`), as the file
+    declares by what it holds; the pair's models score these answers."""
+
+    joined: str  # path of the joined jsonl file
+
+
+# Fields added after runs were cached: part of a spec's key only when set, so the keys of specs
+# that leave them unset (every run cached before them) do not change.
+_KEYED_WHEN_SET = {"key_when_set": True}
+
+
+@dataclass(frozen=True)
 class RunSpec:
     pair: PairSpec
-    dataset: DatasetSpec
+    dataset: DatasetSpec  # with `answers`: only a label for the questions (nothing is loaded from it)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     scoring_version: str = SCORING_VERSION
+    answers: AnswersSpec | None = field(default=None, metadata=_KEYED_WHEN_SET)  # None: generate and grade
 
 
 def to_dict(spec: Any) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
+def choices(cls: type, name: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed setting, e.g. choices(AttributionSettings, "device")
+    (the command line and the Run page offer exactly these)."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
+def _keyed_dict(spec: Any) -> dict[str, Any]:
+    """to_dict(spec) without the unset fields that are keyed only when set (top level)."""
+    unset = {f.name for f in dataclasses.fields(spec)
+             if f.metadata.get("key_when_set") and getattr(spec, f.name) is None}
+    return {k: v for k, v in to_dict(spec).items() if k not in unset}
+
+
 def spec_key(spec: Any, length: int = 16) -> str:
     """Content hash of a spec (or any JSON-able value): equal settings <=> equal key."""
     if dataclasses.is_dataclass(spec):
-        spec = {"__type__": type(spec).__name__, **to_dict(spec)}
+        spec = {"__type__": type(spec).__name__, **_keyed_dict(spec)}
     blob = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
@@ -139,8 +175,8 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
     for name, value in data.items():
-        ftype = fields[name].type
-        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        ftype = fields[name].type  # a string ("AnswersSpec | None") under `from __future__ import annotations`
+        sub = _DATACLASSES.get(ftype.split("|")[0].strip() if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
     return cls(**kwargs)
 
@@ -148,5 +184,5 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 _DATACLASSES = {
     c.__name__: c
     for c in (ModelSpec, PairSpec, DatasetSpec, GenerationSettings, SelectionSettings,
-              AttributionSettings, MetricSettings, RunSpec)
+              AttributionSettings, MetricSettings, AnswersSpec, RunSpec)
 }

@@ -117,10 +117,38 @@ def finished_runs() -> list[query.RunInfo]:
     return [r for r in all_runs() if r.finished]
 
 
+OFFLINE_START = ("The demo pair's results ship with the project: `eapcore import demo/runs.zip` puts them in the "
+                 "cache (the dashboard does it by itself when the cache holds no run). Or start a run on the "
+                 "Run page: the demo pair (`demo: SFT vs GRPO` on `demo`) runs here with no network and no GPU "
+                 "(about a minute on a CPU).")
+
+
 def no_runs_message(what: str = "this view") -> None:
     st.info(f"No finished runs in the cache yet ({query.cache_root()}), so there is nothing to show in "
-            f"{what}. Start one on the Run page: the built-in demo pair runs with no network and no GPU.")
-    st.page_link(PAGES["run"], label="Go to the Run page", icon=":material/play_arrow:")
+            f"{what}. {OFFLINE_START}")
+    st.page_link(PAGES["run"], label="Go to the Run page", icon=":material/play_arrow:",
+                 query_params={"pair": "demo: SFT vs GRPO", "dataset": "demo"})
+
+
+@st.cache_resource(show_spinner="Importing the demo runs shipped in demo/runs.zip…")
+def _shipped_runs(root: str) -> dict | None:
+    from eapcore.runs import shipped
+
+    return shipped.import_if_empty()
+
+
+def import_shipped_runs() -> None:
+    """The dashboard's start: once per server and cache folder, import the shipped demo runs into
+    a cache that has no run (eapcore.runs.shipped); the session that did it shows a note."""
+    try:
+        done = _shipped_runs(str(query.cache_root()))
+    except Exception as err:  # noqa: BLE001  (a damaged bundle must not stop the dashboard)
+        st.warning(f"Could not import the shipped demo runs: {err}")
+        return
+    if done and not done.get("announced"):  # the first session after the import says so
+        done["announced"] = True
+        st.toast(f"The cache had no runs: imported the {done['runs']} demo runs shipped in demo/runs.zip "
+                 f"into {query.cache_root()}.", icon=":material/inventory_2:")
 
 
 def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = True) -> query.RunInfo | None:
@@ -150,13 +178,21 @@ def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = Tr
     if len(runs) > 1:
         by_key = {r.key: r for r in runs}
         key = url_select("Run (several match)", list(by_key), "run", container=sb,
-                         format_func=lambda k: f"{k[:8]} · N={by_key[k].n_requested}")
+                         format_func=lambda k: f"{k[:8]} · n={by_key[k].n_used}")
         chosen = by_key[key]
     else:
         chosen = runs[0]
         st.query_params["run"] = chosen.key
     sb.caption(f"run key `{chosen.key}` · {chosen.spec_dict.get('pair', {}).get('algorithm', '')}")
+    sb.page_link(PAGES["run"], label="Open in the Run page", icon=":material/play_arrow:",
+                 query_params=run_page_params(chosen.key), help="the Run page with this run's exact settings")
     return chosen
+
+
+def run_page_params(key: str, **overrides: str) -> dict[str, str]:
+    """Query parameters that open the Run page on run `key`'s exact spec (`from`), with some
+    settings changed (`overrides`, e.g. group="both_wrong")."""
+    return {"from": key, **overrides}
 
 
 def run_caption(data: query.RunData) -> str:

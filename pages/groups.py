@@ -3,8 +3,8 @@ import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (PAGES, finished_runs, load, loaded_run, no_runs_message, page_header, run_picker,
-                          show_figure, show_table, url_select)
+from pages.common import (PAGES, finished_runs, load, loaded_run, no_runs_message, page_header, run_page_params,
+                          run_picker, show_figure, show_table, url_select)
 
 page_header("Correct vs incorrect answers",
             "The same pair, dataset and α run on each answer group (both correct, both wrong, only base "
@@ -24,9 +24,8 @@ missing = [g for g in query.GROUPS if g not in siblings]
 if missing:
     st.info("Not run yet for the group(s) " + ", ".join(query.GROUP_LABELS[g] for g in missing) +
             ". Runs that differ only in the `group` setting appear here; start them on the Run page.")
-    st.page_link(PAGES["run"], label="Run the missing groups", icon=":material/play_arrow:",
-                 query_params={"pair": info.pair, "dataset": info.dataset, "alpha": str(info.alpha),
-                               "group": missing[0]})
+    st.page_link(PAGES["run"], label=f"Run the missing groups ({query.GROUP_LABELS[missing[0]]} first)",
+                 icon=":material/play_arrow:", query_params=run_page_params(info.key, group=missing[0]))
 if len(siblings) < 1:
     st.stop()
 

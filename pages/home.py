@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from eapcore.views import query
-from pages.common import PAGES, all_runs, page_header, show_table
+from pages.common import OFFLINE_START, PAGES, all_runs, page_header, show_table
 
 page_header("RL circuit diff: how RL fine-tuning rewires a language model",
             "Edge Attribution Patching (EAP) of a base (SFT) model and its RL-tuned version on the same "
@@ -30,19 +30,14 @@ c3.metric("Finished runs cached", len(finished))
 c4.metric("Runs in progress / failed", len(runs) - len(finished))
 
 st.subheader("Start here")
-if finished:
-    demo = [r for r in finished if r.pair.lower().startswith("demo") and r.group == "both_correct"]
-    best = (demo or [r for r in finished if r.group == "both_correct"] or finished)[0]
-    params = {"pair": best.pair, "dataset": best.dataset, "alpha": str(best.alpha), "group": best.group,
-              "gran": best.granularity, "run": best.key}
-    st.page_link(PAGES["heatmaps"], label=f"Open the default view: {best.pair} on {best.dataset}, "
-                                          f"α = {best.alpha:g} (layer × module heatmaps)",
-                 icon=":material/grid_on:", query_params=params)
+view = query.default_view(finished)
+if view:
+    st.page_link(PAGES["heatmaps"], label=f"Open the default view: {view['pair']} on {view['dataset']}, "
+                                          f"α = {float(view['alpha']):g} (layer × module heatmaps)",
+                 icon=":material/grid_on:", query_params=view)
     st.page_link(PAGES["summary"], label="Table 1: every cached pair × dataset × α, one table per metric", icon=":material/table_chart:")
 else:
-    st.info(f"No finished runs in the cache yet ({query.cache_root()}). The built-in demo pair "
-            "(`demo: SFT vs GRPO` on the `demo` dataset) runs with no network and no GPU: "
-            "train it once with `python -m eapcore lab`, then start a run.")
+    st.info(f"No finished runs in the cache yet ({query.cache_root()}). {OFFLINE_START}")
     st.page_link(PAGES["run"], label="Go to the Run page", icon=":material/play_arrow:",
                  query_params={"pair": "demo: SFT vs GRPO", "dataset": "demo"})
 

@@ -1,12 +1,19 @@
-"""Run: choose a pair, a dataset and settings; see memory and cache state; launch, watch, cancel."""
+"""Run: choose a pair, a dataset and settings; see memory and cache state; launch, watch, cancel.
+
+Every setting of a RunSpec has a widget here, so any spec the command line can run, the page can
+too. `?from=<run key>` opens the page on that run's exact spec (same key); other URL parameters
+(`group`, `alpha`, `gran`) then change those settings, e.g. the Correct vs incorrect page's link
+to a missing group.
+"""
+import json
 import time
 from pathlib import Path
 
 import streamlit as st
 
 from eapcore.views import query
-from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec,
-                           RunSpec, SelectionSettings, spec_key)
+from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec,
+                           PairSpec, RunSpec, SelectionSettings, choices, spec_key, to_dict)
 from pages.common import PAGES, all_runs, page_header, show_table, url_select
 
 page_header("Run an attribution",
@@ -25,6 +32,70 @@ datasets = {d.name: d for d in query.registered("datasets")}
 for problem in query.registry_problems():  # the built-ins and the readable entries are listed anyway
     st.warning(problem, icon=":material/warning:")
 NEW = "➕ custom pair…"
+SOURCES = {"registered": "registered", "file": "file or URL", "upload": "upload",
+           "joined": "joined answers file (import)"}
+ALPHAS = ["0.03", "0.1", "0.3", "0.5", "1.0"]
+G, S, A = GenerationSettings(), SelectionSettings(), AttributionSettings()
+
+
+def _from_run() -> RunSpec | None:
+    """The spec of the run named by ?from=<key> (None without one, or if it is unreadable)."""
+    key = st.query_params.get("from")
+    info = query.get_run(key) if key else None
+    if key and (info is None or info.spec is None):
+        st.warning(f"Run {key} is not in the cache ({query.cache_root()}) or its spec is unreadable; "
+                   "the page starts from the defaults.")
+    return None if info is None else info.spec
+
+
+def _alpha_options() -> list[str]:
+    """The usual α values, plus one the URL or a prefilled run asks for (as str(float))."""
+    wanted = str(st.session_state.get("w_alpha") or st.query_params.get("alpha") or "")
+    try:
+        extra = [wanted] if wanted and wanted not in ALPHAS and 0 < float(wanted) < float("inf") else []
+    except ValueError:
+        extra = []
+    return ALPHAS + extra
+
+
+def _prefill(spec: RunSpec, key: str) -> None:
+    """Set every widget to `spec` once per ?from= key (URL parameters group/alpha/gran override)."""
+    ss = st.session_state
+    pair = spec.pair.name if pairs.get(spec.pair.name) == spec.pair else f"{spec.pair.name} (as in run {key[:8]})"
+    ss["from_pair"] = (pair, spec.pair)
+    ss["w_pair"] = pair
+    ds, registered = spec.dataset, datasets.get(spec.dataset.name)
+    if spec.answers is not None:
+        ss["w_dsrc"], ss["ds_path"], ss["ds_label"] = "joined", spec.answers.joined, ds.name
+    elif registered is not None and (registered.source, registered.split) == (ds.source, ds.split):
+        ss["w_dsrc"], ss["w_dataset"] = "registered", ds.name
+    else:
+        ss["w_dsrc"], ss["ds_path"], ss["ds_label"], ss["ds_split"] = "file", ds.source, ds.name, ds.split
+    ss["w_alpha"] = st.query_params.get("alpha") or str(spec.selection.alpha)
+    ss["w_group"] = st.query_params.get("group") or spec.selection.group
+    ss["w_gran"] = st.query_params.get("gran") or spec.attribution.granularity
+    g, s, a = spec.generation, spec.selection, spec.attribution
+    ss.update(_settings(g, s, a))
+    ss[f"run_limit_{ds.name}"] = ds.limit or 0
+    ss["prefilled_from"] = key
+
+
+def _settings(g: GenerationSettings, s: SelectionSettings, a: AttributionSettings) -> dict:
+    """The values of the keyed setting widgets for these settings."""
+    return dict(run_max_new=g.max_new_tokens or 0, run_gen_bs=g.batch_size, run_backend=g.backend,
+                run_gen_dtype=g.dtype, run_beta=s.beta, run_low=s.low, run_high=s.high, run_n=s.n,
+                run_seed=s.seed, run_dtype=a.dtype, run_device=a.device, run_ig=a.ig_steps,
+                run_mbt=a.max_batch_tokens)
+
+
+source_spec = _from_run()
+if source_spec is not None and st.session_state.get("prefilled_from") != st.query_params.get("from"):
+    _prefill(source_spec, st.query_params["from"])
+for k, v in _settings(G, S, A).items():  # widgets start at the specs' defaults (the command line's)
+    st.session_state.setdefault(k, v)
+from_pair = st.session_state.get("from_pair")
+if from_pair and from_pair[0] not in pairs:
+    pairs = {**pairs, from_pair[0]: from_pair[1]}
 
 # ---- pair ------------------------------------------------------------------------------------------
 st.subheader("1. Model pair")
@@ -35,7 +106,7 @@ pair_name = url_select("Pair", names, "pair", default=demo_default,
 if pair_name == NEW:
     with st.form("new_pair"):
         st.caption("Two Hugging Face hub ids or local checkpoint folders of the same architecture. Saved in the "
-                   "registry (registry.json) so it appears in every list.")
+                   "registry (registry.json) so it appears in every list (`eapcore pairs add` does the same).")
         c1, c2 = st.columns(2)
         name = c1.text_input("Name", placeholder="my-sft-vs-grpo")
         algo = c2.text_input("RL algorithm (label)", placeholder="GRPO")
@@ -76,17 +147,27 @@ if pair_problem:
 
 # ---- dataset ---------------------------------------------------------------------------------------
 st.subheader("2. Dataset")
-source = url_select("Source", ["registered", "local file", "upload"], "dsrc", horizontal_radio=True)
-dataset = None
+source = url_select("Source", list(SOURCES), "dsrc", horizontal_radio=True, format_func=SOURCES.get)
+dataset, answers = None, None
 if source == "registered":
     ds_name = url_select("Dataset", list(datasets), "dataset",
                          default="demo" if pair_name.lower().startswith("demo") else None)
     dataset = datasets.get(ds_name)
 else:
-    c1, c2 = st.columns(2)
-    ds_label = c1.text_input("Name for this dataset", key="ds_label")
-    if source == "local file":
-        path = c2.text_input("Path of a jsonl file (harness format, or question + answer fields)", key="ds_path")
+    c1, c2, c3 = st.columns([2, 3, 1])
+    ds_label = c1.text_input("Name for these questions", key="ds_label")
+    split = "test"
+    if source == "file":
+        path = c2.text_input("Path of a .jsonl/.csv file (or a jsonl URL, a hub id)", key="ds_path",
+                             help="harness format, or records with a question and an answer; used as it is, "
+                                  "without registering it (as `eapcore run --source FILE`)")
+        st.session_state.setdefault("ds_split", DatasetSpec("").split)
+        split = c3.text_input("Split (hub ids)", key="ds_split")
+    elif source == "joined":
+        path = c2.text_input("Path of a joined answers file (the authors' all_correct.jsonl)", key="ds_path",
+                             help="both models' prompt and answer tokens per question; its rows are the "
+                                  "questions of the answer group chosen below; nothing is generated "
+                                  "(as `eapcore run --joined FILE`)")
     else:
         up = c2.file_uploader("jsonl file", type=["jsonl", "json"], key="ds_upload")
         path = ""
@@ -96,40 +177,64 @@ else:
                 st.caption(f"Stored as {path}")
             except registry.RegistryError as err:
                 st.error(str(err))
-    if ds_label and path and st.button("Save dataset in the registry"):
+    path = path.strip()
+    if source == "joined" and path:
+        answers, dataset = AnswersSpec(path), DatasetSpec(ds_label.strip() or Path(path).parent.name)
+    elif source != "joined" and ds_label and path and st.button("Save dataset in the registry"):
         try:
-            dataset = registry.add_dataset(DatasetSpec(ds_label.strip(), source=path))
+            dataset = registry.add_dataset(DatasetSpec(ds_label.strip(), source=path, split=split))
             st.success(f"Saved dataset {dataset.name!r}.")
         except Exception as err:  # noqa: BLE001
             st.error(str(err))
-    elif ds_label and path:
-        dataset = DatasetSpec(ds_label.strip(), source=registry.portable_path(path))
+    elif source != "joined" and ds_label and path:
+        dataset = DatasetSpec(ds_label.strip(), source=registry.portable_path(path), split=split)
 if dataset is None:
     st.info("Choose or define a dataset to continue.")
     st.stop()
-limit = st.number_input("Use only the first … problems (0: all)", 0, 100000, int(dataset.limit or 0),
+st.session_state.setdefault(f"run_limit_{dataset.name}", int(dataset.limit or 0))
+limit = st.number_input("Use only the first … problems (0: all)", 0, 1_000_000, key=f"run_limit_{dataset.name}",
                         help="a quick run on a subset; the limit is part of the run's key")
 dataset = DatasetSpec(dataset.name, dataset.source, dataset.split, int(limit) or None)
 
 # ---- settings --------------------------------------------------------------------------------------
 st.subheader("3. Settings")
+st.markdown("**Selection** (paper Eq. 10-12)")
 c1, c2, c3, c4 = st.columns(4)
-alpha = float(url_select("α (T_cut = ⌊α·T_ref⌋)", ["0.03", "0.1", "0.3", "0.5", "1.0"], "alpha", default="0.5",
-                         container=c1))
-beta = c2.number_input("β (max relative length gap)", 0.0, 2.0, 0.5, 0.05)
-n = c3.number_input("N questions", 1, 100000, 100)
-seed = c4.number_input("Seed", 0, 2**31 - 1, 42)
-c1, c2, c3, c4 = st.columns(4)
-group = url_select("Answer group", list(GROUPS), "group", container=c1, format_func=query.GROUP_LABELS.get)
-gran = url_select("Granularity", ["layer", "head"], "gran", container=c2,
+alpha = float(url_select("α (T_cut = ⌊α·T_ref⌋)", _alpha_options(), "alpha", default="0.5", container=c1))
+group = url_select("Answer group", list(GROUPS), "group", container=c2, format_func=query.GROUP_LABELS.get)
+n = c3.number_input("N questions", 0, 1_000_000, key="run_n", help="drawn at most; 0: every question that passes")
+seed = c4.number_input("Seed", 0, 2**31 - 1, key="run_seed")
+c1, c2, c3, _ = st.columns(4)
+beta = c1.number_input("β (max relative length gap)", 0.0, 10.0, step=0.05, key="run_beta")
+low = c2.number_input("low (mean length ≥ ⌊low·T_ref⌋)", 0.0, 10.0, step=0.05, key="run_low")
+high = c3.number_input("high (mean length ≤ ⌊high·T_ref⌋)", 0.0, 100.0, step=0.05, key="run_high")
+st.markdown("**Attribution**")
+c1, c2, c3, c4, c5 = st.columns(5)
+gran = url_select("Granularity", list(choices(AttributionSettings, "granularity")), "gran", container=c1,
                   help="layer: the paper's graph; head: one node per attention head (much larger)")
-att_dtype = c3.selectbox("Attribution dtype", ["float32", "bfloat16"],
+att_dtype = c2.selectbox("Attribution dtype", choices(AttributionSettings, "dtype"), key="run_dtype",
                          help="model weights and activations; scores always accumulate in float32")
-gen_dtype = c4.selectbox("Generation dtype", ["bfloat16", "float32", "float16"])
+device = c3.selectbox("Device", choices(AttributionSettings, "device"), key="run_device")
+ig_steps = c4.number_input("EAP-IG steps (0: EAP)", 0, 1000, key="run_ig")
+max_batch_tokens = c5.number_input("Max batch tokens (0: fit to memory)", 0, 10**9, key="run_mbt")
+if answers is None:
+    st.markdown("**Generation**")
+    c1, c2, c3, c4 = st.columns(4)
+    max_new = c1.number_input(f"Max new tokens (0: the pair's, {pair.max_new_tokens})", 0, 1_000_000,
+                              key="run_max_new")
+    gen_bs = c2.number_input("Generation batch size", 0, 100_000, key="run_gen_bs")
+    backend = c3.selectbox("Backend", choices(GenerationSettings, "backend"), key="run_backend")
+    gen_dtype = c4.selectbox("Generation dtype", choices(GenerationSettings, "dtype"), key="run_gen_dtype")
+    generation = GenerationSettings(int(max_new) or None, int(gen_bs), backend, gen_dtype)
+else:
+    generation = G  # imported answers: nothing is generated
+    st.caption("Answers imported from the joined file: no generation settings.")
 
-spec = RunSpec(pair=pair, dataset=dataset, generation=GenerationSettings(dtype=gen_dtype),
-               selection=SelectionSettings(alpha=alpha, beta=float(beta), n=int(n), seed=int(seed), group=group),
-               attribution=AttributionSettings(granularity=gran, dtype=att_dtype))
+spec = RunSpec(pair=pair, dataset=dataset, generation=generation,
+               selection=SelectionSettings(alpha, float(beta), float(low), float(high), int(n), int(seed), group),
+               attribution=AttributionSettings(granularity=gran, dtype=att_dtype, device=device,
+                                               ig_steps=int(ig_steps), max_batch_tokens=int(max_batch_tokens)),
+               answers=answers)
 key = spec_key(spec)
 existing = query.get_run(key)
 
@@ -137,6 +242,8 @@ st.subheader("4. Check and launch")
 c1, c2 = st.columns(2)
 with c1:
     st.markdown(f"Run key `{key}`")
+    with st.expander("This spec as JSON (for `eapcore run --spec-json FILE`)"):
+        st.code(json.dumps(to_dict(spec), indent=1), language="json")
     if existing is not None and existing.finished:
         st.success("Already cached: the pages show it at once.")
         st.page_link(PAGES["heatmaps"], label="Open its heatmaps", icon=":material/grid_on:",
@@ -231,8 +338,14 @@ def progress(key: str) -> None:
     eta = s.get("eta_s")
     eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{mem}")
+    speed = f" · {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{speed}{mem}")
     st.caption(s.get("message") or "")
+    clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
+    if clock:
+        st.caption("Stage clock: " + " · ".join(
+            f"{name} {'running' if c['seconds'] is None else format(c['seconds'], '.1f') + ' s'} on {c['device']}"
+            for name, c in clock))
     if stage == "error":
         st.error(s.get("error") or s.get("message") or "failed")
     if stage == "done":

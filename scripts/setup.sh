@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 venv=${VIRTUAL_ENV:-$PWD/.venv}
 req=requirements.txt
 [ "${1:-}" = dev ] && req=requirements-dev.txt
-stamp=$venv/.eapcore-installed-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)
+stamp=$venv/.eapcore-installed-$(cat requirements.txt "$req" requirements-nodeps.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
   touch "$stamp"
 fi
 if [ "${1:-}" = dev ] && [ ! -x /usr/bin/chromium ]; then

@@ -135,11 +135,15 @@ def test_samples_page(monkeypatch, cache):
 
 
 def test_no_runs_yet(monkeypatch, tmp_path):
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")  # a cache that stays empty
     for page in PAGES:
         at = _app(monkeypatch, tmp_path, page)
         text = " ".join(i.value for i in at.info)
         if page not in ("pages/run.py",):
             assert "No finished runs" in text, page
+            # guidance names only steps that work offline: import the shipped runs, or run the demo pair
+            assert "eapcore import demo/runs.zip" in text and "no network" in text, page
+        assert "eapcore lab" not in " ".join(m.value for m in [*at.info, *at.markdown, *at.caption]), page
 
 
 def test_one_cache_layer_shares_a_loaded_run_until_its_files_change(monkeypatch, cache):
@@ -262,6 +266,7 @@ def run_lab(checkpoints, tmp_path, monkeypatch):
     from eapcore.specs import DatasetSpec, ModelSpec, PairSpec
 
     monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")  # the cache holds only what the test runs
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker: one torch thread on a busy machine
     monkeypatch.delenv(stages.SLEEP_ENV, raising=False)
     tuned = make_checkpoint(tmp_path / "tuned", "llama", seed=1)
@@ -326,6 +331,8 @@ def test_run_page_launches_a_worker_and_shows_it_finished(monkeypatch, run_lab):
     assert not at.exception, [e.message for e in at.exception]
     assert "Finished." in [s.value for s in at.success]
     assert any("stage **done**" in str(p.proto) for p in at.get("progress"))
+    clock = next(c.value for c in at.caption if c.value.startswith("Stage clock: "))
+    assert "generate" in clock and " s on cpu" in clock and "metrics" in clock
     folder = Path(run_lab) / "runs" / key
     for name in ("base/scores.safetensors", "tuned/scores.safetensors", "metrics.json", "manifest.json"):
         assert (folder / name).is_file(), name
@@ -356,3 +363,116 @@ def test_run_page_cancel_stops_the_worker_and_keeps_samples(monkeypatch, run_lab
     assert not at.exception
     assert any("stage **cancelled**" in str(p.proto) for p in at.get("progress"))
     assert not [b for b in at.button if b.label == "■ Cancel"]  # nothing left to cancel
+
+
+# ---- first screen, the Run page's specs and links (issue 14) ------------------------------------------
+
+def test_first_screen_imports_the_shipped_runs_and_opens_the_default_heatmaps(monkeypatch, tmp_path):
+    """A bare start on an empty cache: the demo runs shipped in demo/runs.zip are imported (a note
+    says so, once), and "/" shows the default pair's heatmaps."""
+    from streamlit.testing.v1 import AppTest
+
+    from eapcore.runs import shipped
+    from eapcore.runs.cache import Cache
+
+    monkeypatch.delenv("EAP_SHIPPED_RUNS", raising=False)
+    monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "fresh"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert [t.value for t in at.title] == ["Heatmaps: where the circuitry changes"]
+    assert any("imported the 14 demo runs shipped in demo/runs.zip" in t.value for t in at.toast), [t.value for t in at.toast]
+    params = {k: at.query_params[k] for k in ("pair", "dataset", "alpha", "group", "gran")}
+    assert {k: v[0] if isinstance(v, list) else v for k, v in params.items()} == {
+        "pair": "demo: SFT vs GRPO", "dataset": "demo", "alpha": "0.5", "group": "both_correct", "gran": "layer"}
+    assert any("destination layer and module" in t for t in _titles(at))
+    assert len(list((tmp_path / "fresh" / "runs").iterdir())) == 14
+    assert not Cache(tmp_path / "fresh").verify_run(next((tmp_path / "fresh" / "runs").iterdir()).name)
+    again = AppTest.from_file(APP, default_timeout=60).run()  # a later session: no note, nothing imported
+    assert not again.exception and not again.toast
+    assert shipped.import_if_empty(Cache(tmp_path / "fresh")) is None
+
+
+def _spec_json(root: Path, spec) -> str:
+    """A run folder holding only spec.json (as `workers.start` writes it): enough for ?from=."""
+    from eapcore.specs import spec_key, to_dict
+
+    key = spec_key(spec)
+    (root / "runs" / key).mkdir(parents=True)
+    (root / "runs" / key / "spec.json").write_text(json.dumps({"key": key, "spec": to_dict(spec)}))
+    return key
+
+
+def _page_key(at) -> str:
+    return next(m.value for m in at.markdown if m.value.startswith("Run key")).split("`")[1]
+
+
+def odd_specs(tmp_path: Path) -> list:
+    """Specs with every setting away from its default: a registered pair and dataset, an
+    unregistered dataset file with a split, imported joined answers, a pair no longer registered."""
+    import dataclasses
+
+    from eapcore.runs import registry
+    from eapcore.specs import (AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec, PairSpec,
+                               RunSpec, SelectionSettings)
+
+    demo = registry.get_pair("demo: SFT vs GRPO")
+    odd = RunSpec(demo, dataclasses.replace(registry.get_dataset("demo"), limit=37),
+                  GenerationSettings(max_new_tokens=17, batch_size=3, backend="transformers", dtype="float16"),
+                  SelectionSettings(alpha=0.25, beta=0.7, low=0.4, high=1.6, n=33, seed=5, group="tuned_only"),
+                  AttributionSettings(granularity="head", dtype="bfloat16", device="cpu", ig_steps=3,
+                                      max_batch_tokens=4096))
+    problems = tmp_path / "mine.jsonl"
+    problems.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    return [odd,
+            dataclasses.replace(odd, dataset=DatasetSpec("mine", str(problems), "train", None)),
+            dataclasses.replace(odd, dataset=DatasetSpec("math/all_correct"), generation=GenerationSettings(),
+                                answers=AnswersSpec(str(tmp_path / "math" / "all_correct.jsonl"))),
+            dataclasses.replace(odd, pair=PairSpec("gone", ModelSpec("org/base"), ModelSpec("org/rl"), "mistral", 99))]
+
+
+def test_run_page_reproduces_a_runs_exact_spec_and_key(monkeypatch, tmp_path):
+    """?from=<key> sets every widget of the Run page to that run's spec: the page's key is the run's
+    (for every setting the command line has, a dataset file, imported answers, an unregistered
+    pair); a URL group changes only the group."""
+    import dataclasses
+
+    from eapcore.specs import spec_key
+
+    monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")
+    root = tmp_path / "cache"
+    for spec in odd_specs(tmp_path):
+        key = _spec_json(root, spec)
+        at = _app(monkeypatch, root, "pages/run.py", {"from": key})
+        assert _page_key(at) == key, spec
+        assert not at.warning, [w.value for w in at.warning]
+        other = _app(monkeypatch, root, "pages/run.py", {"from": key, "group": "both_wrong"})
+        assert _page_key(other) == spec_key(dataclasses.replace(
+            spec, selection=dataclasses.replace(spec.selection, group="both_wrong")))
+    # a widget changed after the prefill changes the key as the command line's option would
+    at.selectbox(key="run_device").select("auto").run()
+    assert _page_key(at) == spec_key(dataclasses.replace(spec, attribution=dataclasses.replace(
+        spec.attribution, device="auto")))
+
+
+def test_finished_runs_link_to_their_spec_on_the_run_page(monkeypatch, cache):
+    """'Open in the Run page' beside a run and the missing-groups link carry the run's key, and
+    the Run page they open shows that run (or its missing group) by key."""
+    import dataclasses
+
+    from eapcore.specs import spec_key
+    from eapcore.views import query
+
+    at = _app(monkeypatch, cache, "pages/groups.py", {"pair": "Toy-DPO", "dataset": "gsm8k", "alpha": "0.1"})
+    link = next(p.proto for p in at.get("page_link") if p.proto.label.startswith("Run the missing groups"))
+    info = query.get_run(link.query_string.split("from=")[1].split("&")[0], str(cache))
+    assert info.pair == "Toy-DPO" and info.alpha == 0.1
+    assert link.query_string == f"from={info.key}&group=both_wrong"
+    run = _app(monkeypatch, cache, "pages/run.py", {"from": info.key, "group": "both_wrong"})
+    assert _page_key(run) == spec_key(dataclasses.replace(info.spec, selection=dataclasses.replace(
+        info.spec.selection, group="both_wrong")))
+    heat = _app(monkeypatch, cache, "pages/heatmaps.py", {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5"})
+    opened = next(p.proto for p in heat.get("page_link") if p.proto.label == "Open in the Run page")
+    key = opened.query_string.removeprefix("from=")
+    again = _app(monkeypatch, cache, "pages/run.py", {"from": key})
+    assert _page_key(again) == key and "Already cached" in " ".join(s.value for s in again.success)

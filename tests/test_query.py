@@ -209,3 +209,31 @@ def test_image_export():
     fig = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]))
     assert figures.figure_image(fig, "png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in figures.figure_image(fig, "svg")[:500]
+
+
+def test_runs_table_shows_the_n_a_run_used_and_the_default_view(cache, tmp_path):
+    """A run that asked for N = 100 but selected 12 questions shows n = 12 (N asked beside it); a
+    run not selected yet has no n; the first screen is the first registered demo pair's run."""
+    import shutil
+
+    root, keys = cache
+    src = query.get_run(keys["Demo-Tiny/gsm8k/0.5"], root).path
+    dst = tmp_path / "runs" / src.name
+    shutil.copytree(src, dst)
+    stored = json.loads((dst / "spec.json").read_text())
+    stored["spec"]["selection"]["n"] = 100
+    (dst / "spec.json").write_text(json.dumps(stored))
+    fresh = tmp_path / "runs" / "0123456789abcdef"
+    fresh.mkdir()
+    (fresh / "spec.json").write_text(json.dumps(stored | {"key": fresh.name}))
+    frame = query.runs_frame(query.list_runs(tmp_path)).set_index("key")
+    n_selected = len(json.loads((src / "selection.json").read_text())["idx"])
+    assert frame.loc[src.name, "n"] == n_selected == 12 and frame.loc[src.name, "N asked"] == 100
+    assert frame.loc[fresh.name, "N asked"] == 100 and frame["n"].isna()[fresh.name]
+    assert frame.loc[src.name, "answers"] == "generated"
+    assert "n=12" in query.get_run(src.name, tmp_path).label
+
+    view = query.default_view(query.list_runs(root))  # no demo pair in the fake cache: the closest run
+    assert view == {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5", "group": "both_correct",
+                    "gran": "layer", "run": keys["Demo-Tiny/gsm8k/0.5"]}
+    assert query.default_view([]) is None

@@ -1,4 +1,4 @@
-"""Registry: built-in pairs and datasets as METHOD.md gives them; user pairs/datasets in registry.json."""
+"""Registry: built-in pairs and datasets as docs/METHOD.md gives them; user pairs/datasets in registry.json."""
 from __future__ import annotations
 
 import json

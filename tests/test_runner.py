@@ -115,8 +115,8 @@ def n_score_entries(cache: Cache) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def test_run_layout_and_second_call_served_from_cache(spec, counters):
-    cache = Cache()
-    folder = runner.run(spec, cache=cache)
+    cache, seen = Cache(), []
+    folder = runner.run(spec, seen.append, cache=cache)
     assert folder == cache.root / "runs" / spec_key(spec)
     for name in ("spec.json", "status.json", "answers_base.jsonl", "answers_tuned.jsonl", "selection.json",
                  "metrics.json", "plan.json", "manifest.json", "base/scores.safetensors", "base/graph.json",
@@ -124,6 +124,9 @@ def test_run_layout_and_second_call_served_from_cache(spec, counters):
         assert (folder / name).is_file(), name
     st = workers.status(spec_key(spec), cache)
     assert st["stage"] == "done" and not st["running"]
+    assert set(st["clock"]) == {"generate", "grade", "select", "attribute", "metrics"}  # the run's clock
+    assert all(c["seconds"] >= 0 and c["device"] == "cpu" for c in st["clock"].values())
+    assert any(s["stage"] == "generate" and (s["tokens_per_s"] or 0) > 0 for s in seen)
     assert json.loads((folder / "spec.json").read_text()) == {"key": spec_key(spec), "spec": to_dict(spec)}
     n = len(json.loads((folder / "selection.json").read_text())["idx"])
     assert n >= 2 and counters["attribute"] == 2 * n and counters["generate"] == 2
@@ -430,7 +433,7 @@ def test_keys_change_with_every_setting_and_only_then(spec, monkeypatch):
     assert spec_key(_replace(spec, ("selection", "alpha"), 1)) == spec_key(_replace(spec, ("selection", "alpha"), 1.0))
     assert run_keys.stage_keys(from_dict(RunSpec, to_dict(spec))) == run_keys.stage_keys(spec)
     base_keys = run_keys.stage_keys(spec)
-    leaves = list(_leaves(spec))
+    leaves = [leaf for leaf in _leaves(spec) if leaf[0] != ("answers",)]  # unset: test_joined_answers_...
     assert len(leaves) >= 30
     for path, hint in leaves:
         changed = _replace(spec, path, _changed(_get(spec, path), hint))
@@ -534,3 +537,76 @@ def test_cli_run_sweep_and_cache_commands(spec, capsys):
     assert cli.main(["cache", "rm", "zzzzzz"]) == 1
     assert cli.main(["cache", "clear", "--yes"]) == 0
     assert not Cache().list_entries()
+
+
+def _joined_file(folder: Path, out: Path, group_idx: list) -> None:
+    """The authors' joined format built from a finished run's graded answers, for the given idx."""
+    answers = {w: {r["idx"]: r for r in map(json.loads, (folder / f"answers_{w}.jsonl").read_text().splitlines())}
+               for w in ("base", "tuned")}
+    rows = []
+    for i in group_idx:
+        row = {"idx": i}
+        for prefix, w in (("base", "base"), ("rl", "tuned")):
+            prompt, answer = answers[w][i]["prompt_token_ids"], answers[w][i]["generate_token_ids"][0]
+            row |= {f"{prefix}_prompt_tokens": prompt, f"{prefix}_answer_tokens": answer,
+                    f"{prefix}_answer_tokens_range": [len(prompt), len(prompt) + len(answer)]}
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_joined_answers_imported_into_a_run(spec, counters, tmp_path, capsys):
+    """`eapcore run --joined FILE`: the answers come from the joined file (nothing is generated),
+    the spec and the generation entries say so, and the same answers give the same selection and
+    the same scores as the run that generated them (score entries are shared)."""
+    from eapcore import cli
+
+    cache = Cache()
+    generated = runner.run(spec, cache=cache)
+    selected = json.loads((generated / "selection.json").read_text())
+    joined = tmp_path / "tiny-series" / "tiny-set" / "all_wrong.jsonl"
+    members = sorted(r["idx"] for r in map(json.loads, (generated / "answers_base.jsonl").read_text().splitlines()))
+    _joined_file(generated, joined, members)  # every question: both models are wrong on all of them
+    calls = dict(counters)
+    opts = ["--n", "0", "--group", "both_wrong", "--device", "cpu", "--max-batch-tokens", "1", "--quiet"]
+    assert cli.main(["run", "--pair", "tiny", "--joined", str(joined), *opts]) == 0, capsys.readouterr().err
+    assert counters["generate"] == calls["generate"] and counters["attribute"] == calls["attribute"]
+    imported = next(r for r in (cache.root / "runs").iterdir() if r != generated)
+    stored = json.loads((imported / "spec.json").read_text())["spec"]
+    assert stored["answers"] == {"joined": str(joined)} and stored["dataset"]["name"] == "tiny-set/all_wrong"
+    assert json.loads((imported / "selection.json").read_text())["idx"] == selected["idx"]
+    for w in ("base", "tuned"):
+        assert sha(imported / w / "scores.safetensors") == sha(generated / w / "scores.safetensors")
+    entries = [cache.get("generations", k) for k in run_keys.stage_keys(from_dict(RunSpec, stored))["generations"].values()]
+    assert [(e.meta["imported"], e.meta["model"]) for e in entries] == [(str(joined), "base"), (str(joined), "tuned")]
+    report = json.loads((entries[0].path / "import.json").read_text())
+    assert report["source"] == str(joined) and report["rows"] == len(members) and report["skipped"] == []
+
+    # an edited file is another import: its entries are keyed by the file's content
+    spec_imported = from_dict(RunSpec, stored)
+    before = run_keys.stage_keys(spec_imported)
+    _joined_file(generated, joined, members[:-1])
+    assert run_keys.stage_keys(spec_imported)["generations"] != before["generations"]
+    assert spec_key(dataclasses.replace(spec_imported, answers=None)) != spec_key(spec_imported)
+    assert cli.main(["run", "--pair", "tiny", "--joined", str(tmp_path / "nope.jsonl"), *opts]) == 1
+    assert "joined answers file" in capsys.readouterr().err
+
+
+def test_run_command_source_file_default_alpha_and_empty_group(spec, lab, capsys):
+    """--source FILE runs on an unregistered dataset file (with the registered one's name: the same
+    key), --alpha defaults to 0.5, and an empty group names the groups that have questions."""
+    from eapcore import cli
+
+    opts = ["--n", "0", "--group", "both_wrong", "--device", "cpu", "--gen-dtype", "float32", "--gen-batch-size", "4",
+            "--max-batch-tokens", "1", "--quiet"]
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--alpha", "0.5", *opts]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--source", str(lab.dataset), *opts]) == 0
+    assert (Cache().root / "runs" / spec_key(spec)).is_dir() and len(list((Cache().root / "runs").iterdir())) == 1
+    assert cli.main(["run", "--pair", "tiny", "--source", str(lab.dataset), *opts[:-1], "--predict"]) == 0
+    assert cli.main(["run", "--pair", "tiny", "--source", str(lab.dataset.parent / "nope.jsonl"), *opts]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", *opts[:2], "--group", "both_correct",
+                     *opts[4:]]) == 1
+    err = capsys.readouterr().err
+    assert "group 'both_correct' (both correct) is empty; groups with questions: both wrong (both_wrong): 8" in err

@@ -88,9 +88,14 @@ def test_draw_is_seeded_and_documented():
 
 
 def test_other_groups():
-    for group, members in (("tuned_only", [8]), ("both_wrong", [9]), ("base_only", [])):
+    for group, members in (("tuned_only", [8]), ("both_wrong", [9])):
         lengths, _ = group_lengths(samples(0), samples(1), group)
         assert sorted(lengths) == members
+    # an empty group names the groups that have questions, with their counts
+    with pytest.raises(ValueError, match=r"'base_only' .* is empty; groups with questions: both correct "
+                                         r"\(both_correct\): 8, both wrong \(both_wrong\): 1, base wrong, tuned right "
+                                         r"\(tuned_only\): 1$"):
+        group_lengths(samples(0), samples(1), "base_only")
     with pytest.raises(ValueError, match="empty"):
         select({}, SelectionSettings(group="base_only"))
     with pytest.raises(ValueError, match="unknown group"):
@@ -145,7 +150,9 @@ def test_select_command_errors(tmp_path, capsys):
     write_answers(tuned, 1)
     args = ["select", "--base", str(base), "--tuned", str(tuned), "--alpha", "0.5", "--out", str(tmp_path / "o")]
     assert cli.main(args + ["--group", "base_only"]) == 2
-    assert "group 'base_only' is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "group 'base_only' (base right, tuned wrong) is empty; groups with questions:" in err
+    assert "both correct (both_correct): 8" in err and "both wrong (both_wrong): 1" in err
     assert cli.main(["select", "--base", str(tmp_path / "nope.jsonl"), "--tuned", str(tuned),
                      "--alpha", "0.5", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -196,3 +203,95 @@ def test_bad_selection_settings_are_refused_up_front(tmp_path, capsys, option, v
     spec = RunSpec(PairSpec("p", ModelSpec("a"), ModelSpec("b")), DatasetSpec("d"), selection=settings)
     with pytest.raises(RunError, match=f"invalid run spec: {re.escape(said)}"):
         check_spec(spec)
+
+
+def harness_rows(side: int) -> list[dict]:
+    """What the evaluation harness writes: prompt and answer ids as one list per sampled answer."""
+    rows = []
+    for row in (s.to_json() for s in samples(side)):
+        right = row.pop("pred") == ["1"]
+        rows.append(row | {"prompt_token_ids": [row["prompt_token_ids"]], "score": [right]})
+    return rows
+
+
+def joined_rows(group_members, ranges: bool = True) -> list[dict]:
+    """The authors' joined format for the given idx: both models' prompt and answer tokens side by side."""
+    base, tuned = ({s.idx: s for s in samples(side)} for side in (0, 1))
+    rows = []
+    for i in group_members:
+        row = {"idx": i, "question": f"question {i}"}
+        for prefix, s in (("base", base[i]), ("rl", tuned[i])):
+            row[f"{prefix}_prompt_tokens"] = s.prompt_ids
+            row[f"{prefix}_answer_tokens"] = s.answer_ids
+            if ranges:
+                row[f"{prefix}_answer_tokens_range"] = [len(s.prompt_ids), len(s.prompt_ids) + len(s.answer_ids)]
+        rows.append(row)
+    return rows
+
+
+def _select(tmp_path, name, inputs, capsys) -> tuple[dict, list, list]:
+    out = tmp_path / name
+    assert cli.main(["select", *inputs, "--alpha", "0.3", "--n", "3", "--seed", "7", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    meta = json.loads((out / "selection.json").read_text())
+    return meta, read_samples(out / "base.jsonl")[0], read_samples(out / "tuned.jsonl")[0]
+
+
+def test_harness_files_as_the_harness_writes_them(tmp_path, capsys):
+    """prompt_token_ids as one list per sampled answer ([[...]]) reads as its first list, and
+    `select` on such files gives what it gives on flat files."""
+    nested = [tmp_path / "b_nested.jsonl", tmp_path / "t_nested.jsonl"]
+    for side, path in enumerate(nested):
+        write_jsonl(path, harness_rows(side))
+    read, report = read_samples(nested[0])
+    assert report.problems == [] and [s.prompt_ids for s in read] == [s.prompt_ids for s in samples(0)]
+    flat = [tmp_path / "b.jsonl", tmp_path / "t.jsonl"]
+    for side, path in enumerate(flat):
+        write_answers(path, side)
+    got = _select(tmp_path, "nested", ["--base", str(nested[0]), "--tuned", str(nested[1])], capsys)
+    want = _select(tmp_path, "flat", ["--base", str(flat[0]), "--tuned", str(flat[1])], capsys)
+    assert got[0]["idx"] == want[0]["idx"] == sorted(KEPT[i] for i in np.random.default_rng(7).choice(4, 3, replace=False))
+    assert [(s.prompt_ids, s.answer_ids) for s in got[1] + got[2]] == [(s.prompt_ids, s.answer_ids) for s in want[1] + want[2]]
+
+
+def test_select_joined_file_equals_two_files(tmp_path, capsys):
+    """`select --joined all_correct.jsonl` (the both-correct questions, joined) draws the same
+    questions, T_ref, T_cut and counts as --base/--tuned on the two harness files, and writes the
+    same samples; a bad range or a row missing a model's tokens is reported and skipped."""
+    flat = [tmp_path / "b.jsonl", tmp_path / "t.jsonl"]
+    for side, path in enumerate(flat):
+        write_answers(path, side)
+    joined = tmp_path / "all_correct.jsonl"
+    rows = joined_rows(range(8))
+    bad_range = dict(rows[0], idx=50, base_answer_tokens_range=[0, 10])
+    no_rl = {k: v for k, v in rows[0].items() if not k.startswith("rl_")} | {"idx": 51}
+    write_jsonl(joined, rows + [bad_range, no_rl])
+    got = _select(tmp_path, "joined", ["--joined", str(joined)], capsys)
+    err = capsys.readouterr().err
+    assert "line 9: `base_answer_tokens_range` is [0, 10] but the answer sits at [5, 15)" in err
+    assert "line 10: missing field(s) rl_prompt_tokens, rl_answer_tokens" in err
+    want = _select(tmp_path, "two", ["--base", str(flat[0]), "--tuned", str(flat[1])], capsys)
+    for k in ("idx", "t_ref", "t_cut", "counts", "settings"):
+        assert got[0][k] == want[0][k], k
+    assert got[0]["t_ref"] == T_REF and got[0]["sources"] == {"joined": str(joined)}
+    assert [(s.idx, s.prompt_ids, s.answer_ids) for s in got[1] + got[2]] == \
+           [(s.idx, s.prompt_ids, s.answer_ids) for s in want[1] + want[2]]
+    assert all(s.extra["score"] == [True] for s in got[1] + got[2]) and got[1][0].extra["question"]
+    # rows without idx are numbered by line (0-based); ranges are optional
+    write_jsonl(joined, [{k: v for k, v in r.items() if k != "idx"} for r in joined_rows(range(8), ranges=False)])
+    assert _select(tmp_path, "by_line", ["--joined", str(joined)], capsys)[0]["idx"] == want[0]["idx"]
+
+
+def test_select_joined_options(tmp_path, capsys):
+    joined = tmp_path / "all_wrong.jsonl"
+    write_jsonl(joined, joined_rows([9]))
+    out = tmp_path / "o"
+    # the file's rows are declared the --group's questions
+    assert cli.main(["select", "--joined", str(joined), "--group", "both_wrong", "--out", str(out)]) == 0
+    assert json.loads((out / "selection.json").read_text())["idx"] == [9]
+    assert read_samples(out / "tuned.jsonl")[0][0].extra["score"] == [False]
+    with pytest.raises(SystemExit):  # --joined and --base are exclusive
+        cli.main(["select", "--joined", str(joined), "--base", str(joined), "--out", str(out)])
+    assert "give --base and --tuned, or --joined" in capsys.readouterr().err
+    assert cli.main(["select", "--joined", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+    assert "joined answers file" in capsys.readouterr().err

@@ -41,7 +41,7 @@ BUILTIN_SOURCES: dict[str, str] = {
 _QUESTION_KEYS = ("question", "problem", "query")
 _INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-# Prompt templates by family (METHOD.md); "{question}" is replaced by the question text.
+# Prompt templates by family (docs/METHOD.md, "Answers"); "{question}" is replaced by the question text.
 TEMPLATES: dict[str, str] = {
     "deepseek-math": "User: {question}\n" + _INSTRUCTION + "\n\nAssistant:",
     "mistral": "[INST] {question}[/INST]",

@@ -31,8 +31,8 @@ import numpy as np
 
 from eapcore.files import write_bytes_atomic
 from eapcore.answers.grading import groups, scores_of, sort_idx
-from eapcore.harness import Sample, read_samples, write_samples
-from eapcore.specs import GROUPS, SelectionSettings
+from eapcore.harness import Sample, read_joined, read_samples, write_samples
+from eapcore.specs import GROUP_LABELS, GROUPS, SelectionSettings
 
 RULES = ("prompt_length", "min_length", "mean_range", "length_ratio")
 
@@ -135,8 +135,17 @@ def none_kept(selection: Selection) -> str:
             "relax beta/low/high or use a larger dataset")
 
 
+def empty_group_message(group: str, sizes: Mapping[str, int]) -> str:
+    """Why `group` has nothing to select, naming the groups that have questions, with counts."""
+    have = [f"{GROUP_LABELS[g]} ({g}): {n}" for g, n in sizes.items() if n]
+    return (f"group {group!r} ({GROUP_LABELS[group]}) is empty; "
+            + (f"groups with questions: {', '.join(have)}" if have else
+               "no question is graded in both answer files"))
+
+
 def group_lengths(base: list[Sample], tuned: list[Sample], group: str) -> tuple[dict[Any, Lengths], list[str]]:
-    """{idx: Lengths} of the questions of `group`, plus messages about ungradable or duplicate samples."""
+    """{idx: Lengths} of the questions of `group`, plus messages about ungradable or duplicate
+    samples. ValueError if the group is empty (empty_group_message)."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; one of {', '.join(GROUPS)}")
     messages = []
@@ -151,7 +160,10 @@ def group_lengths(base: list[Sample], tuned: list[Sample], group: str) -> tuple[
             by_idx.setdefault(s.idx, s)
         by_model.append((scores, by_idx))
     (bscores, bsamples), (tscores, tsamples) = by_model
-    members = groups(bscores, tscores)[group]
+    by_group = groups(bscores, tscores)
+    members = by_group[group]
+    if not members:
+        raise ValueError(empty_group_message(group, {g: len(m) for g, m in by_group.items()}))
     return {i: Lengths(len(bsamples[i].prompt_ids), len(tsamples[i].prompt_ids),
                        len(bsamples[i].answer_ids), len(tsamples[i].answer_ids)) for i in members}, messages
 
@@ -169,33 +181,49 @@ def write_selection(out_dir: str | Path, base: list[Sample], tuned: list[Sample]
     write_bytes_atomic(out_dir / "selection.json", (json.dumps(meta, indent=2, default=str) + "\n").encode("utf-8"))
 
 
+def read_answers(base: str | None, tuned: str | None, joined: str | None,
+                 group: str) -> tuple[list[Sample], list[Sample], dict[str, str], list[str]]:
+    """Both models' answers from two harness files or one joined file (whose rows are all of
+    `group`): (base, tuned, sources, warnings about skipped lines)."""
+    if joined:
+        b, t, report = read_joined(joined, group)
+        reports, sources = [report], {"joined": joined}
+    else:
+        (b, rb), (t, rt) = read_samples(base), read_samples(tuned)
+        reports, sources = [rb, rt], {"base": base, "tuned": tuned}
+    return b, t, sources, [r.summary() for r in reports if r.problems]
+
+
 def command(argv: list[str]) -> int:
-    """`python -m eapcore select --base A --tuned B --alpha X --out DIR [...]`."""
+    """`eapcore select (--base A --tuned B | --joined FILE) [--alpha X] --out DIR [...]`."""
     d = SelectionSettings()
-    ap = argparse.ArgumentParser(prog="python -m eapcore select",
+    ap = argparse.ArgumentParser(prog="eapcore select",
                                  description="Pick and truncate samples of a base/tuned pair (paper Eq. 10-12).")
-    ap.add_argument("--base", required=True, help="base model answers jsonl")
-    ap.add_argument("--tuned", required=True, help="tuned model answers jsonl")
-    ap.add_argument("--alpha", type=float, required=True, help="T_cut = max(floor(alpha * T_ref), 1)")
+    ap.add_argument("--base", help="base model answers jsonl (harness format)")
+    ap.add_argument("--tuned", help="tuned model answers jsonl (harness format)")
+    ap.add_argument("--joined", help="instead of --base/--tuned: one joined file of both models' answers "
+                                     "(the authors' all_correct.jsonl); its rows are the questions of --group")
+    ap.add_argument("--alpha", type=float, default=d.alpha, help="T_cut = max(floor(alpha * T_ref), 1)")
     ap.add_argument("--beta", type=float, default=d.beta, help="max |len_b - len_t| / mean")
     ap.add_argument("--low", type=float, default=d.low, help="mean length >= floor(low * T_ref)")
     ap.add_argument("--high", type=float, default=d.high, help="mean length <= floor(high * T_ref)")
     ap.add_argument("--n", type=int, default=d.n, help="questions to draw (<= 0: all kept)")
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--group", choices=GROUPS, default=d.group)
+    ap.add_argument("--group", choices=GROUPS, default=d.group,
+                    help="the answer group to select from (with --joined: the group the file's rows are)")
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
+    two_files = bool(args.base and args.tuned)
+    if bool(args.joined) == bool(args.base or args.tuned) or not (args.joined or two_files):
+        ap.error("give --base and --tuned, or --joined")
     settings = SelectionSettings(args.alpha, args.beta, args.low, args.high, args.n, args.seed, args.group)
     problems = settings_problems(settings)
     if problems:
         ap.error("; ".join(problems))
     try:
-        (base, rb), (tuned, rt) = read_samples(args.base), read_samples(args.tuned)
-        for report in (rb, rt):
-            if report.problems:
-                print(f"warning: {report.summary()}", file=sys.stderr)
+        base, tuned, sources, warnings = read_answers(args.base, args.tuned, args.joined, settings.group)
         lengths, messages = group_lengths(base, tuned, settings.group)
-        for msg in messages:
+        for msg in warnings + messages:
             print(f"warning: {msg}", file=sys.stderr)
         selection = select(lengths, settings)
     except (FileNotFoundError, ValueError) as err:
@@ -204,7 +232,7 @@ def command(argv: list[str]) -> int:
     if not selection.idx:
         print(f"error: {none_kept(selection)}; nothing was written to {args.out}", file=sys.stderr)
         return 2
-    write_selection(args.out, base, tuned, selection, {"base": args.base, "tuned": args.tuned})
+    write_selection(args.out, base, tuned, selection, sources)
     print(json.dumps({k: v for k, v in asdict(selection).items() if k != "idx"} | {"n_idx": len(selection.idx)},
                      indent=2, default=str))
     return 0

@@ -13,7 +13,7 @@ Score of edge u -> v (all modes), accumulated in float32:
 
 So s is the first-order change of the loss L when the edge is ablated: positive means ablating
 (removing) the edge raises L. The loss is per sample; the built-in one is the truncated
-self-cross-entropy of METHOD.md: input = prompt + first T_cut - 1 answer tokens, L = mean CE of the
+self-cross-entropy of docs/METHOD.md: input = prompt + first T_cut - 1 answer tokens, L = mean CE of the
 first T_cut answer tokens. A user metric (logits -> per-sample value) can replace it.
 
 The loop, per batch of right-padded samples:

@@ -57,6 +57,13 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
     """The transformers config of a folder or hub id, with one-line errors for the usual mistakes
     (eapcore.modelfiles: no or broken config.json, truncated weights, custom code without opt-in,
     hub unreachable)."""
+    from eapcore.engine import checkpoints
+
+    if checkpoints.is_derived(name_or_path):  # a GGUF file or a LoRA adapter
+        try:
+            return checkpoints.load_config(name_or_path, revision)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not read the config of {name_or_path!r}: {err}") from None
     return _engine_error(modelfiles.load_config, name_or_path, revision, trust_remote_code)
 
 
@@ -149,15 +156,22 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
                trust_remote_code: bool = False, with_tokenizer: bool = True) -> LoadedModel:
     """Load a checkpoint for attribution: eval mode, frozen weights, on `device` in `dtype`,
     its adapter checked against the model itself (`check_conformance`)."""
+    from eapcore.engine import checkpoints
+
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    name = name_or_path
+    try:  # a GGUF file or a LoRA adapter becomes a plain folder (cached)
+        name_or_path = checkpoints.local_folder(name_or_path, revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load {name_or_path!r}: {err}") from None
     config = load_config(name_or_path, revision, trust_remote_code)
     arch = check_architecture(config)
     dev = resolve_device(device)
     hf = _engine_error(modelfiles.load_causal_lm, name_or_path, revision, trust_remote_code, dtype=DTYPES[dtype])
     hf.to(dev).eval().requires_grad_(False)
     tok = _engine_error(modelfiles.load_tokenizer, name_or_path, revision, trust_remote_code) if with_tokenizer else None
-    model = LoadedModel(name_or_path, hf, tok, make_adapter(hf, arch), arch)
+    model = LoadedModel(name, hf, tok, make_adapter(hf, arch), arch)
     check_conformance(model)
     return model
 

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from eapcore.answers.grading import last_boxed
 
-# The deepseek-math prompt template (METHOD.md), used verbatim for the demo pairs.
+# The deepseek-math prompt template (docs/METHOD.md), used verbatim for the demo pairs.
 TEMPLATE_NAME = "deepseek-math"
 TEMPLATE = ("User: {question}\nPlease reason step by step, and put your final answer within "
             "\\boxed{{}}.\n\nAssistant:")

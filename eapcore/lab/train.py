@@ -28,10 +28,10 @@ def _quiet() -> None:
         pass
 
 
-def common_args(out: Path, seed: int, **kw: Any) -> dict[str, Any]:
-    return dict(output_dir=str(out / "_trainer"), bf16=False, fp16=False, use_cpu=True,
+def common_args(out: Path, seed: int, device: str = "cpu", logging_steps: int = 10, **kw: Any) -> dict[str, Any]:
+    return dict(output_dir=str(out / "_trainer"), bf16=False, fp16=False, use_cpu=device == "cpu",
                 dataloader_num_workers=0, report_to=[], save_strategy="no", seed=seed,
-                data_seed=seed, disable_tqdm=True, logging_steps=10, **kw)
+                data_seed=seed, disable_tqdm=True, logging_steps=logging_steps, **kw)
 
 
 class _LogCollector:
@@ -51,6 +51,24 @@ class _LogCollector:
         return Collector()
 
 
+class _Deadline:
+    """A TrainerCallback that stops training (cleanly, so the model is still saved) at a unix time."""
+
+    def __new__(cls, deadline: float):
+        from transformers import TrainerCallback
+
+        class Deadline(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if time.time() > deadline:
+                    control.should_training_stop = True
+
+        return Deadline()
+
+
+def _callbacks(logs, deadline: float | None) -> list:
+    return [logs] + ([_Deadline(deadline)] if deadline else [])
+
+
 def save(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
@@ -58,12 +76,33 @@ def save(model, tokenizer, folder: Path) -> None:
     model.generation_config.save_pretrained(folder)
 
 
-def load(folder: Path | str):
+def save_adapter(peft_model, folder: Path, base_ref: str) -> None:
+    """A peft model's LoRA adapter in bfloat16 (half the bytes; merged in float32 when loaded,
+    eapcore.engine.checkpoints), its base recorded as `base_ref` (a model reference, e.g. "../sft")."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}, weights)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base_ref
+    cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template
+
+
+def load(folder: Path | str, device: str = "cpu"):
+    """(model, tokenizer) of a checkpoint folder, GGUF file or adapter (eapcore.engine.checkpoints)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eapcore.engine.checkpoints import local_folder
+
+    folder = local_folder(str(folder))
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").to(device)
     return model, tok
 
 
@@ -90,17 +129,19 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 64, batch
     return out
 
 
-def evaluate(model, tok, problems: Sequence[Problem], max_new_tokens: int = 64) -> list[bool]:
+def evaluate(model, tok, problems: Sequence[Problem], max_new_tokens: int = 64, batch_size: int = 128) -> list[bool]:
     """Greedy correctness of each problem, in order."""
-    completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens)
+    completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens, batch_size)
     return [is_correct(c, p.answer) for c, p in zip(completions, problems)]
 
 
 def sample_correctness(model, tok, problems: Sequence[Problem], k: int, seed: int,
-                       max_new_tokens: int = 64) -> tuple[list[str], list[list[bool]]]:
-    """k samples at temperature 1 per problem: (completions flat, correctness [n][k])."""
+                       max_new_tokens: int = 64, batch_sequences: int = 256) -> tuple[list[str], list[list[bool]]]:
+    """k samples at temperature 1 per problem (batches of `batch_sequences` answers):
+    (completions flat, correctness [n][k])."""
     completions = generate(model, tok, [build_prompt(p.question) for p in problems], max_new_tokens,
-                           batch_size=max(1, 256 // k), do_sample=True, num_return_sequences=k, seed=seed)
+                           batch_size=max(1, batch_sequences // k), do_sample=True, num_return_sequences=k,
+                           seed=seed)
     ok = [[is_correct(completions[i * k + j], p.answer) for j in range(k)] for i, p in enumerate(problems)]
     return completions, ok
 
@@ -127,19 +168,21 @@ def sft_batch(tok, problems: Sequence[Problem]):
 
 def sft(model, tok, problems: Sequence[Problem], out: Path, steps: int, batch_size: int = 32,
         lr: float = 1e-3, seed: int = 0, warmup: int = 30, schedule: str = "cosine",
-        log_every: int = 50) -> dict[str, Any]:
+        log_every: int = 50, deadline: float | None = None, base_ref: str | None = None) -> dict[str, Any]:
     """Supervised fine-tuning on worked solutions, loss on the completion (solution + eos) only.
 
     A plain PyTorch loop (AdamW, warmup then cosine or constant lr, grad clip 1.0, batches drawn
     with a seeded generator): on 2 CPU cores it runs about 3x faster per step than TRL's
-    SFTTrainer on this model size, with the same objective as SFTTrainer's prompt-completion mode."""
+    SFTTrainer on this model size, with the same objective as SFTTrainer's prompt-completion mode. A peft model (LoRA) trains its
+    adapter only and is saved as an adapter over `base_ref`. Stops early, saved, at `deadline`."""
     import math
 
     import torch
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = min(warmup, max(steps - 1, 0))
 
     def lr_at(step: int) -> float:
@@ -160,7 +203,7 @@ def sft(model, tok, problems: Sequence[Problem], out: Path, steps: int, batch_si
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         running += loss.item()
@@ -169,9 +212,15 @@ def sft(model, tok, problems: Sequence[Problem], out: Path, steps: int, batch_si
             logs.append({"step": step + 1, "loss": running / n, "seconds": time.time() - t0})
             print(f"sft step {step + 1}/{steps} loss {running / n:.4f} ({time.time() - t0:.0f} s)", flush=True)
             running = 0.0
+        if deadline and time.time() > deadline:
+            print(f"sft: deadline reached after {step + 1} steps", flush=True)
+            break
     model.eval()
-    save(model, tok, out)
-    return {"seconds": time.time() - t0, "logs": logs}
+    if base_ref is not None:
+        save_adapter(model, out, base_ref)
+    else:
+        save(model, tok, out)
+    return {"seconds": time.time() - t0, "logs": logs, "steps": step + 1}
 
 
 # ---------------------------------------------------------------- GRPO
@@ -184,10 +233,13 @@ def grpo(start: Path, problems: Sequence[Problem], out: Path, steps: int, prompt
          num_generations: int = 8, lr: float = 2e-5, beta: float = 0.0, seed: int = 0,
          temperature: float = 1.0, max_completion_length: int = 48, loss_type: str = "dapo",
          scale_rewards: str = "group", warmup: int = 0, num_iterations: int = 1,
-         epsilon: float = 0.2, top_entropy_quantile: float = 1.0, reward_fn=None) -> dict[str, Any]:
+         epsilon: float = 0.2, top_entropy_quantile: float = 1.0, reward_fn=None, device: str = "cpu",
+         peft_config=None, base_ref: str = "", deadline: float | None = None,
+         logging_steps: int = 10) -> dict[str, Any]:
     """Online RL from the saved SFT folder `start` with the correctness reward (TRL GRPOTrainer).
 
-    `reward_fn(completions, answer, **kw) -> list[float]` replaces the reward (tests only)."""
+    `reward_fn(completions, answer, **kw) -> list[float]` replaces the reward (tests only).
+    With a peft `peft_config` a LoRA adapter is trained and saved over `base_ref`."""
     _quiet()
     import torch
     from datasets import Dataset
@@ -197,7 +249,7 @@ def grpo(start: Path, problems: Sequence[Problem], out: Path, steps: int, prompt
     model, tok = load(start)
     data = Dataset.from_list([{"prompt": build_prompt(p.question), "answer": str(p.answer)}
                               for p in problems])
-    args = GRPOConfig(**common_args(out, seed), max_steps=steps,
+    args = GRPOConfig(**common_args(out, seed, device, logging_steps), max_steps=steps,
                       per_device_train_batch_size=prompts_per_step * num_generations,
                       num_generations=num_generations, learning_rate=lr, beta=beta,
                       temperature=temperature, top_k=0, top_p=1.0,
@@ -209,20 +261,28 @@ def grpo(start: Path, problems: Sequence[Problem], out: Path, steps: int, prompt
                       max_grad_norm=1.0)
     logs = _LogCollector()
     trainer = GRPOTrainer(model=model, reward_funcs=reward_fn or correctness_reward, args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[logs])
+                          processing_class=tok, callbacks=_callbacks(logs, deadline), peft_config=peft_config)
+    return _train_and_save(trainer, tok, out, logs, peft_config, base_ref)
+
+
+def _train_and_save(trainer, tok, out: Path, logs, peft_config, base_ref: str) -> dict[str, Any]:
     t0 = time.time()
     trainer.train()
-    save(trainer.model, tok, out)
-    return {"seconds": time.time() - t0, "logs": logs.logs}
+    if peft_config is not None:
+        save_adapter(trainer.model, out, base_ref)
+    else:
+        save(trainer.model, tok, out)
+    return {"seconds": time.time() - t0, "logs": logs.logs, "steps": trainer.state.global_step}
 
 
 # ---------------------------------------------------------------- DPO
 def preference_pairs(model, tok, problems: Sequence[Problem], k: int, seed: int,
-                     max_new_tokens: int = 64, reference_fallback: bool = False) -> list[dict[str, str]]:
+                     max_new_tokens: int = 64, reference_fallback: bool = False,
+                     batch_sequences: int = 256) -> list[dict[str, str]]:
     """Offline pairs from the model's own samples: one correct (chosen) vs one wrong (rejected)
     per problem that has both among its k samples. With `reference_fallback` (smoke runs of an
     untrained model only) a problem with no correct sample uses the reference solution as chosen."""
-    completions, ok = sample_correctness(model, tok, problems, k, seed, max_new_tokens)
+    completions, ok = sample_correctness(model, tok, problems, k, seed, max_new_tokens, batch_sequences)
     pairs = []
     for i, p in enumerate(problems):
         good = [completions[i * k + j] for j in range(k) if ok[i][j]]
@@ -235,9 +295,12 @@ def preference_pairs(model, tok, problems: Sequence[Problem], k: int, seed: int,
 
 
 def dpo(start: Path, pairs: Sequence[dict[str, str]], out: Path, steps: int, batch_size: int = 32,
-        lr: float = 1e-5, beta: float = 0.1, seed: int = 0, sft_weight: float = 0.0) -> dict[str, Any]:
+        lr: float = 1e-5, beta: float = 0.1, seed: int = 0, sft_weight: float = 0.0, device: str = "cpu",
+        peft_config=None, base_ref: str = "", deadline: float | None = None, max_length: int = 128,
+        logging_steps: int = 10) -> dict[str, Any]:
     """DPO from the saved SFT folder `start` on fixed preference pairs (TRL DPOTrainer);
-    `sft_weight` > 0 adds the chosen answers' NLL (RPO) with that weight."""
+    `sft_weight` > 0 adds the chosen answers' NLL (RPO) with that weight. With a peft
+    `peft_config` a LoRA adapter is trained (the reference is the adapter switched off)."""
     _quiet()
     import torch
     from datasets import Dataset
@@ -247,17 +310,15 @@ def dpo(start: Path, pairs: Sequence[dict[str, str]], out: Path, steps: int, bat
     model, tok = load(start)
     data = Dataset.from_list(list(pairs))
     loss_type, weights = (["sigmoid", "sft"], [1.0, sft_weight]) if sft_weight > 0 else (["sigmoid"], None)
-    args = DPOConfig(**common_args(out, seed), max_steps=steps, per_device_train_batch_size=batch_size,
+    args = DPOConfig(**common_args(out, seed, device, logging_steps), max_steps=steps,
+                     per_device_train_batch_size=batch_size,
                      learning_rate=lr, beta=beta, loss_type=loss_type, loss_weights=weights,
-                     lr_scheduler_type="constant", weight_decay=0.0, max_length=128,
+                     lr_scheduler_type="constant", weight_decay=0.0, max_length=max_length,
                      disable_dropout=True, dataset_num_proc=None)
     logs = _LogCollector()
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         callbacks=[logs])
-    t0 = time.time()
-    trainer.train()
-    save(trainer.model, tok, out)
-    return {"seconds": time.time() - t0, "logs": logs.logs}
+                         callbacks=_callbacks(logs, deadline), peft_config=peft_config)
+    return _train_and_save(trainer, tok, out, logs, peft_config, base_ref)
 
 
 def dump(path: Path, obj: Any) -> None:

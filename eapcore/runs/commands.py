@@ -1,4 +1,4 @@
-"""`python -m eapcore run | sweep | export | import`: the command lines of runs."""
+"""`eapcore run | sweep | export | import` (also `python -m eapcore ...`): the command lines of runs."""
 from __future__ import annotations
 
 import argparse
@@ -18,37 +18,70 @@ from eapcore.runs.memory import predict_memory
 from eapcore.runs.runner import explain, run
 from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
-from eapcore.specs import (GROUPS, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec, RunSpec,
-                           SelectionSettings, from_dict, spec_key)
+from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec,
+                           RunSpec, SelectionSettings, choices, from_dict, spec_key)
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
+    """Every setting of a RunSpec but the pair, dataset and alpha, with the specs' defaults and choices."""
     g, s, a = GenerationSettings(), SelectionSettings(), AttributionSettings()
     p.add_argument("--limit", type=int, help="first N problems of the dataset only")
     p.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the pair's)")
-    p.add_argument("--gen-batch-size", type=int, default=g.batch_size)
-    p.add_argument("--backend", choices=("auto", "transformers", "vllm"), default=g.backend)
-    p.add_argument("--gen-dtype", choices=("float32", "bfloat16", "float16"), default=g.dtype)
+    p.add_argument("--gen-batch-size", type=int, default=g.batch_size,
+                   help="sequences decoded together (0: from free memory)")
+    p.add_argument("--backend", choices=choices(GenerationSettings, "backend"), default=g.backend)
+    p.add_argument("--gen-dtype", choices=choices(GenerationSettings, "dtype"), default=g.dtype)
     p.add_argument("--beta", type=float, default=s.beta)
     p.add_argument("--low", type=float, default=s.low)
     p.add_argument("--high", type=float, default=s.high)
     p.add_argument("--n", type=int, default=s.n, help="questions drawn (<= 0: all that pass)")
     p.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--group", choices=GROUPS, default=s.group)
-    p.add_argument("--granularity", choices=("layer", "head"), default=a.granularity)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=a.dtype, help="attribution dtype")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=a.device)
+    p.add_argument("--granularity", choices=choices(AttributionSettings, "granularity"), default=a.granularity)
+    p.add_argument("--dtype", choices=choices(AttributionSettings, "dtype"), default=a.dtype, help="attribution dtype")
+    p.add_argument("--device", choices=choices(AttributionSettings, "device"), default=a.device)
     p.add_argument("--ig-steps", type=int, default=a.ig_steps)
     p.add_argument("--max-batch-tokens", type=int, default=a.max_batch_tokens, help="0: fit to free memory")
 
 
-def _spec_from_args(args, pair: PairSpec, ds: DatasetSpec, alpha: float) -> RunSpec:
+def _spec_from_args(args, pair: PairSpec, ds: DatasetSpec, alpha: float, answers: AnswersSpec | None = None) -> RunSpec:
     return RunSpec(
         pair, dataclasses.replace(ds, limit=args.limit) if args.limit else ds,
         GenerationSettings(args.max_new_tokens, args.gen_batch_size, args.backend, args.gen_dtype),
         SelectionSettings(alpha, args.beta, args.low, args.high, args.n, args.seed, args.group),
         AttributionSettings(granularity=args.granularity, dtype=args.dtype, device=args.device,
-                            ig_steps=args.ig_steps, max_batch_tokens=args.max_batch_tokens))
+                            ig_steps=args.ig_steps, max_batch_tokens=args.max_batch_tokens),
+        answers=answers)
+
+
+def _local_file(path: str, what: str) -> str:
+    """The absolute path of an existing local file; RunError naming `what` otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RunError(f"{what} {path} does not exist (give a path to a file)")
+    return str(p.resolve())
+
+
+def dataset_from_args(dataset: str | None, source: str | None, joined: str | None) -> tuple[DatasetSpec, AnswersSpec | None]:
+    """The run's dataset (and imported answers) from `--dataset`, `--source` or `--joined`.
+
+    --dataset NAME alone: a registered dataset. --source FILE: that dataset file, unregistered,
+    checked as `datasets add` checks it (--dataset then only names it; default: the file's stem).
+    --joined FILE: both models' answers imported from a joined file (--dataset names the
+    questions; default: "<folder>/<file stem>", the authors' layout being <series>/<dataset>/all_correct.jsonl)."""
+    if source and joined:
+        raise RunError("give --source (a dataset to generate answers on) or --joined (answers to import), not both")
+    if joined:
+        path = Path(_local_file(joined, "joined answers file"))
+        return DatasetSpec(dataset or f"{path.parent.name}/{path.stem}"), AnswersSpec(str(path))
+    if source:
+        local = Path(source).expanduser()
+        if local.exists() or local.suffix.lower() in (".jsonl", ".json", ".csv"):
+            return registry.validate_dataset(DatasetSpec(dataset or local.stem, _local_file(source, "dataset file"))), None
+        return DatasetSpec(dataset or source, source), None  # a jsonl URL or a hub id, loaded by the run
+    if not dataset:
+        raise RunError("give --dataset (a registered dataset), --source FILE or --joined FILE")
+    return registry.get_dataset(dataset), None
 
 
 def load_spec_json(text_or_path: str) -> RunSpec:
@@ -83,7 +116,8 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
-            self.bar.set_postfix_str(st.get("message") or "", refresh=False)
+            speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
+            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), speed))), refresh=False)
             self.bar.refresh()
 
     def close(self):
@@ -109,11 +143,16 @@ def _print_metrics(folder: Path) -> None:
 
 
 def command_run(argv: list[str]) -> int:
-    """`python -m eapcore run --pair NAME --dataset NAME --alpha A [...]` or `--spec-json JSON|FILE`."""
-    p = argparse.ArgumentParser(prog="python -m eapcore run", description="Run one spec (cached, resumable).")
+    """`eapcore run --pair NAME (--dataset NAME | --source FILE | --joined FILE) [--alpha A] [...]` or `--spec-json JSON|FILE`."""
+    p = argparse.ArgumentParser(prog="eapcore run", description="Run one spec (cached, resumable).")
     p.add_argument("--pair", help=f"a registered pair ({', '.join(registry.pairs())})")
-    p.add_argument("--dataset", help=f"a registered dataset ({', '.join(registry.datasets())})")
-    p.add_argument("--alpha", type=float, help="T_cut = max(floor(alpha * T_ref), 1)")
+    p.add_argument("--dataset", help=f"a registered dataset ({', '.join(registry.datasets())}); with --source or "
+                                     "--joined: a name for the questions")
+    p.add_argument("--source", help="a dataset file (.jsonl/.csv), used without registering it")
+    p.add_argument("--joined", help="import both models' answers from a joined file (the authors' "
+                                    "all_correct.jsonl) instead of generating them; its rows are the questions "
+                                    "of --group")
+    p.add_argument("--alpha", type=float, default=SelectionSettings().alpha, help="T_cut = max(floor(alpha * T_ref), 1)")
     p.add_argument("--spec-json", help="a whole spec as JSON text or file (replaces the options)")
     _add_settings(p)
     p.add_argument("--predict", action="store_true", help="only print the memory prediction")
@@ -123,9 +162,10 @@ def command_run(argv: list[str]) -> int:
         if args.spec_json:
             spec = load_spec_json(args.spec_json)
         else:
-            if not (args.pair and args.dataset and args.alpha is not None):
-                p.error("give --pair, --dataset and --alpha (or --spec-json)")
-            spec = _spec_from_args(args, registry.get_pair(args.pair), registry.get_dataset(args.dataset), args.alpha)
+            if not args.pair:
+                p.error("give --pair and a dataset (--dataset, --source or --joined), or --spec-json")
+            ds, answers = dataset_from_args(args.dataset, args.source, args.joined)
+            spec = _spec_from_args(args, registry.get_pair(args.pair), ds, args.alpha, answers)
         check_spec(spec)
         key = spec_key(spec)
         if args.predict:

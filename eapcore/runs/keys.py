@@ -1,7 +1,8 @@
 """What a run's stages are keyed by (pure apart from reading the files they fingerprint), and
 whether a spec can run at all.
 
-    generations/<k>  k = (model identity, dataset identity, template, max_new_tokens, generation settings)
+    generations/<k>  k = (model identity, dataset identity, template, max_new_tokens, generation settings),
+                     or for answers imported from a joined file (file fingerprint, model, group, limit)
     grades/<k>       k = (generation key, grading code identity)
     selections/<k>   k = (both grade keys, selection settings)
     scores/<k>       k = (model identity, the sample's prompt + first T_cut answer tokens, T_cut,
@@ -65,9 +66,14 @@ def hub_revision(model: ModelSpec) -> str | None:
 
 
 def model_identity(model: ModelSpec) -> dict[str, Any]:
-    """What a model's outputs depend on: a local folder's file contents (wherever it lies), or
+    """What a model's outputs depend on: a GGUF file's sha256, an adapter's files and its base's
+    identity (eapcore.engine.checkpoints), a local folder's file contents (wherever it lies), or
     the hub id and the commit of its revision (hub_revision)."""
+    from eapcore.engine import checkpoints
+
     local = registry.resolve_path(model.name_or_path)
+    if checkpoints.is_derived(local):
+        return {**checkpoints.identity(local, model.revision), "trust_remote_code": model.trust_remote_code}
     if Path(local).is_dir():
         return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
     return {"hub": model.name_or_path, "revision": hub_revision(model), "trust_remote_code": model.trust_remote_code}
@@ -120,9 +126,19 @@ def score_key(model_id: str, prompt_ids: Sequence[int], answer_ids: Sequence[int
                    "scoring_version": SCORING_VERSION, **({"ig_rule": IG_RULE} if settings.ig_steps else {})})
 
 
+def import_key(which: str, spec: RunSpec) -> str:
+    """Key of `which` model's answers imported from the spec's joined file: the file's content,
+    the answer group its rows are declared to be, and the dataset limit (first rows only)."""
+    return digest({"stage": "generations", "format": "joined", "which": which, "group": spec.selection.group,
+                   "imported": path_fingerprint(registry.resolve_path(spec.answers.joined)),
+                   "limit": spec.dataset.limit})
+
+
 def stage_keys(spec: RunSpec) -> dict[str, Any]:
-    """Keys of the generation, grade and selection entries of a spec (no data is read)."""
-    gen = {w: generation_key(m, spec) for w, m in (("base", spec.pair.base), ("tuned", spec.pair.tuned))}
+    """Keys of the generation (or import), grade and selection entries of a spec (only the
+    fingerprints of local files are read)."""
+    models = (("base", spec.pair.base), ("tuned", spec.pair.tuned))
+    gen = {w: import_key(w, spec) if spec.answers else generation_key(m, spec) for w, m in models}
     grades = {w: grades_key(k) for w, k in gen.items()}
     return {"generations": gen, "grades": grades,
             "selection": selection_key(grades["base"], grades["tuned"], spec.selection)}
@@ -141,7 +157,9 @@ def check_spec(spec: RunSpec) -> None:
     if a.ig_steps < 0 or a.max_batch_tokens < 0:
         problems.append("ig_steps and max_batch_tokens must be >= 0")
     problems += settings_problems(s)
-    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 1:
-        problems.append("max_new_tokens and the generation batch size must be >= 1")
+    if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
+        problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
+    if spec.answers and not Path(registry.resolve_path(spec.answers.joined)).is_file():
+        problems.append(f"the joined answers file {spec.answers.joined} does not exist")
     if problems:
         raise RunError("invalid run spec: " + "; ".join(problems))

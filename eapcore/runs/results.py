@@ -100,6 +100,13 @@ class RunInfo:
     def n_requested(self) -> int:
         return int(self._get("selection", "n", default=0))
 
+    @cached_property
+    def n_used(self) -> int | None:
+        """Questions the run scored (selection.json's idx), None before its selection is written."""
+        selection = read_json_or_none(self.path / "selection.json")
+        idx = selection.get("idx") if isinstance(selection, dict) else None
+        return len(idx) if isinstance(idx, list) else None
+
     @property
     def updated(self) -> float:
         return float(self.status.get("updated") or 0.0)
@@ -107,7 +114,7 @@ class RunInfo:
     @property
     def label(self) -> str:
         return (f"{self.pair} · {self.dataset} · α={self.alpha:g} · {GROUP_LABELS.get(self.group, self.group)}"
-                f" · {self.granularity} · N={self.n_requested} · {self.key[:8]}")
+                f" · {self.granularity} · n={self.n_used if self.n_used is not None else '?'} · {self.key[:8]}")
 
     def settings_without(self, *dropped: tuple[str, str]) -> str:
         """Canonical JSON of the spec minus the (section, name) settings given: runs equal here

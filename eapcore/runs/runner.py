@@ -51,6 +51,9 @@ def _disk_full(err: BaseException, cache: Cache) -> bool:
 def explain(err: BaseException, stage: str, cache: Cache) -> str:
     """A one-line message for an exception raised during `stage`."""
     torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError) and stage == "generate":
+        return ("out of GPU memory during generate: set a smaller generation batch size (--gen-batch-size; "
+                "0 sizes it from free memory) or max_new_tokens; finished answers are kept")
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return (f"out of GPU memory during {stage}: set a smaller max_batch_tokens (--max-batch-tokens), "
                 "use dtype bfloat16 or layer granularity, or a smaller alpha; finished samples are kept")
@@ -93,7 +96,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
             rep.check_cancel()
             registry.check_pair(spec.pair, download=True)  # registry.json may hold a hand-written pair
             answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep)
+            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
             selection = stages.stage_select(cache, spec, keys, graded, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):

@@ -26,13 +26,34 @@ METRIC_LABELS, METRIC_UNITS = metrics.METRIC_LABELS, metrics.METRIC_UNITS
 
 
 def runs_frame(runs: Iterable[RunInfo]) -> pd.DataFrame:
-    """One row per run for tables: pair, dataset, alpha, group, granularity, N, stage, updated, key."""
+    """One row per run for tables: pair, dataset, alpha, group, granularity, n (questions the run
+    used; empty before its selection), N asked, answers (generated, or the imported file), stage,
+    updated, key."""
     rows = [{"pair": r.pair, "dataset": r.dataset, "alpha": r.alpha, "group": r.group,
-             "granularity": r.granularity, "N": r.n_requested, "stage": r.stage,
+             "granularity": r.granularity, "n": r.n_used, "N asked": r.n_requested,
+             "answers": r._get("answers", "joined") or "generated", "stage": r.stage,
              "updated": pd.Timestamp(r.updated, unit="s").floor("s") if r.updated else pd.NaT,
              "key": r.key} for r in runs]
-    cols = ["pair", "dataset", "alpha", "group", "granularity", "N", "stage", "updated", "key"]
-    return pd.DataFrame(rows, columns=cols)
+    cols = ["pair", "dataset", "alpha", "group", "granularity", "n", "N asked", "answers", "stage", "updated", "key"]
+    return pd.DataFrame(rows, columns=cols).astype({"n": "Int64"})
+
+
+def default_view(runs: Iterable[RunInfo]) -> dict[str, str] | None:
+    """The URL parameters of the first screen: the heatmaps of the default pair (the first
+    registered demo pair's both-correct run at alpha 0.5 and layer granularity when cached, else
+    the closest finished run); None without finished runs."""
+    finished = [r for r in runs if r.finished]
+    if not finished:
+        return None
+    order = {name: i for i, name in enumerate(p.name for p in registered("pairs"))}
+
+    def rank(r: RunInfo) -> tuple:
+        return (not r.pair.lower().startswith("demo"), r.group != "both_correct", r.granularity != "layer",
+                abs(r.alpha - 0.5), order.get(r.pair, len(order)), r.pair, r.dataset)
+
+    best = min(finished, key=rank)
+    return {"pair": best.pair, "dataset": best.dataset, "alpha": str(best.alpha), "group": best.group,
+            "gran": best.granularity, "run": best.key}
 
 
 # ---- registry (pairs and datasets known to the tool) -------------------------------------------
