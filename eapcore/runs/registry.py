@@ -253,9 +253,13 @@ def _check_name(name: Any, what: str) -> None:
 
 def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any] | None:
     """(config, tokenizer) of a model after the checks of eapcore.modelfiles and the engine's
-    architecture check; None for a hub id not in the local Hugging Face cache unless `download`."""
+    architecture check (a GGUF file or an adapter: of the folder it becomes; before it is made,
+    its config and no tokenizer); None for a hub id not in the local Hugging Face cache unless
+    `download`."""
     from eapcore import modelfiles
-    from eapcore.engine.models import check_architecture
+    from eapcore.engine import checkpoints
+    from eapcore.engine.models import check_architecture, load_config
+    from eapcore.runs.cache import MANIFEST, Cache
 
     name = model.name_or_path
     if not isinstance(name, str) or not name.strip():
@@ -263,8 +267,16 @@ def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any]
     local = looks_local(name)
     if not (local or download or modelfiles.in_local_cache(name, model.revision)):
         return None
-    args = (resolve_path(name), model.revision, model.trust_remote_code, not (local or download))
+    name = resolve_path(name)
     try:
+        if checkpoints.is_derived(name):  # a GGUF file or an adapter: the plain folder it becomes
+            made = Cache().entry_path(checkpoints.KIND, checkpoints.cache_key(name, model.revision))
+            if not ((made / MANIFEST).is_file() or download):  # not made yet: its config only (the
+                config = load_config(name, model.revision)      # tokenizer is checked when a run makes it)
+                check_architecture(config)
+                return config, None
+            name = str(made) if (made / MANIFEST).is_file() else checkpoints.local_folder(name, model.revision)
+        args = (name, model.revision, model.trust_remote_code, not (local or download))
         config = modelfiles.load_config(*args)
         check_architecture(config)
         return config, modelfiles.load_tokenizer(*args)
@@ -293,7 +305,7 @@ def check_pair(pair: PairSpec, download: bool = False) -> str | None:
     if differ:
         raise RegistryError(f"{where}: base and tuned have different shapes ({', '.join(differ)}), so their edges "
                             "cannot be compared one to one; a pair is one model before and after RL tuning")
-    bvocab, tvocab = btok.get_vocab(), ttok.get_vocab()
+    bvocab, tvocab = (btok.get_vocab(), ttok.get_vocab()) if btok and ttok else ({}, {})
     if bvocab != tvocab:
         token = next(t for t in sorted(set(bvocab) | set(tvocab)) if bvocab.get(t) != tvocab.get(t))
         n = sum(bvocab.get(t) != tvocab.get(t) for t in set(bvocab) | set(tvocab))
