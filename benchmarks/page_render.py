@@ -1,5 +1,6 @@
-"""Server-side render time of each dashboard page from a warm cache, on a paper-sized fake run
-(100 samples, 28 layers, layer granularity: scores [100, 57, 113]).
+"""Server-side render time of each dashboard page from a warm cache, on paper-sized fake runs
+(100 samples, 28 layers, layer granularity: scores [100, 57, 113]; alpha 0.5, and alpha 0.1 on the
+same questions for the Compare page).
 
     .venv/bin/python benchmarks/page_render.py [--repeats 7]
 
@@ -28,6 +29,9 @@ VIEWS = [  # (label, page, query params, widget changes after the first run)
     ("Heatmaps: dst layer × module", "pages/heatmaps.py", {"view": "dst"}, None),
     ("Heatmaps: src × dst layer (q)", "pages/heatmaps.py", {"view": "layers", "kind": "q"}, None),
     ("Heatmaps: full 57 × 113 matrix", "pages/heatmaps.py", {"view": "full"}, None),
+    ("Heatmaps: full matrix, FDR off", "pages/heatmaps.py", {"view": "full", "fdr": "off"}, None),
+    ("Compare α 0.1 vs 0.5: dst layer × module", "pages/compare.py", {"view": "dst"}, None),
+    ("Compare α 0.1 vs 0.5: full matrix", "pages/compare.py", {"view": "full"}, None),
     ("Distributions (histograms)", "pages/distributions.py", {}, None),
     ("Distributions (ECDF)", "pages/distributions.py", {"plot": "ecdf"}, None),
     ("Samples", "pages/samples.py", {}, None),
@@ -44,8 +48,9 @@ def main(argv=None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="eap-bench-"))
     t = time.perf_counter()
-    make_paper_run(root)
-    print(f"fake paper-sized run written in {time.perf_counter() - t:.1f} s to {root}", file=sys.stderr)
+    for alpha in (0.5, 0.1):
+        make_paper_run(root, alpha)
+    print(f"fake paper-sized runs written in {time.perf_counter() - t:.1f} s to {root}", file=sys.stderr)
     os.environ["EAP_CACHE_DIR"] = str(root)
     os.environ["HF_HUB_OFFLINE"] = "1"
     from streamlit.testing.v1 import AppTest

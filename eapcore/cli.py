@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("eapcore.runs.registry_commands:command_pairs", "list, add or remove model pairs (--json)"),
     "datasets": ("eapcore.runs.registry_commands:command_datasets", "list, add or remove datasets (--json)"),
     "sweep": ("eapcore.runs.commands:command_sweep", "a grid of run specs (e.g. the paper's Table 1)"),
+    "compare": ("eapcore.views.compare:command", "two runs that share a graph, edge by edge, with tests"),
     "cache": ("eapcore.runs.cache:command", "list, measure and remove cache entries"),
     "export": ("eapcore.runs.commands:command_export", "bundle cached runs into one file"),
     "import": ("eapcore.runs.commands:command_import", "load a bundle into the cache"),

@@ -9,13 +9,14 @@ caches are bounded (max_entries).
 """
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 import streamlit as st
 
-from eapcore.views import figures, query
+from eapcore.views import figures, maps, query
 
 # The page list: navigation section -> (name, title, icon); page `name` is the file pages/<name>.py at
 # the URL path /<name>; the first page is the default. app.py builds st.navigation from it.
@@ -25,7 +26,8 @@ NAVIGATION: dict[str, list[tuple[str, str, str]]] = {
                 ("distributions", "Distributions", ":material/bar_chart:"),
                 ("groups", "Correct vs incorrect", ":material/balance:"),
                 ("samples", "Samples", ":material/search:")],
-    "Across runs": [("summary", "Summary", ":material/table_chart:")],
+    "Across runs": [("summary", "Summary", ":material/table_chart:"),
+                    ("compare", "Compare two runs", ":material/compare_arrows:")],
 }
 PAGES = {name: f"pages/{name}.py" for section in NAVIGATION.values() for name, _, _ in section}
 CACHE_ENTRIES = 64
@@ -237,20 +239,98 @@ def open_run(what: str) -> query.RunData:
 # ---- bounded caches over query (keyed by run key + file signature) ------------------------------------
 
 @st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
-def _cached_call(name: str, root: str, key: str, signature: tuple, *args: Any) -> Any:
-    return getattr(query, name)(_loaded(root, key, signature), *args)
+def _cached_call(name: str, root: str, runs: tuple, *args: Any) -> Any:
+    module, func = name.split(":")
+    loaded = [_loaded(root, key, signature) for key, signature in runs]
+    return getattr(importlib.import_module(module), func)(*loaded, *args)
 
 
-def cached(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn(data, *args)` of eapcore.views.query as a bounded st.cache_data call keyed by (function name,
-    cache root, run key, run file signature, *args)."""
-    if getattr(query, fn.__name__, None) is not fn:
-        raise ValueError(f"cached() wraps eapcore.views.query functions only, not {fn!r}")
+def cached(fn: Callable[..., Any], n_runs: int = 1) -> Callable[..., Any]:
+    """`fn(data, *args)` of an eapcore.views module (`fn(data_a, data_b, *args)` with n_runs=2) as a
+    bounded st.cache_data call keyed by (function, cache root, each run's key and file signature,
+    *args); the wrapper takes RunInfo objects in place of the loaded runs."""
+    module = getattr(fn, "__module__", "")
+    if not module.startswith("eapcore.views.") or getattr(importlib.import_module(module), fn.__name__, None) is not fn:
+        raise ValueError(f"cached() wraps eapcore.views functions only, not {fn!r}")
 
-    def call(info: query.RunInfo, *args: Any) -> Any:
-        return _cached_call(fn.__name__, str(query.cache_root()), info.key, info.signature, *args)
+    def call(*infos_and_args: Any) -> Any:
+        infos, args = infos_and_args[:n_runs], infos_and_args[n_runs:]
+        return _cached_call(f"{module}:{fn.__name__}", str(query.cache_root()),
+                            tuple((i.key, i.signature) for i in infos), *args)
 
     return call
+
+
+# ---- relative-change maps (Heatmaps and Compare pages) ---------------------------------------------
+
+FDR_LEVELS = ["0.01", "0.05", "0.1", "0.2", "off"]
+MAP_VIEWS = {"dst": "Destination layer × module (q, k, v, MLP, logits)",
+             "src": "Source layer × module (input, attention, MLP)",
+             "layers": "Source layer × destination layer (one module type)",
+             "heads": "Layer × head (head granularity)",
+             "full": "Full matrix: source node × destination node"}
+HEAD_KINDS = {"source": "as sources", "q": "query inputs", "k": "key inputs (per kv head)",
+              "v": "value inputs (per kv head)"}
+
+
+def map_controls(granularity: str) -> tuple[str, str, float | None, bool]:
+    """Aggregation, its module / head kind, FDR level (None: off) and log colour, each in the URL
+    (view, kind, fdr, scale). The head view is offered at head granularity only."""
+    views = [v for v in MAP_VIEWS if v != "heads" or granularity == "head"]
+    view = url_select("Aggregation", views, "view", format_func=MAP_VIEWS.get, default="dst")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    level = url_select("False discovery rate (colour a change only where q ≤ this)", FDR_LEVELS, "fdr",
+                       default="0.05", container=c1, horizontal_radio=True,
+                       format_func=lambda v: "off: colour every cell" if v == "off" else v,
+                       help="Benjamini-Hochberg over the cells of the map; expected share of false discoveries "
+                            "among the coloured cells at most this level")
+    log_color = url_select("Colour scale of the two sides", ["linear", "log"], "scale", container=c2,
+                           horizontal_radio=True) == "log"
+    kind = ""
+    if view == "layers":
+        kind = url_select("Destination module", list(maps.KINDS["layers"]), "kind", container=c3, default="mlp",
+                          format_func=lambda k: figures.TYPE_LABELS.get(k, k))
+    elif view == "heads":
+        kind = url_select("Heads", list(maps.KINDS["heads"]), "kind", container=c3, format_func=HEAD_KINDS.get)
+    return view, kind, None if level == "off" else float(level), log_color
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _map_figure(name: str, root: str, runs: tuple, args: tuple, n_layers: int, options: tuple) -> Any:
+    return figures.map_view_figure(_cached_call(name, root, runs, *args), n_layers, **dict(options))
+
+
+def map_view(fn: Callable[..., Any], infos: Sequence[query.RunInfo], args: tuple, n_layers: int,
+             **options: Any) -> tuple[dict[str, Any], Any]:
+    """A map of eapcore.views (`fn(*loaded runs, *args)`, cached as `cached` does) and its figure
+    (figures.map_view_figure(grids, n_layers, **options), cached under the same key plus options)."""
+    grids = cached(fn, len(infos))(*infos, *args)
+    runs = tuple((i.key, i.signature) for i in infos)
+    fig = _map_figure(f"{fn.__module__}:{fn.__name__}", str(query.cache_root()), runs, args, n_layers,
+                      tuple(sorted(options.items())))
+    return grids, fig
+
+
+def map_summary(grids: dict[str, Any], level: float | None) -> str:
+    """One line under a map: how many cells pass, the noise floor's count, the test and its limits."""
+    meta = grids["meta"]
+    n_cells = int(grids["relative_change"].notna().sum().sum())
+    if meta["paired"]:
+        test = (f"Wilcoxon signed-rank per cell, paired over n = {meta['n_a']} questions "
+                f"(exact p for {meta['exact_share']:.0%} of cells)")
+    else:
+        test = f"Mann-Whitney U per cell, unpaired: {meta['n_a']} vs {meta['n_b']} questions (normal approximation)"
+    if level is None:
+        return f"{test}. FDR control off: every cell is coloured, whatever its q-value."
+    n_pass = int(maps.passing(grids, level).sum().sum())
+    n_noise = int(maps.passing(grids, level, noise=True).sum().sum())
+    text = (f"**{n_pass} of {n_cells}** cells pass at FDR {level:g} (noise floor: {n_noise}). {test}; "
+            "Benjamini-Hochberg over the map's cells.")
+    if meta["best_q"] > level:
+        text += (f" :orange[With n = {meta['n_a']} questions the smallest possible p is {meta['smallest_p']:.2g}, so "
+                 f"among {meta['n_cells']:,} cells no q-value can reach {level:g}: choose a coarser view, a higher "
+                 "level, or a run with more questions.]")
+    return text
 
 
 # ---- output helpers -----------------------------------------------------------------------------------
@@ -262,9 +342,9 @@ def slug(text: str) -> str:
 def show_figure(fig: Any, name: str, key: str) -> None:
     """The chart, then PNG and SVG download buttons (rendered by kaleido only when clicked)."""
     st.plotly_chart(fig, key=f"chart_{key}", config={"displaylogo": False})
-    c1, c2, _ = st.columns([1, 1, 10])
-    for col, fmt, mime in ((c1, "png", "image/png"), (c2, "svg", "image/svg+xml")):
-        col.download_button(f"⬇ {fmt.upper()}", data=lambda f=fmt, fig=fig: figures.figure_image(fig, f),
+    row = st.container(horizontal=True)  # buttons at their own width: never cut in a narrow column
+    for fmt, mime in (("png", "image/png"), ("svg", "image/svg+xml")):
+        row.download_button(f"⬇ {fmt.upper()}", data=lambda f=fmt, fig=fig: figures.figure_image(fig, f),
                             file_name=f"{slug(name)}.{fmt}", mime=mime, key=f"dl_{fmt}_{key}",
                             on_click="ignore", help=f"Download this figure as {fmt.upper()} (rendered server-side)")
 
@@ -274,9 +354,9 @@ def show_table(df: pd.DataFrame, name: str, key: str, *, styler: Any = None, cap
     """A table (styled if `styler`), then CSV and LaTeX download buttons."""
     st.dataframe(styler if styler is not None else df, hide_index=not index, column_config=column_config,
                  key=f"table_{key}", height=height)
-    c1, c2, _ = st.columns([1, 1, 10])
-    c1.download_button("⬇ CSV", data=figures.to_csv_bytes(df, index=index), file_name=f"{slug(name)}.csv",
-                       mime="text/csv", key=f"dl_csv_{key}", on_click="ignore")
-    c2.download_button("⬇ LaTeX", data=lambda: figures.to_latex(styler if styler is not None else df,
-                                                                caption=caption or name),
-                       file_name=f"{slug(name)}.tex", mime="text/x-tex", key=f"dl_tex_{key}", on_click="ignore")
+    row = st.container(horizontal=True)
+    row.download_button("⬇ CSV", data=figures.to_csv_bytes(df, index=index), file_name=f"{slug(name)}.csv",
+                        mime="text/csv", key=f"dl_csv_{key}", on_click="ignore")
+    row.download_button("⬇ LaTeX", data=lambda: figures.to_latex(styler if styler is not None else df,
+                                                                 caption=caption or name),
+                        file_name=f"{slug(name)}.tex", mime="text/x-tex", key=f"dl_tex_{key}", on_click="ignore")

@@ -316,7 +316,7 @@ if active and not query.is_run_key(active):
     st.warning(f"The link's watch={active[:40]!r} is not a run key (16 hexadecimal digits), so it was ignored.",
                icon=":material/link_off:")
     active = None
-elif active and query.get_run(active) is None and not st.session_state.get("active_run"):
+elif active and workers is not None and not workers.status(active) and not st.session_state.get("active_run"):
     st.warning(f"The link's watch={active!r} names no run in this cache ({query.cache_root()}), so it was ignored.",
                icon=":material/link_off:")
     active = None
@@ -338,8 +338,9 @@ def progress(key: str) -> None:
     eta = s.get("eta_s")
     eta_txt = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}" if eta else ""
     mem = f" · GPU {s['gpu_mem_gb']:.1f} GB" if s.get("gpu_mem_gb") else ""
+    cached = f" ({s['cached']} from cache)" if s.get("cached") else ""  # not skipped: already computed
     speed = f" · {s['tokens_per_s']:,.0f} tokens/s" if s.get("tokens_per_s") else ""
-    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{eta_txt}{speed}{mem}")
+    st.progress(frac, text=f"Run `{key}` · stage **{stage}** · {done}/{total}{cached}{eta_txt}{speed}{mem}")
     st.caption(s.get("message") or "")
     clock = [(name, c) for name in workers.STAGES for c in [(s.get("clock") or {}).get(name)] if c]
     if clock:

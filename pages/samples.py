@@ -3,7 +3,7 @@ import html
 
 import streamlit as st
 
-from eapcore.views import figures, query
+from eapcore.views import figures, maps, query
 from pages.common import cached, loaded_run, open_run, page_header, show_figure, show_table, url_select
 
 page_header("Samples: one question at a time",
@@ -24,12 +24,18 @@ st.markdown(f"**Question {sample}.** {html.escape(str(view.get('question') or '(
 st.markdown(f"Reference answer: `{view.get('gt')}` · T_cut = **{view['t_cut']}** answer tokens scored")
 
 
+def _escape(text: str) -> str:
+    """HTML text with its line breaks as <br>: a blank line would end the markdown HTML block and
+    leave the rest of the answer outside the highlight."""
+    return html.escape(text).replace("\r\n", "\n").replace("\n", "<br>")
+
+
 def answer_html(part: dict, t_cut: int) -> str:
     if part["tokenizer"]:
-        scored, rest = html.escape(part["scored_text"] or ""), html.escape(part["rest_text"] or "")
+        scored, rest = _escape(part["scored_text"] or ""), _escape(part["rest_text"] or "")
     else:
-        scored = html.escape(" ".join(map(str, part["scored_ids"])))
-        rest = html.escape(" ".join(map(str, part["rest_ids"])))
+        scored = _escape(" ".join(map(str, part["scored_ids"])))
+        rest = _escape(" ".join(map(str, part["rest_ids"])))
     marker = (f"<span style='color:#fff;background:#B03A2E;border-radius:3px;padding:0 4px;margin:0 2px;"
               f"font-size:0.75em'>✂ T_cut={t_cut}</span>")
     return (f"<div style='font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
@@ -45,7 +51,8 @@ for col, model in zip(cols, ("base", "tuned")):
         badge = {True: ":green-badge[correct]", False: ":red-badge[wrong]"}.get(ok, ":gray-badge[ungraded]")
         st.markdown(f"#### {model.capitalize()} model {badge}")
         loss = "–" if part["loss"] is None else f"{part['loss']:.3f}"
-        st.caption(f"`{part['model']}` · prediction `{part['pred']}` · {part['n_tokens']} answer tokens "
+        pred = f"prediction `{part['pred']}`" if part["pred"] not in (None, "") else "no boxed answer"
+        st.caption(f"`{part['model']}` · {pred} · {part['n_tokens']} answer tokens "
                    f"({part['n_prompt_tokens']} prompt tokens) · clean loss on the scored part {loss} nats")
         st.markdown(answer_html(part, view["t_cut"]), unsafe_allow_html=True)
         if not part["tokenizer"]:
@@ -63,11 +70,9 @@ st.caption("Per-question values: mean |s| over real edges, Shannon entropy (nats
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _sample_fig(key: str, signature: tuple, position: int, n_layers: int, sample):
-    grids = query.module_grid(loaded_run(key, signature), "dst", sample=position)
-    return figures.grid_triptych(grids, title=f"Question {sample}: mean |s| by destination layer and module",
-                                 x_title="destination module", y_title="destination layer",
-                                 row_labels=figures.layer_labels(grids["base"].index, n_layers),
-                                 col_labels=figures.TYPE_LABELS)
+    grids = maps.run_map(loaded_run(key, signature), "dst", sample=position)
+    return figures.map_view_figure(grids, n_layers, tested=False,
+                                   title=f"Question {sample}: mean |s| by destination layer and module")
 
 
 show_figure(_sample_fig(info.key, info.signature, view["position"], data.graph.n_layers, sample),

@@ -38,8 +38,8 @@ rows = rows[(rows["group"] == group) & (rows["granularity"] == gran)]
 st.markdown("Cells: **+12.3% \\*\\*** = relative change 100·(tuned − base)/|base| of the pooled metric; "
             "stars: Wilcoxon signed-rank p < 0.05 \\*, < 0.01 \\*\\*, < 0.001 \\*\\*\\* (paired by question). "
             "Colour: :red-background[red = tuned higher], :blue-background[blue = tuned lower]; strong colour "
-            "when p < 0.05, pale when not significant; – not run. The paper's expectation for online RL "
-            "(GRPO, PPO): intensity ↑, complexity ↑, kurtosis ↓.")
+            "when p < 0.05, pale when not significant, none for exactly 0.0% (no change); – not run. The paper's "
+            "expectation for online RL (GRPO, PPO): intensity ↑, complexity ↑, kurtosis ↓.")
 
 for metric in query.METRICS:
     change, pvals, dropped = query.table1(rows, metric)

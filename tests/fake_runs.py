@@ -60,16 +60,22 @@ def _questions(n: int, rng: np.random.Generator) -> list[dict]:
 
 
 def _answer(q: dict, correct: bool, verbose: int, rng: np.random.Generator) -> tuple[str, str]:
+    """(answer text, prediction): steps separated by blank lines, as models write them; a wrong
+    answer ends without a boxed value one time in three (prediction "")."""
     a, b, c = q["parts"]
     result = a + b - c if correct else a + b - c + int(rng.choice([-3, -1, 1, 2, 10]))
     steps = [f"Tom starts with {a} apples.", f"After buying {b} more he has {a} + {b} = {a + b}.",
              f"Giving away {c} leaves {a + b} - {c} = {result}."]
-    filler = " Let me double-check each step carefully." * verbose
-    return f"{' '.join(steps)}{filler} The answer is \\boxed{{{result}}}.", str(result)
+    text = "\n\n".join(steps) + " Let me double-check each step carefully." * verbose
+    if not correct and rng.random() < 1 / 3:
+        return f"{text} So Tom has {result} apples, I think.", ""
+    return f"{text} The answer is \\boxed{{{result}}}.", str(result)
 
 
-def _scores(graph, n: int, rng: np.random.Generator, tuned: bool, effect: float) -> np.ndarray:
-    """[n, F, B] float32 on the real-edge mask: heavy-tailed |s| with structure by layer and type.
+def _scores(graph, n: int, rng: np.random.Generator, tuned: bool, effect: float,
+            per_sample: np.ndarray) -> np.ndarray:
+    """[n, F, B] float32 on the real-edge mask: heavy-tailed |s| with structure by layer and type,
+    times per_sample [n] (each question's scale, the same for both models of a run).
 
     The tuned model gets larger and more evenly spread scores in later layers (the paper's pattern:
     intensity up, entropy up, kurtosis down) scaled by `effect` (0: no change, <0: reversed)."""
@@ -87,8 +93,7 @@ def _scores(graph, n: int, rng: np.random.Generator, tuned: bool, effect: float)
     df = 3.0 if not tuned else 3.0 + 2.0 * max(effect, 0)  # tuned: lighter tails -> lower kurtosis
     mag = np.abs(rng.standard_t(df, size=(n, F, B)))
     sign = np.where(rng.random((n, F, B)) < 0.55, 1.0, -1.0)
-    per_sample = rng.lognormal(0, 0.25, size=(n, 1, 1))
-    s = (sign * mag * scale[None] * per_sample).astype(np.float32)
+    s = (sign * mag * scale[None] * per_sample[:, None, None]).astype(np.float32)
     s[:, ~mask] = 0.0
     return s
 
@@ -160,10 +165,11 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
 
     graph = Graph(n_layers, n_heads, n_kv_heads, granularity)
     mats = {}
+    question_scale = rng.lognormal(0, 0.25, size=len(kept))
     for which, model_dir in (("base", base_dir), ("tuned", tuned_dir)):
         out = run / which
         out.mkdir(exist_ok=True)
-        s = _scores(graph, len(kept), rng, which == "tuned", effect)
+        s = _scores(graph, len(kept), rng, which == "tuned", effect, question_scale)
         mats[which] = s
         save_file({"scores": s, "real_edge_mask": graph.real_edge_mask.numpy(),
                    "loss": rng.uniform(0.2, 1.5, len(kept)).astype(np.float32)}, str(out / "scores.safetensors"))
@@ -210,10 +216,10 @@ def make_small_cache(root: Path) -> dict[str, str]:
     return keys
 
 
-def make_paper_run(root: Path) -> str:
+def make_paper_run(root: Path, alpha: float = 0.5) -> str:
     """A paper-sized run: 100 samples, 28 layers (Qwen2-7B-like: 28 / 4 heads), layer granularity:
-    scores [100, 57, 113]."""
-    return make_run(root, pair="Paper-Sized", dataset="math500", alpha=0.5, n_layers=28, n_heads=28,
+    scores [100, 57, 113]. Runs of several alphas score the same questions."""
+    return make_run(root, pair="Paper-Sized", dataset="math500", alpha=alpha, n_layers=28, n_heads=28,
                     n_kv_heads=4, n=100, n_questions=200, acc_base=0.8, acc_tuned=0.9, n_bootstrap=1000,
                     n_permutations=9999, algorithm="GRPO")
 

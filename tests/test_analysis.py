@@ -169,54 +169,6 @@ def test_edge_relative_change_and_zero_base():
     assert mask[0, 0] and math.isnan(rc[0, 0])
 
 
-def _edges(rng, graph, n=5):
-    mask = make_mask(graph)
-    base, tuned = random_scores(rng, n, graph), random_scores(rng, n, graph) * 1.4
-    return mask, A.edge_table(graph, mask, A.edge_mean_abs(base, mask), A.edge_mean_abs(tuned, mask))
-
-
-def test_layer_tables_aggregate_by_type():
-    rng = np.random.default_rng(10)
-    graph = make_graph(3)
-    mask, edges = _edges(rng, graph)
-    assert len(edges) == mask.sum() == 4 * 9 + 9 + 1
-    by_dst = A.layer_tables(edges, by="dst_type")
-    assert list(by_dst) == ["q", "k", "v", "mlp", "logits"]
-    for table in by_dst.values():  # one grid for all: source layers x destination layers
-        assert list(table.index) == [-1, 0, 1, 2] and list(table.columns) == [0, 1, 2, 3]
-    assert by_dst["logits"][[0, 1, 2]].isna().all().all() and by_dst["logits"][3].notna().all()
-    # q inputs of layer 2 read input (row -1), a0, m0, a1, m1 (rows 0 and 1); nothing from layer 2
-    q = by_dst["q"]
-    assert math.isnan(q.loc[2, 2]) and not math.isnan(q.loc[1, 2])
-    cell = edges[(edges.dst_type == "q") & (edges.src_layer == 1) & (edges.dst_layer == 2)]
-    assert len(cell) == 2  # a1 and m1 -> a2.q
-    assert q.loc[1, 2] == pytest.approx(100 * (cell.tuned.sum() - cell.base.sum()) / cell.base.sum())
-    assert A.layer_tables(edges, "dst_type", "base")["q"].loc[1, 2] == pytest.approx(cell.base.mean())
-    by_src = A.layer_tables(edges, by="src_type", value="n_edges")
-    assert list(by_src) == ["input", "attention", "mlp"]
-    assert by_src["input"].loc[-1].sum() == mask[0].sum()  # every edge of the input node
-    assert by_src["attention"].loc[1, 1] == 1  # a1 -> m1 only (its own layer's MLP)
-    with pytest.raises(ValueError):
-        A.layer_tables(edges, by="layer")
-
-
-def test_head_tables():
-    rng = np.random.default_rng(11)
-    graph = make_graph(2, "head", n_heads=4, n_kv_heads=2)
-    mask, edges = _edges(rng, graph)
-    tables = A.head_tables(edges, value="base")
-    assert tables["source"].shape == (2, 4) and tables["q"].shape == (2, 4)
-    assert tables["k"].shape == (2, 2) and tables["v"].shape == (2, 2)
-    f = graph["forward"].index("a0.h2")
-    own = edges[edges.src == "a0.h2"]
-    assert len(own) == mask[f].sum()
-    assert tables["source"].loc[0, 2] == pytest.approx(own.base.mean())
-    kv = edges[edges.dst == "a1.kv1.k"]
-    assert tables["k"].loc[1, 1] == pytest.approx(kv.base.mean())
-    with pytest.raises(ValueError, match="head granularity"):
-        A.head_tables(_edges(rng, make_graph(2))[1])
-
-
 def test_node_entropy_matches_loop():
     rng = np.random.default_rng(12)
     graph = make_graph(3)

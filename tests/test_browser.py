@@ -65,11 +65,17 @@ def _streamlit(cache: Path, log_dir: Path):
 
 @pytest.fixture(scope="module")
 def fake_cache(tmp_path_factory) -> Path:
+    """The small fake cache plus two runs of a 30-layer model (SmolLM2's shape: 9 / 3 heads), 40
+    questions, α 0.1 and 0.5 on the same questions: labels, significance marks, a paired comparison."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from fake_runs import make_small_cache
+    from fake_runs import make_run, make_small_cache
 
     cache = tmp_path_factory.mktemp("cache")
     make_small_cache(cache)
+    for alpha in (0.1, 0.5):
+        make_run(cache, pair="Wide-30", alpha=alpha, n_layers=30, n_heads=9, n_kv_heads=3, n=40, n_questions=100,
+                 acc_base=0.8, acc_tuned=0.9, effect=1.0 if alpha == 0.5 else 0.3, seed=7, n_bootstrap=50,
+                 n_permutations=99)
     return cache
 
 
@@ -223,3 +229,120 @@ def test_bare_start_on_an_empty_cache_shows_the_demo_heatmaps(browser, tmp_path)
         assert pg.get_by_text("Page not found").count() == 0
         pg.close()
     assert len(list((tmp_path / "empty-cache" / "runs").iterdir())) == 14
+
+
+# ---- significance, comparison, labels and layout (issue 16) -------------------------------------------
+
+WIDE = "pair=Wide-30&dataset=gsm8k&alpha=0.5&group=both_correct&gran=layer"
+CELLS_JS = """() => {
+  const fig = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+  // the traces as given (fig.data), their z as Plotly decoded it (_fullData: rows of numbers, NaN for none)
+  const z = i => (fig._fullData.find(f => f.index === i) || {}).z || [];
+  const count = i => Array.from(z(i), r => Array.from(r)).flat().filter(Number.isFinite).length;
+  const heat = fig.data.map((t, i) => [t, i]).filter(([t]) => t.type === 'heatmap');
+  return {coloured: heat.filter(([t]) => t.coloraxis === 'coloraxis2').map(([, i]) => count(i)),
+          grey: heat.filter(([t]) => t.name === 'not significant').map(([, i]) => count(i)),
+          legend: [...fig.querySelectorAll('.legendtext')].map(e => e.textContent)};
+}"""
+
+
+def test_significance_marks_in_a_browser(server, page):
+    _open(page, f"{server}/heatmaps?{WIDE}&view=dst", "cells pass at FDR")
+    _wait_title(page, "destination layer and module")
+    cells = page.evaluate(CELLS_JS)
+    coloured, noise = cells["coloured"]
+    assert coloured > 0 and cells["grey"][0] > 0, cells  # some changes pass, some do not
+    assert noise == 0  # the noise floor passes nothing
+    assert any("not significant" in t and "q > 0.05" in t for t in cells["legend"]), cells["legend"]
+    # hovering a cell of the change panel names its q-value and verdict
+    drag = page.locator('[data-testid="stPlotlyChart"] .draglayer .x3y3 .nsewdrag').first.bounding_box()
+    page.mouse.move(drag["x"] + drag["width"] * 0.3, drag["y"] + drag["height"] * 0.9)
+    hover = page.locator('[data-testid="stPlotlyChart"] .hoverlayer .hovertext').first
+    hover.wait_for(timeout=10_000)
+    assert "q = " in hover.text_content() and "at FDR 0.05" in hover.text_content(), hover.text_content()
+    _check(page, "heatmaps_significance", n_charts=2)
+    page.get_by_text("off: colour every cell", exact=True).click()
+    _settle(page)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stPlotlyChart\"] .js-plotly-plot')"
+                           ".data.some(t => t.name === 'not significant')", timeout=30_000)
+    assert "fdr=off" in page.url
+    assert page.evaluate(CELLS_JS)["coloured"][0] == coloured + cells["grey"][0]  # every cell coloured
+    _check(page, "heatmaps_significance_off", n_charts=2)
+
+
+def test_full_matrix_labels_every_node_in_a_browser(server, page):
+    _open(page, f"{server}/heatmaps?{WIDE}&view=full", "cells pass at FDR")
+    _wait_title(page, "Full edge matrix")
+    page.wait_for_timeout(800)
+    ticks = page.evaluate("""() => {
+      const fig = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+      const text = sel => [...fig.querySelectorAll(sel)].map(e => e.textContent);
+      return {x: text('.subplot.xy .xaxislayer-above .xtick text'), y: text('.subplot.xy .yaxislayer-above .ytick text')};
+    }""")
+    assert len(ticks["x"]) == 121 and len(ticks["y"]) == 61, (len(ticks["x"]), len(ticks["y"]))
+    assert {"a29", "m29", "a0"} <= set(ticks["y"]) and {"a29.k", "m29", "logits", "a0.q"} <= set(ticks["x"])
+    _check(page, "heatmaps_full_30_layers", n_charts=2)
+    # the page scrolls inside its own container: the whole figure, taller than the window, on its own
+    page.locator('[data-testid="stPlotlyChart"]').first.screenshot(path=str(OUT / "heatmaps_full_30_layers_figure.png"))
+
+
+def test_compare_two_runs_in_a_browser(server, page):
+    _open(page, f"{server}/compare", "Run A (the reference)")
+    # choose run A = Wide-30 α=0.1 and run B = Wide-30 α=0.5 with the sidebar pickers
+    _choose(page, "Run A (the reference)", "Wide-30 · gsm8k · α=0.1")
+    _choose(page, "Run B (compared with A)", "Wide-30 · gsm8k · α=0.5")
+    page.get_by_text("Paired: both runs scored the same 40 questions of gsm8k", exact=False).first.wait_for(
+        timeout=30_000)
+    _wait_title(page, "destination layer and module")
+    assert page.get_by_text("selection.alpha: 0.1 → 0.5", exact=False).count() >= 1
+    cells = page.evaluate(CELLS_JS)
+    assert cells["coloured"][0] > 0, cells
+    assert "a=" in page.url and "b=" in page.url
+    _check(page, "compare_paired", n_charts=1)
+    page.get_by_text("base model", exact=True).click()
+    _settle(page)
+    _wait_title(page, "destination layer and module")
+    page.get_by_text("Run A: base model", exact=False).first.wait_for(timeout=30_000)
+    _check(page, "compare_paired_base_side", n_charts=1)
+
+
+def test_layout_at_1600_px(server, browser):
+    """Download buttons under the distribution charts show their whole label, the few-pairs caveat
+    sits clear of the x-axis title, and the samples' highlight continues past a blank line."""
+    pg = browser.new_page(viewport={"width": 1600, "height": 1200})
+    _open(pg, f"{server}/distributions", "Pooled distribution of |s|")
+    _check(pg, "distributions_1600", n_charts=4)
+    buttons = pg.evaluate("""() => [...document.querySelectorAll('[data-testid="stDownloadButton"] button')].map(b => ({
+        text: b.innerText.trim(),
+        cut: [b, ...b.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1)}))""")
+    assert len(buttons) >= 8 and all(not b["cut"] for b in buttons), buttons
+    assert {b["text"] for b in buttons} >= {"⬇ PNG", "⬇ SVG"}
+
+    _open(pg, f"{server}/summary", "Metric change vs accuracy gain")
+    _wait_title(pg, "change vs accuracy gain")
+    pg.wait_for_timeout(600)
+    boxes = pg.evaluate("""() => {
+      const fig = [...document.querySelectorAll('.js-plotly-plot')].find(e => String(e.layout.title.text).includes('accuracy gain'));
+      const caveat = [...fig.querySelectorAll('.annotation')].find(a => a.textContent.includes('pairs:'));
+      const box = e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom}; };
+      return {caveat: box(caveat), title: box(fig.querySelector('.xtitle')), svg: box(fig)};
+    }""")
+    assert boxes["caveat"]["top"] >= boxes["title"]["bottom"], boxes  # under the axis title, not over it
+    assert boxes["caveat"]["bottom"] <= boxes["svg"]["bottom"] + 1, boxes  # and inside the figure
+    _check(pg, "summary_1600", n_charts=1)
+    pg.locator('[data-testid="stPlotlyChart"]').last.screenshot(path=str(OUT / "summary_change_vs_gain_1600.png"))
+
+    _open(pg, f"{server}/samples?pair=Demo-Tiny&dataset=gsm8k&alpha=0.5&group=both_wrong", "This question's metrics")
+    # the scored part is one highlighted span holding text and line breaks only: a blank line that
+    # ended the HTML block put the rest into <p> blocks, which the span's background does not paint
+    highlighted = pg.evaluate("""() => [...document.querySelectorAll('span')]
+        .filter(s => getComputedStyle(s).backgroundColor === 'rgb(253, 235, 208)')
+        .map(s => ({text: s.innerText, children: [...s.children].map(c => c.tagName)}))""")
+    assert len(highlighted) == 2, highlighted
+    for h in highlighted:
+        assert "Tom starts with" in h["text"] and "After buying" in h["text"], h
+        assert set(h["children"]) <= {"BR"}, h
+    _check(pg, "samples_1600", n_charts=1)
+    pg.locator('[data-testid="stMarkdownContainer"]').filter(has_text="T_cut=").first.screenshot(
+        path=str(OUT / "samples_answer_1600.png"))
+    pg.close()

@@ -10,17 +10,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_runs import make_small_cache  # noqa: E402
+from fake_runs import make_run, make_small_cache  # noqa: E402
 
 APP = str(ROOT / "app.py")
 PAGES = ["pages/home.py", "pages/run.py", "pages/heatmaps.py", "pages/distributions.py", "pages/groups.py",
-         "pages/summary.py", "pages/samples.py"]
+         "pages/summary.py", "pages/samples.py", "pages/compare.py"]
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    """The small fake cache plus a 6-layer run of 40 questions with a strong change (keys in keys.json)."""
     root = tmp_path_factory.mktemp("cache")
-    make_small_cache(root)
+    keys = make_small_cache(root)
+    keys["Strong-40"] = make_run(root, pair="Strong-40", n_layers=6, n=40, n_questions=100, acc_base=0.8,
+                                 acc_tuned=0.9, effect=1.5, n_bootstrap=50, n_permutations=99)
+    (root / "keys.json").write_text(json.dumps(keys))
     return root
 
 
@@ -62,13 +66,24 @@ def test_page_renders(monkeypatch, cache, page):
     assert not at.error, [e.value for e in at.error]
 
 
+def _change_traces(fig: dict) -> tuple[list, list]:
+    """(coloured, grey) heatmap traces of the change panels (colour axis 2 / the 'not significant' ones)."""
+    heat = [t for t in fig["data"] if t["type"] == "heatmap"]
+    return [t for t in heat if t.get("coloraxis") == "coloraxis2"], [t for t in heat if t.get("name") == "not significant"]
+
+
 def test_heatmap_aggregation_changes_the_figure(monkeypatch, cache):
     at = _app(monkeypatch, cache, "pages/heatmaps.py", {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5"})
     first = _titles(at)
     assert any("destination layer and module" in t for t in first), first
     fig = _figures(at)[0]
-    assert [t["type"] for t in fig["data"]] == ["heatmap"] * 3  # base | tuned | change
-    assert fig["layout"]["coloraxis2"]["cmin"] == -fig["layout"]["coloraxis2"]["cmax"]  # symmetric
+    panels = [a["text"] for a in fig["layout"]["annotations"][:4]]
+    assert panels == ["Base model", "Tuned model", "Relative change (tuned vs base)",
+                      "Noise floor (sides swapped)"]
+    coloured, grey = _change_traces(fig)
+    assert len(coloured) == 2  # the change and its noise floor, on one symmetric diverging axis
+    assert fig["layout"]["coloraxis2"]["cmin"] == -fig["layout"]["coloraxis2"]["cmax"]
+    assert any("cells pass at FDR 0.05" in m.value for m in at.markdown)
     at.selectbox(key="w_view").select("layers").run()
     assert not at.exception
     assert any("source layer × destination layer" in t for t in _titles(at)), _titles(at)
@@ -78,15 +93,52 @@ def test_heatmap_aggregation_changes_the_figure(monkeypatch, cache):
     at.selectbox(key="w_view").select("full").run()
     full = _figures(at)[0]
     assert len(full["data"][0]["y"]) == 9 and len(full["data"][0]["x"]) == 17  # 4-layer graph
-    assert "→" in full["data"][0]["customdata"][1][0][0]  # hover names the edge
+    assert full["data"][0]["hovertemplate"].startswith("%{y} → %{x}")  # hover names the edge
+    assert any(len(d.value) == 77 for d in at.dataframe)  # the edge table: one row per real edge
 
 
-def test_heatmap_head_view(monkeypatch, cache):
-    at = _app(monkeypatch, cache, "pages/heatmaps.py",
-              {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5", "gran": "head"})
-    at.selectbox(key="w_view").select("heads").run()
+def test_heatmap_fdr_level_greys_what_does_not_pass(monkeypatch, cache):
+    """The strong-effect 6-layer run: some cells pass, some not; the level is in the URL, a higher
+    level colours at least as many cells, and "off" colours every cell."""
+    params = {"pair": "Strong-40", "dataset": "gsm8k", "alpha": "0.5"}
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {**params, "fdr": "0.01"})
+    coloured, grey = _change_traces(_figures(at)[0])
+    strict = sum(v is not None for row in coloured[0]["z"] for v in row)
+    assert grey and strict > 0
+    at.radio(key="w_fdr").set_value("0.2").run()
+    assert at.query_params["fdr"] in ("0.2", ["0.2"])
+    coloured, _ = _change_traces(_figures(at)[0])
+    assert sum(v is not None for row in coloured[0]["z"] for v in row) >= strict
+    at.radio(key="w_fdr").set_value("off").run()
+    coloured, grey = _change_traces(_figures(at)[0])
+    assert not grey and any("FDR control off" in m.value for m in at.markdown)
+
+
+def test_heatmap_says_when_no_cell_can_pass(monkeypatch, cache):
+    """12 questions: the smallest possible p is 2^-11, so among the full matrix's 77 edges BH can
+    reach q = 0.038 at best: passing at 0.05 is possible, at 0.01 it is not, and the page says so."""
+    params = {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5", "view": "full"}
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {**params, "fdr": "0.05"})
+    assert not any("no q-value can reach" in m.value for m in at.markdown)
+    at = _app(monkeypatch, cache, "pages/heatmaps.py", {**params, "fdr": "0.01"})
+    assert any("smallest possible p is 0.00049" in m.value and "among 77 cells no q-value can reach 0.01" in m.value
+               for m in at.markdown), [m.value for m in at.markdown]
+
+
+def test_compare_page(monkeypatch, cache):
+    keys = json.loads((Path(cache) / "keys.json").read_text())
+    at = _app(monkeypatch, cache, "pages/compare.py",
+              {"a": keys["Demo-Tiny/gsm8k/0.1"], "b": keys["Demo-Tiny/gsm8k/0.5"]})
+    assert any("selection.alpha: 0.1 → 0.5" in m.value for m in at.markdown)
+    fig = _figures(at)[0]
+    assert [a["text"] for a in fig["layout"]["annotations"][:3]] == [
+        "Run A: tuned model", "Run B: tuned model", "Relative change (B vs A)"]
+    at.radio(key="w_side").set_value("base").run()
     assert not at.exception
-    assert any("layer × head" in t for t in _titles(at))
+    assert _figures(at)[0]["layout"]["annotations"][0]["text"] == "Run A: base model"
+    at.selectbox(key="w_b").select(keys["Demo-Tiny/math500/0.5"]).run()
+    assert any("different datasets" in w.value for w in at.warning)
+    assert "Mann-Whitney" in _figures(at)[0]["data"][-1]["name"]  # the legend names the unpaired test
 
 
 def test_distributions_plot_kind(monkeypatch, cache):
@@ -132,6 +184,26 @@ def test_samples_page(monkeypatch, cache):
     at.selectbox(key="w_sample").set_value(last).run()
     assert not at.exception
     assert _titles(at) != first and f"Question {last}" in _titles(at)[0]
+
+
+def test_samples_highlight_survives_blank_lines_and_a_missing_boxed_answer(monkeypatch, cache):
+    """The fake answers separate their steps by blank lines (a blank line would end markdown's HTML
+    block: the highlight would stop there); a wrong answer without a boxed value says so."""
+    from eapcore.views import query
+
+    keys = json.loads((Path(cache) / "keys.json").read_text())
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5/both_wrong"], cache)
+    unboxed = next(i for i in data.sample_ids if data.answers["base"][i]["pred"] == [""])
+    at = _app(monkeypatch, cache, "pages/samples.py", {"pair": "Demo-Tiny", "dataset": "gsm8k", "alpha": "0.5",
+                                                       "group": "both_wrong", "sample": str(unboxed)})
+    answers = [m.value for m in at.markdown if "T_cut=" in m.value]
+    assert len(answers) == 2
+    for block in answers:
+        assert "\n" not in block  # one HTML block: no blank line can end it
+        scored = block.split("<span style='background:#FDEBD0'>")[1].split("</span>")[0]
+        assert "Tom starts with" in scored and "<br><br>After buying" in scored  # past the blank line
+    captions = [c.value for c in at.caption]
+    assert any("· no boxed answer ·" in c for c in captions) and not any("prediction ``" in c for c in captions)
 
 
 def test_no_runs_yet(monkeypatch, tmp_path):
@@ -253,6 +325,19 @@ def test_the_run_page_refuses_a_pair_of_other_tokenizers(monkeypatch, own_cache,
     assert [e.value for e in at.error] == ["pair 'mixed': base and tuned have different architectures ('llama' and "
                                            "'qwen2'); a pair is one model before and after RL tuning"]
     assert [b.disabled for b in at.button if b.label == "▶ Start run"] == [True]
+
+
+def test_run_page_progress_says_what_came_from_the_cache(monkeypatch, tmp_path):
+    """A run whose tuned side's 30 scores came from the cache: its bar says so instead of looking
+    like a model was skipped."""
+    key = "c" * 16
+    folder = tmp_path / "runs" / key
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"stage": "done", "done": 60, "total": 60, "cached": 30,
+                                                    "message": "tuned: 30 of 30 samples from the cache"}))
+    at = _app(monkeypatch, tmp_path, "pages/run.py", {"watch": key})
+    bars = [str(p.proto) for p in at.get("progress")]
+    assert any("60/60 (30 from cache)" in b for b in bars), bars
 
 
 # ---- Run page against a real worker process (workers.start) ----------------------------------------

@@ -70,28 +70,6 @@ def test_loaded_run_keeps_float32_and_computes_as_float64(cache):
         np.testing.assert_array_equal(got, want[m])
 
 
-def test_grids_match_analysis(cache):
-    root, keys = cache
-    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
-    means = query.edge_means(data)
-    np.testing.assert_allclose(means["base"], analysis.edge_mean_abs(data.base.scores, data.mask), equal_nan=True)
-    grid = query.module_grid(data, "dst")
-    L = data.graph.n_layers
-    assert list(grid["base"].columns) == ["q", "k", "v", "mlp", "logits"] and list(grid["base"].index) == list(range(L + 1))
-    # one cell by hand: layer-0 MLP input, fed by input, a0
-    cell = means["base"][:2, data.base.graph["backward"].index("m0")]
-    assert grid["base"].loc[0, "mlp"] == pytest.approx(cell.mean())
-    b, t = cell.sum(), means["tuned"][:2, data.base.graph["backward"].index("m0")].sum()
-    assert grid["relative_change"].loc[0, "mlp"] == pytest.approx(100 * (t - b) / b)
-    assert grid["n_edges"].loc[L, "logits"] == data.mask[:, -1].sum()
-    src = query.module_grid(data, "src")
-    assert list(src["base"].index)[0] == -1 and "attention" in src["base"].columns
-    lg = query.layer_grid(data, "q")
-    assert lg["base"].shape == (L + 1, L + 1)
-    hd = query.load_run(keys["Demo-Tiny/gsm8k/0.5/head"], root)
-    assert query.head_grid(hd, "q")["base"].shape == (L, 4)
-
-
 def test_per_sample_and_stats(cache):
     root, keys = cache
     data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
@@ -186,13 +164,18 @@ def test_sample_metrics_relative_change_is_nan_where_base_is_zero():
     assert np.isnan(change[0]) and change[1] == pytest.approx(50.0) and change[2] == pytest.approx(200.0)
 
 
+def test_an_exact_zero_change_is_neutral_in_table1():
+    import pandas as pd
+
+    change = pd.DataFrame({"x": [0.0, 0.04, -3.0, np.nan]})
+    pvals = pd.DataFrame({"x": [0.001, 0.5, 0.001, np.nan]})
+    css = figures.change_cell_colors(change, pvals)["x"].tolist()
+    assert "background" not in css[0] and "#F8DCD8" in css[1] and "#6E9FD0" in css[2]  # none, pale red, blue
+    assert figures.change_table_text(change, pvals)["x"].tolist() == ["0.0%", "+0.0%", "-3.0% **", "–"]
+
+
 def test_figures_and_exports(cache):
     root, keys = cache
-    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
-    g = query.module_grid(data, "dst")
-    fig = figures.grid_triptych(g, title="T", x_title="x", y_title="y")
-    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis2.cmid == 0
-    assert fig.layout.coloraxis2.cmin == -fig.layout.coloraxis2.cmax
     rows = query.summary_rows(query.finished_runs(root))
     change, pvals, _ = query.table1(rows[(rows.group == "both_correct") & (rows.granularity == "layer")],
                                     "activation_intensity")

@@ -146,6 +146,30 @@ def test_run_layout_and_second_call_served_from_cache(spec, counters):
     assert counters["attribute"] == calls and spec_key(other) != spec_key(spec)
 
 
+def test_progress_counts_work_from_the_cache_as_done_and_says_so(spec, counters):
+    """One model on both sides (the float32-vs-itself kind of pair): the tuned side's answers and
+    scores are the base side's cache entries. Every stage's progress still ends at its total
+    (no bar stopping half way, as if a model had been skipped) and says how much came from the cache."""
+    same = dataclasses.replace(spec, pair=dataclasses.replace(spec.pair, name="tiny-same", tuned=spec.pair.base))
+    seen: list[dict] = []
+    folder = runner.run(same, progress=seen.append, cache=Cache())
+    n = len(json.loads((folder / "selection.json").read_text())["idx"])
+    last = {s["stage"]: s for s in seen}
+    for stage in ("generate", "grade", "select", "attribute", "metrics"):
+        assert last[stage]["done"] == last[stage]["total"], last[stage]
+    assert last["generate"]["total"] == 2 * len(QUESTIONS) and last["generate"]["cached"] == len(QUESTIONS)
+    assert last["attribute"]["total"] == 2 * n and last["attribute"]["cached"] == n
+    assert "tuned: " + f"{n} of {n} samples from the cache" in last["attribute"]["message"]
+    assert counters["generate"] == 1 and counters["attribute"] == n  # computed once, for the base side
+    # a second run with another alpha: the generations come from the cache from the start
+    seen.clear()
+    runner.run(dataclasses.replace(same, selection=dataclasses.replace(same.selection, alpha=0.25)),
+               progress=seen.append, cache=Cache())
+    first = next(s for s in seen if s["stage"] == "generate")
+    assert first["done"] == first["total"] == first["cached"] == 2 * len(QUESTIONS)
+    assert first["message"] == "both models' answers from the cache"
+
+
 def test_killed_run_resumes_bit_exact(spec, counters, tmp_path, monkeypatch):
     reference = runner.run(spec, cache=Cache(tmp_path / "reference"))
     counters.clear()

@@ -116,8 +116,9 @@ class _Bars:
         if self.bar is not None:
             self.bar.total = st["total"]
             self.bar.n = st["done"]
+            cached = f"{st['cached']} from cache" if st.get("cached") else ""
             speed = f"{st['tokens_per_s']:,.0f} tokens/s" if st.get("tokens_per_s") else ""
-            self.bar.set_postfix_str(", ".join(filter(None, (st.get("message"), speed))), refresh=False)
+            self.bar.set_postfix_str(", ".join(filter(None, (cached, st.get("message"), speed))), refresh=False)
             self.bar.refresh()
 
     def close(self):

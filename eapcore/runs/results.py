@@ -256,6 +256,12 @@ def read_answers(info: RunInfo, which: str) -> dict:
     return _read_answers(info.path / f"answers_{which}.jsonl")
 
 
+def read_graph(info: RunInfo) -> dict | None:
+    """The run's graph.json (the base model's; both sides share it), None while missing or unreadable."""
+    graph = read_json_or_none(info.path / "base" / "graph.json")
+    return graph if isinstance(graph, dict) else None
+
+
 class RunNotReady(RuntimeError):
     """The run folder is not a finished run (still running, failed, incomplete or stale)."""
 

@@ -37,34 +37,46 @@ class Reporter:
     """Keeps status.json current (at most 2 writes a second, always at a stage change), calls the
     progress callback, and raises Cancelled when the run's cancel flag appears.
 
-    status["clock"]: {stage: {"seconds": wall time, "device": where it ran}} of the stages this
-    execution went through (a cached stage takes about 0 s); status["tokens_per_s"]: generated
-    tokens per second during the generate stage."""
+    status: done of total items of the stage, of which `cached` came from the cache (not computed
+    by this run: the rate and ETA count only computed items); status["clock"]: {stage:
+    {"seconds": wall time, "device": where it ran}} of the stages this execution went through (a
+    cached stage takes about 0 s); status["tokens_per_s"]: generated tokens per second during the
+    generate stage."""
 
     def __init__(self, folder: Path, callback: Progress | None = None):
         self.folder, self.callback = folder, callback
-        self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "rate": None, "eta_s": None,
-                                       "tokens_per_s": None, "gpu_mem_gb": None, "message": "", "error": None,
-                                       "clock": {}, "pid": os.getpid()}
-        self._t0, self._done0, self._written = time.time(), 0, 0.0
+        self.status: dict[str, Any] = {"stage": "queued", "done": 0, "total": 0, "cached": 0, "rate": None,
+                                       "eta_s": None, "tokens_per_s": None, "gpu_mem_gb": None, "message": "",
+                                       "error": None, "clock": {}, "pid": os.getpid()}
+        self._t0, self._done0, self._cached0, self._written = time.time(), 0, 0, 0.0
 
     def _stop_clock(self) -> None:
         entry = self.status["clock"].get(self.status["stage"])
         if entry is not None and entry["seconds"] is None:
             entry["seconds"] = round(time.time() - self._t0, 3)
 
-    def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu") -> None:
+    def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu",
+              cached: int = 0) -> None:
+        """A new stage of `total` items, `done` of them already (`cached` of those from the cache)."""
         self._stop_clock()
-        self._t0, self._done0 = time.time(), done
+        self._t0, self._done0, self._cached0 = time.time(), done, cached
         self.status["clock"][name] = {"seconds": None, "device": device}
-        self.status.update(stage=name, total=total, done=done, rate=None, eta_s=None, tokens_per_s=None,
-                           message=message, error=None)
+        self.status.update(stage=name, total=total, done=done, cached=cached, rate=None, eta_s=None,
+                           tokens_per_s=None, message=message, error=None)
         self._emit(force=True)
+
+    def from_cache(self, n: int, message: str | None = None) -> None:
+        """n more items of the stage are done because the cache had them (e.g. the other model's
+        identical samples, or another process's work)."""
+        if n > 0:
+            self.status["cached"] += n
+            self.update(self.status["done"] + n, message)
 
     def update(self, done: int, message: str | None = None, tokens: int | None = None) -> None:
         """done: items finished in this stage; tokens: tokens generated so far in this stage."""
         self.check_cancel()
-        elapsed, computed = time.time() - self._t0, done - self._done0
+        elapsed = time.time() - self._t0
+        computed = done - self._done0 - (self.status["cached"] - self._cached0)
         rate = computed / elapsed if computed > 0 and elapsed > 0 else None
         self.status.update(done=done, rate=rate, eta_s=(self.status["total"] - done) / rate if rate else None)
         if tokens is not None and elapsed > 0:

@@ -1,4 +1,4 @@
-"""Uncertainty, where-in-the-network tables, answer groups and cross-pair correlation.
+"""Uncertainty, the real edges' nodes and node entropy, answer groups and cross-pair correlation.
 
 Inputs are real-edge score matrices `s` float64 [N, E] (`metrics.real_edge_scores`) or stored
 `[N, F, B]` score tensors with their bool `[F, B]` mask and graph dict (graph.json).
@@ -262,10 +262,9 @@ def edge_relative_change(base_scores: np.ndarray, tuned_scores: np.ndarray, mask
     return relative_change(edge_mean_abs(base_scores, mask), edge_mean_abs(tuned_scores, mask))
 
 
-def edge_table(graph: dict[str, Any], mask: np.ndarray, base: np.ndarray, tuned: np.ndarray):
-    """One row per real edge: src, dst, src_layer, src_type, src_head, dst_layer, dst_type,
-    dst_head, base, tuned, relative_change. base / tuned: [F, B] per-edge values (edge_mean_abs).
-    """
+def edge_nodes(graph: dict[str, Any], mask: np.ndarray):
+    """One row per real edge, in the order of `metrics.real_edge_scores` (row-major over the mask):
+    src, dst, src_layer, src_type, src_head, dst_layer, dst_type, dst_head (`parse_node`)."""
     import pandas as pd
 
     mask = np.asarray(mask, dtype=bool)
@@ -279,58 +278,7 @@ def edge_table(graph: dict[str, Any], mask: np.ndarray, base: np.ndarray, tuned:
         columns[f"{prefix}_layer"] = np.asarray(layer)[idx]
         columns[f"{prefix}_type"] = np.asarray(kind, dtype=object)[idx]
         columns[f"{prefix}_head"] = np.asarray(head)[idx]
-    b, t = np.asarray(base, dtype=np.float64)[fi, bi], np.asarray(tuned, dtype=np.float64)[fi, bi]
-    return pd.DataFrame({**columns, "base": b, "tuned": t, "relative_change": relative_change(b, t)})
-
-
-def _aggregate(edges, keys: list[str]):
-    """Per group: base / tuned = mean over its edges; relative_change of the summed values."""
-    g = edges.groupby(keys, sort=True)
-    out = g[["base", "tuned"]].mean()
-    sums = g[["base", "tuned"]].sum()
-    out["relative_change"] = relative_change(sums["base"].to_numpy(), sums["tuned"].to_numpy())
-    out["n_edges"] = g.size()
-    return out
-
-
-def layer_tables(edges, by: str = "dst_type", value: str = "relative_change") -> dict[str, Any]:
-    """Source layer x destination layer tables, one per destination type (by="dst_type": q, k, v,
-    mlp, logits) or per source type (by="src_type": input, attention, mlp).
-
-    value: base | tuned (mean of per-edge values in the cell) | relative_change (of the cell's
-    summed values: 100 (sum tuned - sum base) / sum base) | n_edges. Every table has the same axes:
-    rows src_layer -1 (input) .. L-1, columns dst_layer 0 .. L (L = logits); cells without real
-    edges are NaN.
-    """
-    if by not in ("dst_type", "src_type"):
-        raise ValueError(f"by must be 'dst_type' or 'src_type', not {by!r}")
-    if value not in ("base", "tuned", "relative_change", "n_edges"):
-        raise ValueError(f"unknown value {value!r}")
-    agg = _aggregate(edges, [by, "src_layer", "dst_layer"])[value]
-    rows, cols = sorted(edges["src_layer"].unique()), sorted(edges["dst_layer"].unique())
-    order = DEST_TYPES if by == "dst_type" else SOURCE_TYPES
-    present = set(agg.index.get_level_values(0))
-    return {kind: agg.loc[kind].unstack("dst_layer").reindex(index=rows, columns=cols)
-            for kind in order if kind in present}
-
-
-def head_tables(edges, value: str = "relative_change") -> dict[str, Any]:
-    """Head granularity: layer x head tables of the per-head values.
-
-    "source": attention heads as sources (all outgoing real edges), rows layer, columns head;
-    "q": query heads as destinations; "k", "v": key-value heads as destinations. value as in
-    `layer_tables`.
-    """
-    attn_src = edges[edges["src_type"] == "attention"]
-    if attn_src.empty or (attn_src["src_head"] < 0).any():
-        raise ValueError("head tables need scores at head granularity")
-    tables = {"source": _aggregate(attn_src, ["src_layer", "src_head"])[value]
-              .unstack("src_head").rename_axis(index="layer", columns="head")}
-    for port in ("q", "k", "v"):
-        dst = edges[edges["dst_type"] == port]
-        tables[port] = (_aggregate(dst, ["dst_layer", "dst_head"])[value].unstack("dst_head")
-                        .rename_axis(index="layer", columns="head"))
-    return tables
+    return pd.DataFrame(columns)
 
 
 def node_entropy(scores: np.ndarray, mask: np.ndarray, graph: dict[str, Any]):

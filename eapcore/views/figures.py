@@ -1,12 +1,14 @@
 """Pure Plotly figure builders and table formatting / export helpers for the dashboard.
 
 Nothing here reads the cache or imports Streamlit: inputs are the DataFrames and arrays of
-eapcore.views.query. Colour conventions (all pages):
-- base / tuned magnitudes share one sequential scale (Viridis) from 0 (or the log floor) to the
-  larger maximum of the two;
-- relative change uses a diverging scale (RdBu reversed: red = tuned larger, blue = tuned
-  smaller) symmetric about 0, clipped at the 98th percentile of |change| so a few cells with a
-  near-zero base do not wash the map out (the hover always shows the exact value);
+eapcore.views.query and eapcore.views.maps. Colour conventions (all pages):
+- base / tuned (run A / run B) magnitudes share one sequential scale (Viridis) from 0 (or the log
+  floor) to the larger maximum of the two;
+- relative change uses a diverging scale (RdBu reversed: red = tuned / B larger, blue = smaller)
+  symmetric about 0, clipped at the 98th percentile of the coloured cells' |change| so a few cells
+  with a near-zero base do not wash the map out (the hover always shows the exact value and q);
+  a cell whose change does not pass the map's test at the chosen FDR level is grey (NOT_SIGNIFICANT),
+  and the legend says so; the noise-floor panel shares the change's scale and marks;
 - base is grey-blue, tuned orange in every chart that shows both models.
 Exports: PNG / SVG through kaleido (a persistent headless Chromium, started on first use), CSV,
 LaTeX through pandas' Styler.
@@ -30,6 +32,7 @@ from eapcore.specs import GROUP_LABELS
 MODEL_COLORS = {"base": "#4C78A8", "tuned": "#F58518"}
 SEQ_SCALE = "Viridis"
 DIV_SCALE = "RdBu_r"
+NOT_SIGNIFICANT = "#BDBDBD"  # cells whose change the test does not support
 TEMPLATE = "plotly_white"
 TYPE_LABELS = {"q": "attn q", "k": "attn k", "v": "attn v", "mlp": "MLP", "logits": "logits",
                "input": "input", "attention": "attention"}
@@ -52,88 +55,158 @@ def symmetric_limit(values: Any, pct: float = 98.0) -> float:
     return lim if lim > 0 else float(v.max() or 1.0)
 
 
-def _fmt(v: float, rel: bool) -> str:
-    if v is None or not np.isfinite(v):
-        return "no edge"
-    return f"{v:+.2f} %" if rel else f"{v:.4g}"
+def _category_ticks(fig: go.Figure, axis: str, n: int, **kw: Any) -> None:
+    """Label every category of an axis (Plotly skips some when crowded) up to 130 of them, in a
+    font small enough to fit; x labels turn vertical past 12 categories."""
+    if n > 130:
+        return
+    style = {"dtick": 1, "tickfont": {"size": 8 if n > 100 else 9 if n > 40 else 11}}
+    if axis == "x" and n > 12:
+        style["tickangle"] = -90
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**style, **kw)
 
 
-def heatmap_triptych(base: Any, tuned: Any, rel: Any, x: Sequence[Any], y: Sequence[Any], *,
-                     title: str, x_title: str, y_title: str, value_name: str = "mean |s|",
-                     hover_names: np.ndarray | None = None, log_color: bool = False,
-                     stacked: bool = False, height: int | None = None) -> go.Figure:
-    """Base | tuned | relative change side by side (stacked=True: one above the other).
+def map_figure(grids: dict[str, Any], *, title: str, x_title: str, y_title: str,
+               names: tuple[str, str] = ("Base model", "Tuned model"),
+               change_name: str = "Relative change (tuned vs base)", level: float | None = 0.05,
+               tested: bool = True, row_labels: dict | None = None, col_labels: dict | None = None,
+               value_name: str = "mean |s|", edge_hover: bool = False, log_color: bool = False, stacked: bool = False,
+               height: int | None = None) -> go.Figure:
+    """Side a | side b | relative change (| noise floor) of a map (eapcore.views.maps).
 
-    base, tuned, rel: 2D arrays [len(y), len(x)] (NaN: no edge). Base and tuned share one
-    sequential colour axis; the relative change (%) has its own, symmetric about 0.
-    hover_names: optional [len(y), len(x)] strings (e.g. "a3 → m7.in") shown in the hover.
+    grids: {"a", "b", "relative_change"[, "q_value", "noise_change", "noise_q"]: DataFrame}, NaN
+    where a cell has no edge. a and b share one sequential colour axis (log10 when log_color);
+    the changes share a diverging one, symmetric about 0 and clipped at the 98th percentile of
+    the coloured cells' |change|. tested: the grids carry tests; then cells whose q-value exceeds
+    `level` are drawn grey (level None: every cell coloured) and a fourth panel shows the noise
+    floor (maps: the same map for the pair with its labels exchanged at random), marked the same
+    way; grids["meta"]["paired"] (default True) names the test and the noise floor. stacked: panels one above the other (the full edge
+    matrix). edge_hover: hover names the edge "row → column".
     """
-    b, t, r = (np.asarray(a, dtype=float) for a in (base, tuned, rel))
-    x_lab, y_lab = [str(v) for v in x], [str(v) for v in y]
-    rows, cols = (3, 1) if stacked else (1, 3)
-    names = ("Base model", "Tuned model", "Relative change (tuned vs base)")
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, shared_yaxes=not stacked,
-                        horizontal_spacing=0.1, vertical_spacing=0.08)
-    mags = np.concatenate([b[np.isfinite(b)], t[np.isfinite(t)]])
+    a, b, r = (grids[k].to_numpy(float) for k in ("a", "b", "relative_change"))
+    cols_, rows_ = list(grids["a"].columns), list(grids["a"].index)
+    x_lab = [str(col_labels.get(c, c) if col_labels else c) for c in cols_]
+    y_lab = [str(row_labels.get(v, v) if row_labels else v) for v in rows_]
+    panels = [(a, "a", names[0]), (b, "b", names[1]), (r, "change", change_name)]
+    paired = grids.get("meta", {}).get("paired", True)
+    test = "Wilcoxon signed-rank per cell, paired by question" if paired else "Mann-Whitney U per cell, unpaired"
+    if tested:
+        panels.append((grids["noise_change"].to_numpy(float), "noise",
+                       "Noise floor (sides swapped)" if paired else "Noise floor (questions reshuffled)"))
+    n = len(panels)
+    rows, cols = (n, 1) if stacked else (1, n)
+    per_row = 14 if len(y_lab) > 40 else 18
+    x_room = 60 if len(x_lab) > 12 else 0  # vertical labels
+    h = height or ((n * (per_row * len(y_lab) + 110 + x_room) + 150) if stacked
+                   else max(480, per_row * len(y_lab) + 300 + x_room))
+    h = min(h, 4200)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p[2] for p in panels], shared_yaxes=not stacked,
+                        horizontal_spacing=0.06, vertical_spacing=min(0.12, (100 + x_room) / h))
+    mags = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
     if log_color:
         pos = mags[mags > 0]
         floor = float(np.percentile(pos, 1)) if pos.size else 1e-12
-        tr = lambda a: np.log10(np.clip(a, floor, None))  # noqa: E731
+        tr = lambda v: np.log10(np.clip(v, floor, None))  # noqa: E731
         cmin, cmax = math.log10(floor), (math.log10(float(pos.max())) if pos.size else 0.0)
         cbar = f"log10 {value_name}"
     else:
-        tr = lambda a: a  # noqa: E731
+        tr = lambda v: v  # noqa: E731
         cmin, cmax = 0.0, float(mags.max()) if mags.size else 1.0
         cbar = value_name
-    lim = symmetric_limit(r)
-    names_arr = np.full(b.shape, "", dtype=object) if hover_names is None else np.asarray(hover_names, dtype=object)
-    for i, (arr, which) in enumerate(((b, "base"), (t, "tuned"), (r, "rel"))):
-        rel = which == "rel"
-        text = np.vectorize(lambda v: _fmt(v, rel), otypes=[object])(arr)
-        custom = np.dstack([names_arr, text])
-        label = "relative change" if rel else f"{which} {value_name}"
-        hover = (("%{customdata[0]}<br>" if hover_names is not None else "") +
-                 f"{y_title}: %{{y}}<br>{x_title}: %{{x}}<br>{label}: %{{customdata[1]}}<extra></extra>")
-        fig.add_trace(go.Heatmap(z=arr if rel else tr(arr), x=x_lab, y=y_lab, customdata=custom,
-                                 hovertemplate=hover, coloraxis="coloraxis2" if rel else "coloraxis",
-                                 hoverongaps=False, xgap=1 if len(x_lab) < 40 else 0,
-                                 ygap=1 if len(y_lab) < 40 else 0),
-                      row=(i + 1) if stacked else 1, col=1 if stacked else (i + 1))
-    # each colour bar sits right of the panels it belongs to: base/tuned after the tuned panel
-    # stacked: vertical bars on the right; side by side: horizontal bars under their panels
-    # (base/tuned under the first two, the change under the third)
-    bar_pos = dict(len=0.6, y=0.67, yanchor="middle", x=1.01) if stacked else \
-        dict(orientation="h", x=0.3, xanchor="center", y=-0.26, yanchor="top", len=0.55, thickness=12)
-    bar_pos2 = dict(len=0.3, y=0.15, yanchor="middle", x=1.01) if stacked else \
-        dict(orientation="h", x=0.867, xanchor="center", y=-0.26, yanchor="top", len=0.27, thickness=12)
+    passes = {"change": np.isfinite(r), "noise": None}
+    q = {"change": grids["q_value"].to_numpy(float) if tested else np.full(r.shape, np.nan)}
+    if tested:
+        q["noise"] = grids["noise_q"].to_numpy(float)
+        if level is not None:
+            passes = {k: (q[k] <= level) & np.isfinite(v) for k, v in
+                      (("change", r), ("noise", panels[3][0]))}
+    coloured = r[passes["change"]] if passes["change"].any() else r
+    lim = symmetric_limit(coloured)
+    # hover from numbers (z, customdata), not per-cell strings: a head-granularity matrix stays small
+    where = "%{y} → %{x}<br>" if edge_hover else f"{y_title}: %{{y}}<br>{x_title}: %{{x}}<br>"
+    for i, (arr, which, name) in enumerate(panels):
+        pos = {"row": (i + 1), "col": 1} if stacked else {"row": 1, "col": i + 1}
+        common = dict(x=x_lab, y=y_lab, hoverongaps=False, xgap=1 if len(x_lab) < 40 else 0,
+                      ygap=1 if len(y_lab) < 40 else 0)
+        if which in ("a", "b"):
+            fig.add_trace(go.Heatmap(z=tr(arr), customdata=arr, coloraxis="coloraxis", **common,
+                                     hovertemplate=f"{where}{name.lower()} {value_name}: %{{customdata:.4g}}"
+                                                   "<extra></extra>"), **pos)
+            continue
+        ok = passes[which] if passes[which] is not None else np.isfinite(arr)
+        grey = np.isfinite(arr) & ~ok
+        for cells, style in ((ok, {"coloraxis": "coloraxis2"}),
+                             (grey, {"colorscale": [[0, NOT_SIGNIFICANT], [1, NOT_SIGNIFICANT]], "showscale": False,
+                                     "name": "not significant"})):
+            if cells is grey and not grey.any():
+                continue
+            verdict = "" if not tested else "<br>q = %{customdata:.3g}" + (
+                "" if level is None else f" ({'passes' if cells is ok else 'not significant'} at FDR {level:g})")
+            fig.add_trace(go.Heatmap(z=np.where(cells, arr, np.nan), customdata=q[which] if tested else None,
+                                     **style, **common,
+                                     hovertemplate=f"{where}relative change: %{{z:+.2f}} %{verdict}<extra></extra>"),
+                          **pos)
+    if tested and level is not None:  # the legend says what grey means
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=True,
+                                 marker={"symbol": "square", "size": 14, "color": NOT_SIGNIFICANT},
+                                 name=f"grey: change not significant (Benjamini-Hochberg q > {level:g}; {test})"))
+    change_title = "relative change (%)" + ("" if not tested or level is None else f"<br>coloured where q ≤ {level:g}")
+    if stacked:
+        bar_pos = dict(len=0.45, y=1.0, yanchor="top", x=1.01)
+        bar_pos2 = dict(len=0.45, y=0.0, yanchor="bottom", x=1.01)
+    else:  # horizontal bars under their panels: a/b under the first two, the change under the rest
+        share = 2 / n
+        bar_pos = dict(orientation="h", x=share / 2, xanchor="center", y=-0.26, yanchor="top", len=share * 0.9,
+                       thickness=12)
+        bar_pos2 = dict(orientation="h", x=share + (1 - share) / 2, xanchor="center", y=-0.26, yanchor="top",
+                        len=(1 - share) * 0.9, thickness=12)
+    side = "right" if stacked else "top"
     fig.update_layout(
         coloraxis={"colorscale": SEQ_SCALE, "cmin": cmin, "cmax": cmax,
-                   "colorbar": {"title": {"text": cbar, "side": "right" if stacked else "top"}, **bar_pos}},
+                   "colorbar": {"title": {"text": cbar, "side": side}, **bar_pos}},
         coloraxis2={"colorscale": DIV_SCALE, "cmin": -lim, "cmax": lim, "cmid": 0,
-                    "colorbar": {"title": {"text": "relative change (%)", "side": "right" if stacked else "top"},
-                                 "ticksuffix": "%", **bar_pos2}})
-    for i in range(3):
+                    "colorbar": {"title": {"text": change_title, "side": side}, "ticksuffix": "%", **bar_pos2}})
+    for i in range(n):
         kw = {"row": (i + 1), "col": 1} if stacked else {"row": 1, "col": i + 1}
         fig.update_xaxes(title_text=x_title, type="category", **kw)
         fig.update_yaxes(type="category", autorange="reversed", **kw)
+        _category_ticks(fig, "x", len(x_lab), **kw)
+        _category_ticks(fig, "y", len(y_lab), **kw)
         if stacked or i == 0:
             fig.update_yaxes(title_text=y_title, **kw)
-    h = height or (max(900, 18 * len(y_lab) * 3 + 200) if stacked else max(460, 16 * len(y_lab) + 260))
-    _layout(fig, title, height=min(h, 2400))
-    if not stacked:  # room for the axis titles and the horizontal colour bars below
-        fig.update_layout(margin={"l": 70, "r": 30, "t": 80, "b": 190})
+    _layout(fig, title, height=h)
+    fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1 - 64 / h, "yanchor": "top",
+                              "yref": "container", "font": {"size": 11}},  # under the title
+                      margin={"l": 60, "r": 80 if stacked else 30, "t": 125, "b": 80 if stacked else 190 + x_room})
     return fig
 
 
-def grid_triptych(grids: dict[str, pd.DataFrame], *, title: str, x_title: str, y_title: str,
-                  row_labels: dict | None = None, col_labels: dict | None = None, **kw: Any) -> go.Figure:
-    """heatmap_triptych of query grids ({"base", "tuned", "relative_change": DataFrame})."""
-    b = grids["base"]
-    x = [col_labels.get(c, c) if col_labels else c for c in b.columns]
-    y = [row_labels.get(r, r) if row_labels else r for r in b.index]
-    return heatmap_triptych(b.to_numpy(float), grids["tuned"].to_numpy(float),
-                            grids["relative_change"].to_numpy(float), x, y, title=title,
-                            x_title=x_title, y_title=y_title, **kw)
+MAP_AXES = {  # view -> (what the cells are, x title, y title)
+    "dst": ("Mean |s| by destination layer and module", "destination module", "destination layer"),
+    "src": ("Mean |s| by source layer and module", "source module", "source layer"),
+    "layers": ("Edges into {kind}: source layer × destination layer", "destination layer", "source layer"),
+    "heads": ("Attention heads {kind}: layer × head", "head", "layer"),
+    "full": ("Full edge matrix: mean |s| per edge", "destination node", "source node"),
+}
+HEAD_ROLES = {"source": "as sources (outgoing edges)", "q": "as q destinations", "k": "as k destinations (per kv head)",
+              "v": "as v destinations (per kv head)"}
+
+
+def map_view_figure(grids: dict[str, Any], n_layers: int, *, title: str | None = None, log_color: bool = False,
+                    **kw: Any) -> go.Figure:
+    """map_figure of a map of eapcore.views.maps with the titles, labels and layout of its view
+    (grids["meta"]["view"] / ["kind"]; `title` replaces the view's); kw: map_figure's names,
+    change_name, level, tested."""
+    view, kind = grids["meta"]["view"], grids["meta"]["kind"]
+    what, x_title, y_title = MAP_AXES[view]
+    label = HEAD_ROLES.get(kind, kind) if view == "heads" else TYPE_LABELS.get(kind, kind)
+    rows, cols = list(grids["a"].index), list(grids["a"].columns)
+    layer_axis = {"dst": (True, False), "src": (True, False), "layers": (True, True), "heads": (True, False),
+                  "full": (False, False)}[view]
+    return map_figure(grids, title=title or what.format(kind=label), x_title=x_title, y_title=y_title,
+                      row_labels=layer_labels(rows, n_layers) if layer_axis[0] else None,
+                      col_labels=layer_labels(cols, n_layers) if layer_axis[1] else TYPE_LABELS,
+                      edge_hover=view == "full", stacked=view == "full", log_color=log_color, **kw)
 
 
 def layer_labels(layers: Sequence[int], n_layers: int) -> dict:
@@ -273,9 +346,10 @@ def change_vs_gain_figure(points: pd.DataFrame, metric: str, caveat: str = "") -
     n_pairs = sub["pair"].nunique()
     _layout(fig, f"{METRIC_LABELS.get(metric, metric)}: change vs accuracy gain ({n_pairs} pairs)", height=400,
             legend={"title": {"text": "dataset"}})
-    if caveat:
-        fig.add_annotation(text=caveat, xref="paper", yref="paper", x=0, y=-0.22, showarrow=False,
-                           xanchor="left", font={"size": 11, "color": "#B03A2E"})
+    if caveat:  # below the x-axis title (tick labels and title take about 55 px under the axis)
+        fig.add_annotation(text=caveat, xref="paper", yref="paper", x=0, y=0, yanchor="top", yshift=-62,
+                           showarrow=False, xanchor="left", font={"size": 11, "color": "#B03A2E"})
+        fig.update_layout(margin={"b": 100})
     fig.update_xaxes(title_text="accuracy gain, tuned − base (percentage points)")
     fig.update_yaxes(title_text="relative change of the metric (%)", ticksuffix="%")
     return fig
@@ -305,12 +379,15 @@ def stars(p: float) -> str:
 
 
 def change_cell_colors(change: pd.DataFrame, pvals: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
-    """CSS per cell: red (up) / blue (down) background, strong when p < level, pale otherwise."""
+    """CSS per cell: red (up) / blue (down) background, strong when p < level, pale otherwise; no
+    background for an exact 0 (no change) or a missing cell."""
     def css(c: float, p: float) -> str:
         if c is None or not np.isfinite(c):
             return "color: #999999;"
+        if c == 0:  # no change: neither direction's colour
+            return "color: #111111;"
         sig = p is not None and np.isfinite(p) and p < level
-        if c >= 0:
+        if c > 0:
             bg = "#E8776B" if sig else "#F8DCD8"
         else:
             bg = "#6E9FD0" if sig else "#DCE7F3"
@@ -323,9 +400,10 @@ def change_cell_colors(change: pd.DataFrame, pvals: pd.DataFrame, level: float =
 
 
 def change_table_text(change: pd.DataFrame, pvals: pd.DataFrame) -> pd.DataFrame:
-    """Cells like '+12.3% **' (stars: Wilcoxon p < 0.05 / 0.01 / 0.001); '–' when missing."""
+    """Cells like '+12.3% **' (stars: Wilcoxon p < 0.05 / 0.01 / 0.001), '0.0%' for no change at all;
+    '–' when missing."""
     p = pvals.reindex_like(change)
-    return pd.DataFrame([[("–" if not np.isfinite(c) else f"{c:+.1f}% {stars(q)}".strip())
+    return pd.DataFrame([[("–" if not np.isfinite(c) else f"{c:+.1f}% {stars(q)}".strip() if c else "0.0%")
                           for c, q in zip(cr, pr)] for cr, pr in zip(change.to_numpy(float), p.to_numpy(float))],
                         index=change.index, columns=change.columns)
 
