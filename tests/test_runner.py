@@ -109,7 +109,8 @@ def wait_for(condition, timeout: float = 120, what: str = "condition"):
 
 
 def n_score_entries(cache: Cache) -> int:
-    return len(list((cache.root / "scores").glob("*/manifest.json")))
+    """Score entries in place (not the `.tmp-*` folder of one a killed worker was renaming)."""
+    return sum(not p.parent.name.startswith(".") for p in (cache.root / "scores").glob("*/manifest.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ cache, spec_file, key = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 run = subprocess.Popen([sys.executable, "-m", "eapcore", "run", "--spec-json", spec_file, "--quiet"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 end = time.time() + 240
-while not list(cache.glob("scores/*/manifest.json")) and time.time() < end and run.poll() is None:
+while not list(cache.glob("scores/[!.]*/manifest.json")) and time.time() < end and run.poll() is None:
     time.sleep(0.05)
 with open(cache / "filler", "wb") as fh:  # the disk fills up mid-attribution
     try:
@@ -359,7 +360,7 @@ with open(cache / "filler", "wb") as fh:  # the disk fills up mid-attribution
         pass
 out, err = run.communicate(timeout=240)
 print(json.dumps({"rc": run.returncode, "err": err, "status": json.loads((cache / "runs" / key / "status.json").read_text()),
-                  "entries": len(list(cache.glob("scores/*/manifest.json")))}))
+                  "entries": len(list(cache.glob("scores/[!.]*/manifest.json")))}))
 """
 
 
