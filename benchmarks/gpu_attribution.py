@@ -4,6 +4,7 @@
     python benchmarks/gpu_attribution.py --shapes qwen2-7b --lengths 2048,8192 --granularity layer
     python benchmarks/gpu_attribution.py --runs "qwen3-8b:layer,head:512,32768;mistral-7b-window:layer:8192"
     python benchmarks/gpu_attribution.py --tiny --out /tmp/tiny.json   # CPU check of the script itself
+    python benchmarks/gpu_attribution.py --predict benchmarks/results_issue19_20.json   # memory model, CPU
 
 `--runs` lists runs as shape:granularities:lengths separated by ";" (in place of --shapes,
 --granularity and --lengths, which apply to every shape). A shape whose layers have an attention
@@ -21,7 +22,10 @@ answer half. Short sequences are batched as the runner batches them (by default 
 choice, `default_batch_tokens`: as many tokens as fit with every layer's autograd graph kept), and
 the time is reported per sample; the baseline runs one sample at a time, as the authors did. The
 engine's memory model (`memory_per_token`) is checked against the memory one layer's graph
-really takes on the card (rows with method "memory-model").
+really takes on the card (rows with method "memory-model"), and each row records `all_kept_gib`,
+what the memory model gives for its batch with every layer's graph kept (`all_kept_gib`; the
+engine keeps fewer and recomputes the others when that exceeds the card). `--predict FILE` adds it
+to the rows of an earlier results file on the CPU (models built on the meta device, no weights).
 
 Reported per (shape, T, granularity): seconds per sample (median of `--reps` after one warm-up),
 tokens per second, peak GPU memory, and time / floor, where the floor is the floating-point work
@@ -48,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eapcore.engine.attribution import (EngineOptions, _layer, attribute_batch, default_batch_tokens,  # noqa: E402
-                                 graph_of, make_batch, memory_per_token)
+                                        fixed_bytes, graph_of, make_batch, memory_per_token)
 from eapcore.engine.windowed_attention import KERNELS  # noqa: E402
 from eapcore.harness import Sample  # noqa: E402
 from eapcore.engine.models import LoadedModel, make_adapter  # noqa: E402
@@ -94,16 +98,17 @@ def config_of(shape: str, tiny: bool = False):
                rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, **kw)
 
 
-def build(shape: str, tiny: bool = False) -> LoadedModel:
-    """A model of the shape with random weights: bf16 on the GPU, or (tiny) float32 on the CPU."""
+def build(shape: str, tiny: bool = False, meta: bool = False) -> LoadedModel:
+    """A model of the shape with random weights: bf16 on the GPU, or (tiny) float32 on the CPU, or
+    (meta) bf16 with no storage (for the memory model)."""
     import transformers as tf
 
-    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    device, dtype = ("cpu", torch.float32) if tiny else ("meta" if meta else "cuda", torch.bfloat16)
     torch.manual_seed(0)
     with torch.device(device):
         hf = tf.AutoModelForCausalLM.from_config(config_of(shape, tiny), dtype=dtype)
     with torch.no_grad():
-        for p in hf.parameters():  # keep activations in a sane range
+        for p in hf.parameters() if not meta else ():  # keep activations in a sane range
             if p.dim() > 1:
                 p.normal_(0, 0.02)
     hf.eval().requires_grad_(False)
@@ -146,6 +151,28 @@ def floor_flops(model: LoadedModel, T: int, n_loss: int) -> float:
         pairs = w * (w + 1) / 2 + (T - w) * w  # keys per query: min(t + 1, w)
         flops += 2 * T * per_tok_layer + 3.5 * (4 * pairs * ad.n_heads * dh)
     return flops
+
+
+def all_kept_gib(model: LoadedModel, graph, batch: int, T: int) -> float:
+    """GiB the memory model gives for `batch` samples of T tokens with every layer's graph kept: the
+    weights, batch x T x (stored + working + L x graph) bytes (memory_per_token) and the fixed
+    allowances (fixed_bytes on CUDA)."""
+    mem = memory_per_token(model.adapter, graph, torch.finfo(model.dtype).bits // 8)
+    weights = sum(p.numel() * p.element_size() for p in model.hf.parameters())
+    per_token = mem["stored"] + mem["working"] + model.adapter.n_layers * mem["graph"]
+    return (weights + batch * T * per_token + fixed_bytes(model.adapter, graph, "cuda")) / 2 ** 30
+
+
+def predict(path: str) -> list[dict]:
+    """The engine rows of a results file with `all_kept_gib` (models on the meta device, CPU only)."""
+    rows, models = json.loads(Path(path).read_text())["rows"], {}
+    out = []
+    for row in rows:
+        if row["method"] == "eapcore":
+            model = models.get(row["shape"]) or models.setdefault(row["shape"], build(row["shape"], meta=True))
+            out.append(dict(row, all_kept_gib=all_kept_gib(model, graph_of(model.adapter, row["granularity"]),
+                                                            row["batch"], row["tokens"])))
+    return out
 
 
 def samples_of(T: int, vocab: int, n: int = 1) -> tuple[list[Sample], int]:
@@ -255,7 +282,12 @@ def main() -> int:
     p.add_argument("--generation", action="store_true", help="also time batched generation")
     p.add_argument("--tiny", action="store_true", help="scaled-down shapes on the CPU (tests the script)")
     p.add_argument("--out", default="gpu_attribution.json")
+    p.add_argument("--predict", metavar="FILE", help="print FILE's engine rows with all_kept_gib (CPU) and exit")
     args = p.parse_args()
+    if args.predict:
+        for row in predict(args.predict):
+            print(json.dumps(row))
+        return 0
     runs = parse_runs(args)
     device = "cpu" if args.tiny else "cuda"
     rate = matmul_rate(device)
@@ -295,6 +327,7 @@ def main() -> int:
                     sec = sec / n if isinstance(sec, float) else sec
                     emit(dict(shape=shape, method="eapcore", granularity=gran, tokens=T, batch=n, seconds=sec,
                               peak_gib=mem, floor_s=floor_flops(model, T, cut) / rate,
+                              all_kept_gib=all_kept_gib(model, graph, n, T),
                               **({"window": max(w or 0 for w in model.adapter.windows), "kernel": kernel}
                                  if windowed else {})))
         if args.generation:

@@ -38,6 +38,11 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
+# Fields added after runs were cached: part of a spec's key only when set (not at their default),
+# so the keys of specs that leave them unset (every run cached before them) do not change.
+_KEYED_WHEN_SET = {"key_when_set": True}
+
+
 @dataclass(frozen=True)
 class PairSpec:
     """A base (SFT) model and its RL-tuned version, of one architecture family."""
@@ -50,6 +55,9 @@ class PairSpec:
     algorithm: str = ""  # label only: GRPO, PPO, DPO, ...
     notes: str = ""
     architecture: str = ""  # label only: llama, mistral, qwen2, gpt2 (the registry fills it in)
+    # label: the model family whose stages (SFT -> DPO -> RLVR, one lab, one base) the pair compares;
+    # the pairs of one family are offered together (eapcore.views.query.family_siblings)
+    family: str = field(default="", metadata=_KEYED_WHEN_SET)
 
 
 @dataclass(frozen=True)
@@ -126,11 +134,6 @@ class AnswersSpec:
     joined: str  # path of the joined jsonl file
 
 
-# Fields added after runs were cached: part of a spec's key only when set, so the keys of specs
-# that leave them unset (every run cached before them) do not change.
-_KEYED_WHEN_SET = {"key_when_set": True}
-
-
 @dataclass(frozen=True)
 class RunSpec:
     pair: PairSpec
@@ -152,11 +155,12 @@ def choices(cls: type, name: str) -> tuple[str, ...]:
     return typing.get_args(typing.get_type_hints(cls)[name])
 
 
-def _keyed_dict(spec: Any) -> dict[str, Any]:
-    """to_dict(spec) without the unset fields that are keyed only when set (top level)."""
-    unset = {f.name for f in dataclasses.fields(spec)
-             if f.metadata.get("key_when_set") and getattr(spec, f.name) is None}
-    return {k: v for k, v in to_dict(spec).items() if k not in unset}
+def _keyed_dict(spec: Any) -> Any:
+    """to_dict(spec) without the fields keyed only when set that are at their default, at every level."""
+    if not dataclasses.is_dataclass(spec):
+        return spec
+    return {f.name: _keyed_dict(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+            if not (f.metadata.get("key_when_set") and getattr(spec, f.name) == f.default)}
 
 
 def spec_key(spec: Any, length: int = 16) -> str:

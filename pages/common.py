@@ -159,6 +159,7 @@ def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = Tr
     runs = finished_runs() if runs is None else runs
     if not runs:
         return None
+    finished = runs
     sb = st.sidebar
     sb.markdown("**Run**")
     pair = url_select("Model pair", sorted({r.pair for r in runs}), "pair", container=sb)
@@ -188,7 +189,22 @@ def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = Tr
     sb.caption(f"run key `{chosen.key}` · {chosen.spec_dict.get('pair', {}).get('algorithm', '')}")
     sb.page_link(PAGES["run"], label="Open in the Run page", icon=":material/play_arrow:",
                  query_params=run_page_params(chosen.key), help="the Run page with this run's exact settings")
+    family_links(chosen, finished)
     return chosen
+
+
+def family_links(info: query.RunInfo, runs: list[query.RunInfo], container: Any = None) -> None:
+    """Links to the Compare page: run `info` against each run of another pair of its family on the
+    same settings (query.family_comparisons), at the side where the two pairs' models differ."""
+    siblings = query.family_comparisons(info, runs)
+    if siblings.empty:
+        return
+    container = container or st.sidebar
+    container.markdown(f"**Family: {info.spec_dict['pair']['family']}**")
+    for row in siblings.itertuples():
+        container.page_link(PAGES["compare"], label=f"Compare with {row.pair} ({row.side} models)",
+                            icon=":material/compare_arrows:", query_params={"a": info.key, "b": row.key, "side": row.side},
+                            help=f"this run (A) against {row.pair} (B) on the same settings; shared: {row.shared}")
 
 
 def run_page_params(key: str, **overrides: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Compare two runs: one model side of two runs that share a graph, edge by edge, with tests."""
 import streamlit as st
 
-from eapcore.views import compare, maps
+from eapcore.views import compare, maps, query
 from pages.common import (finished_runs, load, map_controls, map_summary, map_view, no_runs_message, page_header,
                           show_figure, show_table, url_select)
 
@@ -32,8 +32,11 @@ if not partners:
 sb = st.sidebar
 sb.markdown("**Runs**")
 a_key = url_select("Run A (the reference)", list(partners), "a", container=sb, format_func=lambda k: by_key[k].label)
-others = partners[a_key]
-b_key = url_select("Run B (compared with A)", others, "b", container=sb, format_func=lambda k: by_key[k].label)
+family = query.family_comparisons(by_key[a_key], runs).set_index("key")  # A's family's other pairs, listed first
+family = family[family.index.isin(partners[a_key])]
+others = list(family.index) + [k for k in partners[a_key] if k not in family.index]
+b_key = url_select("Run B (compared with A)", others, "b", container=sb,
+                   format_func=lambda k: by_key[k].label + (" · same family" if k in family.index else ""))
 side = url_select("Model of each run", list(compare.SIDES), "side", container=sb,
                   format_func=lambda s: f"{s} model", horizontal_radio=True)
 info_a, info_b = by_key[a_key], by_key[b_key]
@@ -42,6 +45,11 @@ if data_a is None or load(info_b) is None:
     st.stop()
 
 st.markdown(f"**A** · {info_a.label}  \n**B** · {info_b.label}")
+if b_key in family.index:
+    sib = family.loc[b_key]
+    st.info(f"A and B are pairs of one family ({info_a.spec_dict['pair']['family']}) with the same settings: B "
+            f"({sib['pair']}, {sib['algorithm']}) shares a model with A ({sib['shared']}), so their {sib['side']} "
+            "models are the ones to compare" + ("." if side == sib["side"] else f"; the {side} models are shown."))
 view, kind, level, log_color = map_controls(info_a.granularity)
 grids, fig = map_view(compare.compare_map, [info_a, info_b], (side, view, kind), data_a.graph.n_layers,
                       names=(f"Run A: {side} model", f"Run B: {side} model"), change_name="Relative change (B vs A)",

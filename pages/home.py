@@ -59,7 +59,8 @@ with left:
         counts = pd.Series([r.pair for r in finished]).value_counts() if finished else pd.Series(dtype=int)
         df = pd.DataFrame([{"pair": p.name, "base": p.base.name_or_path, "tuned": p.tuned.name_or_path,
                             "algorithm": p.algorithm, "architecture": getattr(p, "architecture", ""),
-                            "cached runs": int(counts.get(p.name, 0))} for p in pairs])
+                            "family": getattr(p, "family", ""), "cached runs": int(counts.get(p.name, 0))}
+                           for p in pairs])
         show_table(df, "model_pairs", "pairs", index=False)
     else:
         st.caption("The registry is not available; pairs seen in cached runs: "

@@ -103,8 +103,9 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
              n_heads: int = 4, n_kv_heads: int = 2, n: int = 12, n_questions: int = 40,
              acc_base: float = 0.55, acc_tuned: float = 0.75, effect: float = 1.0, seed: int = 0,
              algorithm: str = "GRPO", n_bootstrap: int = 200, n_permutations: int = 999,
-             models_dir: Path | None = None) -> str:
-    """Write one finished run under root/runs/<key>/ and return its key."""
+             models_dir: Path | None = None, family: str = "", models: tuple[str, str] | None = None) -> str:
+    """Write one finished run under root/runs/<key>/ and return its key. `models`: the base and
+    tuned model folders' names (default: from the pair's name), so pairs of a `family` share models."""
     import torch  # noqa: F401  (Graph's mask is a torch tensor)
     from safetensors.numpy import save_file
 
@@ -116,10 +117,10 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
     root = Path(root)
     models_dir = models_dir or root / "models"
     rng = np.random.default_rng([seed, sum(map(ord, pair + dataset + group + granularity))])
-    base_dir = write_char_tokenizer(models_dir / f"{pair.lower()}-base")
-    tuned_dir = write_char_tokenizer(models_dir / f"{pair.lower()}-tuned")
+    base_dir, tuned_dir = (write_char_tokenizer(models_dir / name)
+                           for name in models or (f"{pair.lower()}-base", f"{pair.lower()}-tuned"))
     spec = RunSpec(
-        pair=PairSpec(pair, ModelSpec(str(base_dir)), ModelSpec(str(tuned_dir)), algorithm=algorithm),
+        pair=PairSpec(pair, ModelSpec(str(base_dir)), ModelSpec(str(tuned_dir)), algorithm=algorithm, family=family),
         dataset=DatasetSpec(dataset),
         selection=SelectionSettings(alpha=alpha, n=n, group=group),
         attribution=AttributionSettings(granularity=granularity),

@@ -108,7 +108,11 @@ def test_templates_are_exactly_method_md():
     assert format_prompt(q, "qwen25-math-cot") == (
         "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
         "<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n")
-    assert set(TEMPLATES) == {"deepseek-math", "mistral", "qwen25-math-cot"}
+    turn = ("<|user|>\n" + q + "\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
+            "<|assistant|>\n")
+    assert format_prompt(q, "tulu3") == format_prompt(q, "olmo2-1b") == turn
+    assert format_prompt(q, "olmo2") == "<|endoftext|>" + turn
+    assert set(TEMPLATES) == {"deepseek-math", "mistral", "qwen25-math-cot", "tulu3", "olmo2", "olmo2-1b"}
 
 
 def test_custom_and_unknown_templates():

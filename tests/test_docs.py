@@ -42,3 +42,16 @@ def test_stated_defaults_are_the_settings_defaults():
                   f'(`kurtosis = "{m.kurtosis}"`, `kurtosis_of = "{m.kurtosis_of}"`)', f"`histogram`, {m.histogram_bins} bins",
                   f'`AttributionSettings.loss = "{a.loss}"`', f"(`AttributionSettings.dtype`, default {a.dtype})"):
         assert claim in text, claim
+
+
+def test_family_table_is_the_registry():
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in METHOD.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| family")]
+    table = [r for r in rows if len(r) == 7]
+    assert table == [[p.family, p.name, p.base.name_or_path, p.tuned.name_or_path, p.algorithm, p.template,
+                      str(p.max_new_tokens)] for p in registry.FAMILY_PAIRS]
+    text = " ".join(METHOD.read_text().split())
+    from eapcore.answers.data import TEMPLATE_STOPS
+
+    for template, stops in TEMPLATE_STOPS.items():
+        assert all(f"`{stop}`" in text for stop in stops) and f"`{template}`" in text

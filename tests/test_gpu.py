@@ -14,13 +14,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def small_model(arch: str, dtype, device, window: int | None = None) -> LoadedModel:
-    """4 layers, width 256; Mistral with an attention window of `window` (default: 4096, unused)."""
+    """4 layers, width 256; Mistral with an attention window of `window` (default: 4096, unused);
+    Qwen3 with heads of 32 (its config's default is 128) and per-head q/k norms, OLMo 2 with its
+    q/k and output norms."""
     import transformers as tf
 
-    cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[arch]
+    cls = {"qwen2": tf.Qwen2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen3": tf.Qwen3Config,
+           "olmo2": tf.Olmo2Config}[arch]
     cfg = cls(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, tie_word_embeddings=False,
-              **({"sliding_window": window} if window else {}))
+              bos_token_id=1, eos_token_id=2, **({"sliding_window": window} if window else {}), **({"head_dim": 32} if arch == "qwen3" else {}))
     torch.manual_seed(0)
     hf = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -48,7 +51,8 @@ def compare(out, ref, mask):
     return rel, corr
 
 
-@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", None), ("mistral", 128)])
+@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", None), ("mistral", 128), ("qwen3", None),
+                                         ("olmo2", None)])
 @pytest.mark.parametrize("granularity", ["layer", "head"])
 def test_cuda_matches_cpu(arch, window, granularity):
     """float32 on CUDA equals the CPU path; bf16 on CUDA stays within bf16 rounding of it. With a
@@ -65,7 +69,7 @@ def test_cuda_matches_cpu(arch, window, granularity):
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "qwen3", "olmo2"])
 def test_adapter_forward_equals_model_in_bf16_on_cuda(arch):
     m = small_model(arch, torch.bfloat16, "cuda")
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
@@ -135,3 +139,23 @@ def test_windowed_attention_on_cuda_equals_float64(kernel, dtype):
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + grads, (ref,) + ref_grads):
         err = ((a.double() - b).abs().max() / b.abs().max()).item()
         assert err < tol, f"{kernel} {dtype} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_model_spread_over_two_gpus_equals_one_gpu(tmp_path, granularity):
+    """The layers on cuda:0 and cuda:1 (eapcore.engine.placement): the same scores and loss, bit
+    for bit, as the whole model on cuda:0 (the same kernels on the same shapes; the sources are
+    gathered to each destination's device), in float32 and bfloat16."""
+    from eapcore.engine.models import load_model
+
+    m = small_model("qwen2", torch.float32, "cpu")
+    m.hf.save_pretrained(tmp_path)
+    batch, graph, _, _ = batch_and_reference("qwen2", granularity)
+    for dtype in ("float32", "bfloat16"):
+        one = load_model(str(tmp_path), dtype, "cuda:0", with_tokenizer=False)
+        two = load_model(str(tmp_path), dtype, with_tokenizer=False, devices=["cuda:0", "cuda:1"])
+        assert {d.index for d in two.adapter.device_map} == {0, 1}
+        ref, ref_loss = attribute_batch(one, batch, graph)
+        out, loss = attribute_batch(two, batch, graph)
+        assert torch.equal(out.cpu(), ref.cpu()) and torch.equal(loss.cpu(), ref_loss.cpu()), dtype

@@ -34,6 +34,7 @@ def test_pyproject_dependencies_are_the_requirements_files():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
     assert project["project"]["optional-dependencies"]["dev"] == requirement_lines(ROOT / "requirements-dev.txt")
+    assert set(project["project"]["optional-dependencies"]["ray"]) <= set(requirement_lines(ROOT / "requirements-dev.txt"))
     assert project["project"]["scripts"] == {"eapcore": "eapcore.cli:main"}
     listed = set(project["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "eapcore").rglob("__init__.py")}

@@ -561,3 +561,53 @@ def test_finished_runs_link_to_their_spec_on_the_run_page(monkeypatch, cache):
     key = opened.query_string.removeprefix("from=")
     again = _app(monkeypatch, cache, "pages/run.py", {"from": key})
     assert _page_key(again) == key and "Already cached" in " ".join(s.value for s in again.success)
+
+
+def test_home_lists_the_pairs_with_their_family(monkeypatch, cache):
+    from eapcore.runs import registry
+
+    at = _app(monkeypatch, cache, "pages/home.py")
+    table = next(df.value for df in at.dataframe if "family" in df.value.columns)
+    family = dict(zip(table["pair"], table["family"]))
+    assert {name: family[name] for name in (p.name for p in registry.FAMILY_PAIRS)} == \
+        {p.name: p.family for p in registry.FAMILY_PAIRS}
+    assert family["DeepSeek-Math"] == ""
+
+
+@pytest.fixture(scope="module")
+def family_cache(tmp_path_factory):
+    """A family's three pairs (SFT vs DPO, SFT vs RLVR, DPO vs RLVR) on one dataset and settings,
+    sharing their models, and a run of the SFT vs DPO pair at another alpha."""
+    from fake_runs import make_run
+
+    root = tmp_path_factory.mktemp("family-cache")
+    keys = {}
+    for (a, b), effect in zip((("sft", "dpo"), ("sft", "rlvr"), ("dpo", "rlvr")), (0.5, 1.0, 0.6)):
+        name = f"Fam: {a.upper()} vs {b.upper()}"
+        keys[name] = make_run(root, pair=name, dataset="gsm8k", alpha=0.5, effect=effect, family="Fam",
+                              algorithm=b.upper(), models=(a, b), n_bootstrap=50, n_permutations=99)
+    keys["other alpha"] = make_run(root, pair="Fam: SFT vs DPO", dataset="gsm8k", alpha=0.1, family="Fam",
+                                   algorithm="DPO", models=("sft", "dpo"), n_bootstrap=50, n_permutations=99)
+    return root, keys
+
+
+def test_a_family_runs_pages_link_its_comparisons(monkeypatch, family_cache):
+    """A single-run page of a family pair links the Compare page with each other pair of its family
+    on the same settings (A = this run, B = the other, at the side where their models differ), and
+    the Compare page lists those runs first for B and says what the two pairs share."""
+    root, keys = family_cache
+    at = _app(monkeypatch, root, "pages/heatmaps.py", {"pair": "Fam: SFT vs RLVR", "dataset": "gsm8k", "alpha": "0.5"})
+    family = [el.proto for el in at.get("page_link") if el.proto.label.startswith("Compare with")]
+    # a family that is not registered: its pairs by name (a registered one: in the registry's order)
+    assert [link.label for link in family] == ["Compare with Fam: DPO vs RLVR (base models)",
+                                               "Compare with Fam: SFT vs DPO (tuned models)"]
+    a = keys["Fam: SFT vs RLVR"]
+    assert [link.query_string for link in family] == [f"a={a}&b={keys['Fam: DPO vs RLVR']}&side=base",
+                                                      f"a={a}&b={keys['Fam: SFT vs DPO']}&side=tuned"]
+    at = _app(monkeypatch, root, "pages/compare.py", {"a": a, "b": keys["Fam: DPO vs RLVR"], "side": "base"})
+    options = at.selectbox(key="w_b").options
+    assert len(options) == 3 and all(o.endswith("· same family") for o in options[:2])
+    assert not options[2].endswith("· same family")  # SFT vs DPO at another alpha: comparable, not a sibling
+    info = " ".join(i.value for i in at.info)
+    assert "one family (Fam)" in info and "tuned: " in info and "base models are the ones to compare." in info
+    assert _figures(at)[0]["layout"]["annotations"][0]["text"] == "Run A: base model"

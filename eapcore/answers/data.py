@@ -41,12 +41,24 @@ BUILTIN_SOURCES: dict[str, str] = {
 _QUESTION_KEYS = ("question", "problem", "query")
 _INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
+# The Tülu 3 / OLMo 2 chat format for one user turn (question + instruction) and the assistant's
+# turn: what the chat templates in those models' tokenizers write (docs/METHOD.md, "Families").
+_TULU = "<|user|>\n{question}\n" + _INSTRUCTION + "\n<|assistant|>\n"
 # Prompt templates by family (docs/METHOD.md, "Answers"); "{question}" is replaced by the question text.
 TEMPLATES: dict[str, str] = {
     "deepseek-math": "User: {question}\n" + _INSTRUCTION + "\n\nAssistant:",
     "mistral": "[INST] {question}[/INST]",
     "qwen25-math-cot": ("<|im_start|>system\n" + _INSTRUCTION + "<|im_end|>\n"
                         "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"),
+    "tulu3": _TULU,  # Llama 3.1's tokenizer adds its BOS, <|begin_of_text|>, in front
+    "olmo2": "<|endoftext|>" + _TULU,  # OLMo 2 1124 (7B, 13B): the template writes the BOS, <|endoftext|>
+    "olmo2-1b": _TULU,  # OLMo 2 0425 1B: no BOS before the turn (its model card)
+}
+# The token that ends the assistant's turn under a template (the family's EOS, which its chat
+# template writes after each answer): generation stops there as well as at the model's own EOS
+# (generation_config and tokenizer), and refuses a tokenizer that lacks it.
+TEMPLATE_STOPS: dict[str, tuple[str, ...]] = {
+    "tulu3": ("<|end_of_text|>",), "olmo2": ("<|endoftext|>",), "olmo2-1b": ("<|endoftext|>",),
 }
 # Not a fixed string: the tokenizer's own chat template, one user turn = question + instruction.
 CHAT_TEMPLATE = "chat"
@@ -236,6 +248,17 @@ def format_prompt(question: str, template: str, tokenizer: Any = None) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{_INSTRUCTION}"}],
                                              tokenize=False, add_generation_prompt=True)
     return resolved.replace("{question}", question)
+
+
+def stop_ids(tokenizer: Any, template: str) -> set[int]:
+    """Token ids of the template's stop tokens (TEMPLATE_STOPS; none for other templates); ValueError
+    when the tokenizer does not have one of them as a single token (a model of another family)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TEMPLATE_STOPS.get(template, ()) if t not in vocab]
+    if missing:
+        raise ValueError(f"template {template!r} ends answers at {', '.join(missing)}, which this model's tokenizer "
+                         f"does not have as a token: use the template of the model's own family")
+    return {vocab[t] for t in TEMPLATE_STOPS.get(template, ())}
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from eapcore import modelfiles
-from eapcore.answers.data import Problem, encode_prompt, format_prompt, load_problems
+from eapcore.answers.data import TEMPLATES, Problem, encode_prompt, format_prompt, load_problems, stop_ids
 from eapcore.answers.grading import accuracy, extract_answer, grade_pairs, scores_of
 from eapcore.files import write_bytes_atomic
 from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
@@ -78,15 +78,17 @@ def load_causal_lm(model: ModelSpec, dtype: str = "float32", device: str | None 
 
 @dataclass
 class TransformersBackend:
-    """Greedy `generate` with left padding; answers cut after the first EOS."""
+    """Greedy `generate` with left padding; answers cut after the first EOS (the model's, or one of
+    `stops`: the template's, data.stop_ids)."""
 
     model: Any
     tokenizer: Any
+    stops: set[int] = field(default_factory=set)
     eos_ids: set[int] = field(init=False)
     pad_id: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer) | self.stops
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
 
@@ -126,13 +128,14 @@ class VLLMBackend:
     def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=sorted(self.eos_ids))
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [cut_at_eos(o.outputs[0].token_ids, self.eos_ids) for o in outs]
 
 
-def make_backend(model: ModelSpec, settings: GenerationSettings) -> tuple[Backend, Any]:
-    """(backend, tokenizer) for `model` (module docstring: which backend "auto" picks)."""
+def make_backend(model: ModelSpec, settings: GenerationSettings, template: str = "") -> tuple[Backend, Any]:
+    """(backend, tokenizer) for `model` (module docstring: which backend "auto" picks); answers also
+    stop at the prompt template's stop tokens (data.TEMPLATE_STOPS)."""
     import dataclasses
     import importlib.util
 
@@ -144,15 +147,16 @@ def make_backend(model: ModelSpec, settings: GenerationSettings) -> tuple[Backen
     # a GGUF file or a LoRA adapter becomes a plain folder (cached)
     model = dataclasses.replace(model, name_or_path=local_folder(model.name_or_path, model.revision))
     tokenizer = load_tokenizer(model)
+    stops = stop_ids(tokenizer, template)
     use_vllm = settings.backend == "vllm" or (
         settings.backend == "auto" and importlib.util.find_spec("vllm") is not None and torch.cuda.is_available())
     if use_vllm:
         if importlib.util.find_spec("vllm") is None:
             raise ValueError("backend 'vllm' requested but vllm is not installed; use 'continuous' or 'transformers'")
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        return VLLMBackend(model, settings.dtype, eos), tokenizer
+        return VLLMBackend(model, settings.dtype, eos | stops), tokenizer
     lm = load_causal_lm(model, settings.dtype)
-    plain = TransformersBackend(lm, tokenizer)
+    plain = TransformersBackend(lm, tokenizer, stops)
     if settings.backend in ("auto", "continuous"):
         reason = unsupported_reason(lm)
         if reason is None:
@@ -347,7 +351,7 @@ def command(argv: list[str]) -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, help="first N problems only")
     ap.add_argument("--template", default="deepseek-math",
-                    help="deepseek-math, mistral, qwen25-math-cot, chat, or a custom string with {question}")
+                    help=f"{', '.join(TEMPLATES)}, chat, or a custom string with {{question}}")
     ap.add_argument("--max-new-tokens", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size,
                     help="sequences decoded together (0: from free memory)")
@@ -367,7 +371,8 @@ def command(argv: list[str]) -> int:
         if read.problems:
             print(read.summary(), file=sys.stderr)
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.backend, args.dtype)
-        backend, tokenizer = make_backend(ModelSpec(args.model, args.revision, args.trust_remote_code), settings)
+        backend, tokenizer = make_backend(ModelSpec(args.model, args.revision, args.trust_remote_code), settings,
+                                          args.template)
         result = generate_answers(problems, args.out, backend, tokenizer, args.template,
                                   args.max_new_tokens, args.batch_size, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:

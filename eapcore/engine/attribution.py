@@ -28,7 +28,8 @@ The loop, per batch of right-padded samples:
      and then freed.
 Memory is the model, the stored residual streams and sources (about (3L+1) x T x d values per
 sample), the kept layers' state and one layer's working set (`memory_per_token`); nothing grows
-with T^2 (fused attention).
+with T^2 (fused attention). A model whose layers are spread over devices (Adapter.device_map,
+eapcore.engine.placement) runs each layer on its device, with the same scores (`_Stores`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Container, Sequence
 
 import torch
 
@@ -225,20 +226,31 @@ def contract(src: torch.Tensor, dst: torch.Tensor, block_bytes: int = CONTRACT_B
 
 class _Sources:
     """What each source node wrote into the residual stream, per sample and position, source-major
-    (so a block of sources is one strided view and head outputs are written into place).
+    (so a block of sources is one strided view and head outputs are written into place), for the
+    source nodes of the first `n_layers` layers (all by default).
 
     Layer granularity: `resid` [2L+1, B, T, d] in forward-node order.
     Head granularity:  `resid` [L+1, B, T, d] (input, m0 .. m{L-1}) and `z` [L, B, T, H*dh], the
     per-head attention values; head h of layer l writes z_h @ W_O[h] (formed on demand)."""
 
-    def __init__(self, graph: Graph, adapter: Adapter, B: int, T: int, dtype, device):
-        self.graph, self.adapter = graph, adapter
-        L, d = graph.n_layers, adapter.d_model
-        n_resid = graph.n_forward if graph.granularity == "layer" else L + 1
+    def __init__(self, graph: Graph, adapter: Adapter, B: int, T: int, dtype, device, n_layers: int | None = None):
+        self.graph, self.adapter, self.device = graph, adapter, torch.device(device)
+        L, d = graph.n_layers if n_layers is None else n_layers, adapter.d_model
+        n_resid = graph.mlp_source(L - 1) + 1 if graph.granularity == "layer" else L + 1
         self.resid = torch.zeros(n_resid, B, T, d, dtype=dtype, device=device)
         self.z = None if graph.granularity == "layer" else \
             torch.zeros(L, B, T, adapter.n_heads * adapter.d_head, dtype=dtype, device=device)
         self._w_o: dict[int, torch.Tensor] = {}
+
+    def copy_layers(self, other: "_Sources", layers: range) -> None:
+        """Copy the sources of `layers` (and the input with layer 0) from `other`, another device's store."""
+        g = self.graph
+        if g.granularity == "layer":
+            rows = slice(0 if layers.start == 0 else g.attn_sources(layers.start).start, g.mlp_source(layers[-1]) + 1)
+        else:
+            rows = slice(0 if layers.start == 0 else 1 + layers.start, 1 + layers.stop)
+            self.z[layers.start: layers.stop] = other.z[layers.start: layers.stop].to(self.device)
+        self.resid[rows] = other.resid[rows].to(self.device)
 
     def put(self, node: str, layer: int | None, value: torch.Tensor):
         g = self.graph
@@ -263,7 +275,7 @@ class _Sources:
             if heads.start >= n:
                 break
             if l not in self._w_o:
-                self._w_o[l] = ad.head_out_weight(l)
+                self._w_o[l] = ad.head_out_weight(l).to(self.device)
             h = min(heads.stop, n) - heads.start
             z = self.z[l, :, t0:t1].unflatten(-1, (ad.n_heads, ad.d_head))[:, :, :h]
             per_head(z, self._w_o[l][:h], out[heads.start: heads.start + h])
@@ -273,7 +285,7 @@ class _Sources:
 
     def scale_(self, factor: float, mask: torch.Tensor):
         """Multiply by `factor` and zero padded positions (mask [B, T])."""
-        m = mask[None, :, :, None].to(self.resid.dtype) * factor
+        m = mask[None, :, :, None].to(self.device, self.resid.dtype) * factor
         self.resid.mul_(m)
         if self.z is not None:
             self.z.mul_(m)
@@ -282,6 +294,59 @@ class _Sources:
         self.resid.sub_(other.resid)
         if self.z is not None:
             self.z.sub_(other.z)
+
+
+class _Stores:
+    """The sources of a model whose layers are spread over devices (Adapter.device_map): one
+    `_Sources` per run of consecutive layers on one device, on that device, holding the sources
+    of every layer up to its last. The forward writes each layer's sources on its own device;
+    `gather` then copies the earlier devices' sources into each later store once per batch, so
+    every contraction is the single-device one (the same sources, shapes and order) on the
+    destination's device, and only destination gradients stay where they are. With one device
+    this is one `_Sources`."""
+
+    def __init__(self, graph: Graph, adapter: Adapter, B: int, T: int, dtype):
+        self.graph = graph
+        self.segments = layer_segments(adapter)
+        self.stores = [_Sources(graph, adapter, B, T, dtype, dev, layers.stop) for dev, layers in self.segments]
+        self._of_layer = {l: i for i, (_, layers) in enumerate(self.segments) for l in layers}
+
+    def put(self, node: str, layer: int | None, value: torch.Tensor):
+        store = self.stores[0 if layer is None else self._of_layer[layer]]
+        store.put(node, layer, value.to(store.device))
+
+    def of_layer(self, layer: int) -> _Sources:
+        """The store on `layer`'s device (every source before the layer, once gathered)."""
+        return self.stores[self._of_layer[layer]]
+
+    @property
+    def last(self) -> _Sources:
+        return self.stores[-1]
+
+    def gather(self):
+        for i, store in enumerate(self.stores):
+            for earlier, (_, layers) in zip(self.stores[:i], self.segments):
+                store.copy_layers(earlier, layers)
+
+    def scale_(self, factor: float, mask: torch.Tensor):
+        for store in self.stores:
+            store.scale_(factor, mask)
+
+    def sub_(self, other: "_Stores"):
+        for store, theirs in zip(self.stores, other.stores):
+            store.sub_(theirs)
+
+
+def layer_segments(adapter: Adapter) -> list[tuple[torch.device, range]]:
+    """Runs of consecutive layers on one device, in order: [(device, layers)]."""
+    out: list[tuple[torch.device, range]] = []
+    for l in range(adapter.n_layers):
+        dev = adapter.layer_device(l)
+        if out and out[-1][0] == dev:
+            out[-1] = (dev, range(out[-1][1].start, l + 1))
+        else:
+            out.append((dev, range(l, l + 1)))
+    return out
 
 
 @dataclass
@@ -319,28 +384,30 @@ def _layer(adapter: Adapter, l: int, x: torch.Tensor, grad: bool, split_qkv: boo
     return _Layer(leaves, () if split_qkv else (q, k, v), z, a, xm, m)
 
 
-def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Sources | None,
-             keep: int = 0) -> tuple[list[torch.Tensor], dict[int, _Layer]]:
-    """Run the layers from embeddings e [B,T,d].
+def _forward(adapter: Adapter, graph: Graph, e: torch.Tensor, sources: _Stores | None,
+             keep: Container[int] = ()) -> tuple[list[torch.Tensor], dict[int, _Layer]]:
+    """Run the layers from embeddings e [B,T,d], each on its device (the residual stream moves
+    at device boundaries).
 
-    Returns the residual stream before each layer and after the last ([L+1] x [B,T,d]) and the
-    autograd state of the last `keep` layers (the backward recomputes the others); fills
-    `sources` if given."""
-    resid, kept = [e], {}
+    Returns the residual stream before each layer and after the last ([L+1] x [B,T,d], each on
+    its layer's device) and the autograd state of the layers in `keep` (the backward recomputes
+    the others); fills `sources` if given."""
+    resid, kept = [], {}
     x = e
     if sources is not None:
         sources.put("input", None, e)
     for l in range(graph.n_layers):
-        grad = l >= graph.n_layers - keep
+        x = x.to(adapter.layer_device(l))
+        resid.append(x)
+        grad = l in keep
         st = _layer(adapter, l, x, grad, graph.granularity == "layer")
         x = st.xm.detach() + st.mlp.detach()
-        resid.append(x)
         if grad:
             kept[l] = st
         if sources is not None:
             sources.put("attn", l, st.attn.detach() if graph.granularity == "layer" else st.z.detach())
             sources.put("mlp", l, st.mlp.detach())
-    return resid, kept
+    return resid + [x], kept
 
 
 def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv, g_m, t0: int, t1: int) -> torch.Tensor:
@@ -364,9 +431,10 @@ def _head_destinations(adapter: Adapter, layer: int, x: torch.Tensor, dq, dk, dv
 
 
 def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: dict[int, _Layer],
-              g_final: torch.Tensor, sources: _Sources, scores: torch.Tensor, weight: float, opts: EngineOptions):
+              g_final: torch.Tensor, sources: _Stores, scores: torch.Tensor, weight: float, opts: EngineOptions):
     """Walk the layers from last to first, adding weight * <sources, destination grads> to
-    scores [B, F, Bk] (float32). Layers not in `kept` are recomputed."""
+    scores [B, F, Bk] (float32). Layers not in `kept` are recomputed. Each layer's gradients stay
+    on its device and are contracted there with the gathered sources (_Stores)."""
     dtype = resid[0].dtype
     B, T, d = g_final.shape
     head = graph.granularity == "head"
@@ -375,18 +443,20 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
     per_position = B * d * g_final.element_size() * (graph.n_forward + 6 * graph.dst_per_layer)
     chunk = opts.position_chunk or max(1, min(T, head_block_bytes(g_final.device) // per_position))
 
-    def add(n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
-        """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [V,B,T,d]>; at head
-        granularity one block of positions at a time (sources and callable dst are formed per block)."""
+    def add(store: _Sources, n_src: int, dst_cols: slice, dst: torch.Tensor | Callable[[int, int], torch.Tensor]):
+        """scores[:, :n_src, dst_cols] += weight * <first n_src sources, dst [V,B,T,d]> on the
+        store's device; at head granularity one block of positions at a time (sources and
+        callable dst are formed per block)."""
         step = chunk if head else T
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
-            d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1]  # [V, B, c, d]
-            scores[:, :n_src, dst_cols] += weight * contract(sources.block(n_src, t0, t1), d_blk)
+            d_blk = dst(t0, t1) if callable(dst) else dst[:, :, t0:t1].to(store.device)  # [V, B, c, d]
+            scores[:, :n_src, dst_cols] += (weight * contract(store.block(n_src, t0, t1), d_blk)).to(scores.device)
 
+    add(sources.last, graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[None])
     g = g_final.float()  # dL/d(residual stream), float32, updated in place layer by layer
-    add(graph.n_forward, slice(graph.n_backward - 1, graph.n_backward), g_final[None])
     for l in reversed(range(graph.n_layers)):
+        g = g.to(resid[l].device)
         st = kept.pop(l, None) or _layer(adapter, l, resid[l], True, not head)
         (g_m,) = torch.autograd.grad(st.mlp, st.xm, g.to(dtype))
         g.add_(g_m)  # now at the MLP's residual input
@@ -400,10 +470,10 @@ def _backward(adapter: Adapter, graph: Graph, resid: list[torch.Tensor], kept: d
         if head:
             dq, dk, dv = grads[1:]
             x = resid[l]
-            add(n_mlp, cols, lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, g_m, t0, t1))
+            add(sources.of_layer(l), n_mlp, cols, lambda t0, t1: _head_destinations(adapter, l, x, dq, dk, dv, g_m, t0, t1))
             g.add_(grads[0])
         else:
-            add(n_mlp, cols, torch.stack(grads + (g_m,)))
+            add(sources.of_layer(l), n_mlp, cols, torch.stack(grads + (g_m,)))
             for gi in grads:
                 g.add_(gi)
 
@@ -459,22 +529,32 @@ def free_cuda_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def layers_to_keep(adapter: Adapter, graph: Graph, B: int, T: int, opts: EngineOptions, device, dtype) -> int:
-    """How many layers' graphs the forward keeps: opts.keep_graph_layers, or as many as fit in the
-    free GPU memory once the stored activations and the backward's working set are set aside, with
-    room to recompute one more layer (on CPU: up to 2 GiB of them). Call after allocating the sources."""
+def layers_to_keep(adapter: Adapter, graph: Graph, B: int, T: int, opts: EngineOptions, dtype) -> set[int]:
+    """The layers whose graphs the forward keeps: the last opts.keep_graph_layers, or on each
+    device the last of its layers that fit in its free GPU memory once the stored activations and
+    the backward's working set are set aside, with room to recompute one more layer (on the
+    CPU: up to 2 GiB of them). Call after allocating the sources."""
+    L = adapter.n_layers
     if opts.keep_graph_layers is not None:
-        return min(opts.keep_graph_layers, adapter.n_layers)
+        return set(range(L - min(opts.keep_graph_layers, L), L))
     dtype_bytes = torch.finfo(dtype).bits // 8
     mem = memory_per_token(adapter, graph, dtype_bytes)
     per_layer = mem["graph"] * B * T
-    if torch.device(device).type == "cuda":
-        resid = (adapter.n_layers + 1) * adapter.d_model * dtype_bytes * B * T
-        budget = KEEP_GRAPH_FRACTION * (free_cuda_bytes(device) - resid - mem["working"] * B * T
-                        - fixed_bytes(adapter, graph, device)) - per_layer
-    else:
-        budget = CPU_KEEP_GRAPH_BYTES
-    return int(max(0, min(adapter.n_layers, budget // max(per_layer, 1))))
+    pools: dict[torch.device, list[int]] = {}  # one memory per GPU; the CPU's is shared
+    for l in range(L):
+        dev = adapter.layer_device(l)
+        pools.setdefault(dev if dev.type == "cuda" else torch.device("cpu"), []).append(l)
+    keep: set[int] = set()
+    for dev, layers in pools.items():
+        if dev.type == "cuda":
+            resid = (len(layers) + 1) * adapter.d_model * dtype_bytes * B * T
+            budget = KEEP_GRAPH_FRACTION * (free_cuda_bytes(dev) - resid - mem["working"] * B * T
+                                            - fixed_bytes(adapter, graph, dev)) - per_layer
+        else:
+            budget = CPU_KEEP_GRAPH_BYTES
+        n = int(max(0, min(len(layers), budget // max(per_layer, 1))))
+        keep.update(layers[len(layers) - n:])
+    return keep
 
 
 def fit_batch_tokens(adapter: Adapter, graph: Graph, dtype_bytes: int, free_bytes: int, device) -> int:
@@ -495,32 +575,34 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
         raise AttributionError(f"ablation must be 'zero' or 'corrupted', not {ablation!r}")
     if ablation == "corrupted" and batch.corrupt_ids is None:
         raise AttributionError("clean/corrupted EAP needs corrupted inputs (corrupt_ids)")
-    dev = adapter.hf.device if hasattr(adapter.hf, "device") else next(adapter.hf.parameters()).device
+    dev = adapter.embed_device
     batch = batch.to(dev)
+    at_head = batch.to(adapter.head_device)
     dtype = next(adapter.hf.parameters()).dtype
     B, T = batch.ids.shape
     mask = batch.position_mask
-    loss_of = lambda x: loss_fn(adapter, x, batch)  # noqa: E731
+    loss_of = lambda x: loss_fn(adapter, x.to(adapter.head_device), at_head)  # noqa: E731
     scores = torch.zeros(B, graph.n_forward, graph.n_backward, dtype=torch.float32, device=dev)
 
     with torch.no_grad():
         e_clean = adapter.embed(batch.ids)
     if ablation == "zero" and ig_steps == 0:  # the paper's setting: one pass does it all
-        sources = _Sources(graph, adapter, B, T, dtype, dev)
-        keep = layers_to_keep(adapter, graph, B, T, opts, dev, dtype)
+        sources = _Stores(graph, adapter, B, T, dtype)
+        keep = layers_to_keep(adapter, graph, B, T, opts, dtype)
         resid, kept = _forward(adapter, graph, e_clean, sources, keep)
         sources.scale_(-1.0, mask)
+        sources.gather()
         loss, g_final = loss_of(resid[-1])
         _backward(adapter, graph, resid, kept, g_final, sources, scores, 1.0, opts)
     else:
-        sources = _Sources(graph, adapter, B, T, dtype, dev)
+        sources = _Stores(graph, adapter, B, T, dtype)
         resid, _ = _forward(adapter, graph, e_clean, sources)
         loss = loss_of(resid[-1])[0]  # the clean loss, reported in every mode
         del resid
         if ablation == "corrupted":
             with torch.no_grad():
                 e_base = adapter.embed(batch.corrupt_ids)
-            corrupted = _Sources(graph, adapter, B, T, dtype, dev)
+            corrupted = _Stores(graph, adapter, B, T, dtype)
             _forward(adapter, graph, e_base, corrupted)[0].clear()
             corrupted.sub_(sources)  # a_corrupted - a_clean
             sources = corrupted
@@ -528,7 +610,8 @@ def attribute_batch(model: LoadedModel | Adapter, batch: Batch, graph: Graph, lo
         else:
             e_base = torch.zeros_like(e_clean)
             sources.scale_(-1.0, mask)
-        keep = layers_to_keep(adapter, graph, B, T, opts, dev, dtype)
+        sources.gather()
+        keep = layers_to_keep(adapter, graph, B, T, opts, dtype)
         for e in ig_points(e_clean, e_base, ig_steps):
             resid, kept = _forward(adapter, graph, e, None, keep)
             _backward(adapter, graph, resid, kept, loss_of(resid[-1])[1], sources, scores, 1.0 / max(ig_steps, 1),

@@ -23,7 +23,7 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,9 +153,12 @@ class LoadedModel:
 
 
 def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", revision: str | None = None,
-               trust_remote_code: bool = False, with_tokenizer: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, with_tokenizer: bool = True,
+               devices: Sequence[str] | None = None) -> LoadedModel:
     """Load a checkpoint for attribution: eval mode, frozen weights, on `device` in `dtype`,
-    its adapter checked against the model itself (`check_conformance`)."""
+    its adapter checked against the model itself (`check_conformance`). devices: spread the
+    layers over these devices instead (a model too large for one GPU; loaded on the CPU first,
+    placed by eapcore.engine.placement balanced on the devices' free memory)."""
     from eapcore.engine import checkpoints
 
     if dtype not in DTYPES:
@@ -167,11 +170,20 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
         raise ModelLoadError(f"could not load {name_or_path!r}: {err}") from None
     config = load_config(name_or_path, revision, trust_remote_code)
     arch = check_architecture(config)
-    dev = resolve_device(device)
+    dev = resolve_device(device) if not devices else torch.device("cpu")
+    for d in devices or ():
+        resolve_device(str(d))  # a clear error for a CUDA device on a machine without one
     hf = _engine_error(modelfiles.load_causal_lm, name_or_path, revision, trust_remote_code, dtype=DTYPES[dtype])
     hf.to(dev).eval().requires_grad_(False)
     tok = _engine_error(modelfiles.load_tokenizer, name_or_path, revision, trust_remote_code) if with_tokenizer else None
     model = LoadedModel(name, hf, tok, make_adapter(hf, arch), arch)
+    if devices:
+        from eapcore.engine import placement
+
+        try:
+            placement.dispatch(model.adapter, placement.balanced_map(model.adapter, devices))
+        except ValueError as err:
+            raise ModelLoadError(f"{name}: {err}") from None
     check_conformance(model)
     return model
 
@@ -212,14 +224,16 @@ def check_conformance(model: LoadedModel, probe_len: int = 12) -> dict[str, floa
     errors = {}
     for name, rows in probes.items():
         T = rows[0]
-        mask = torch.arange(T, device=model.device)[None] < torch.tensor(rows, device=model.device)[:, None]
-        ids = torch.randint(0, vocab, (len(rows), T), generator=torch.Generator().manual_seed(T)).to(model.device)
+        dev = ad.embed_device  # the model may be spread over devices (its outputs on ad.head_device)
+        mask = torch.arange(T, device=dev)[None] < torch.tensor(rows, device=dev)[:, None]
+        ids = torch.randint(0, vocab, (len(rows), T), generator=torch.Generator().manual_seed(T)).to(dev)
         ids = ids.masked_fill(~mask, 0)
         with torch.no_grad():
             ours = ad.final_hidden(ad.embed(ids))
             theirs = hf.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
             last = hf(input_ids=ids[:1], logits_to_keep=4).logits[0].float()
             ours_last = ad.unembed(ours[0, -4:]).float()
+        mask = mask.to(ours.device)
         err = max(((ours - theirs).float()[mask].abs().max() / theirs.float()[mask].abs().max()).item(),
                   ((ours_last - last).abs().max() / last.abs().max()).item())
         errors[name] = err
@@ -261,12 +275,40 @@ class Adapter:
     d_head: int
     windows: list[int | None]  # each layer's attention window (None: full causal)
     attention_kernel: str | None = None  # windowed attention kernel (windowed_attention.KERNELS; None: auto)
+    device_map: list[torch.device] | None = None  # each layer's device when spread (placement.dispatch)
 
     def __init__(self, hf):
         self.hf = hf
         self.config = hf.config
 
-    # every method below: one step of the residual-stream computation
+    # the modules by role (eapcore.engine.placement puts them on devices) and where they are
+    def embed_modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def layer_module(self, layer: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def head_modules(self) -> list[torch.nn.Module]:  # the final norm and the unembedding
+        raise NotImplementedError
+
+    @property
+    def tied(self) -> bool:
+        return self.hf.get_input_embeddings().weight is self.hf.get_output_embeddings().weight
+
+    # where each part runs: as placed by placement.dispatch (device_map; there "cpu:1" is a CPU
+    # device of its own, so the multi-device path runs on a CPU too), else the model's one device
+    def layer_device(self, layer: int) -> torch.device:
+        return self.device_map[layer] if self.device_map else next(self.hf.parameters()).device
+
+    @property
+    def embed_device(self) -> torch.device:
+        return self.device_map[-1 if self.tied else 0] if self.device_map else next(self.hf.parameters()).device
+
+    @property
+    def head_device(self) -> torch.device:
+        return self.device_map[-1] if self.device_map else next(self.hf.parameters()).device
+
+    # every method below: one step of the residual-stream computation, on the device of its weights
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [B,T] -> [B,T,d]
         raise NotImplementedError
 
@@ -330,12 +372,13 @@ class Adapter:
 
     def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Plain forward through the adapter from input embeddings x [B,T,d] to the final norm's
-        output [B,T,d] (for the checks against the model itself)."""
+        output [B,T,d] (for the checks against the model itself); x moves to each layer's device."""
         for l in range(self.n_layers):
+            x = x.to(self.layer_device(l))
             h = self.ln1(l)(x)
             x = x + self.attn_out(l, self.attend(l, *self.qkv(l, h, h, h)))
             x = x + self.mlp(l, self.ln2(l)(x))
-        return self.ln_final()(x)
+        return self.ln_final()(x.to(self.head_device))
 
     def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.final_hidden(self.embed(ids)))
@@ -395,6 +438,15 @@ class LlamaFamilyAdapter(Adapter):
         self._rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
         self._gated_silu = getattr(c, "hidden_act", None) == "silu"
         self._cos_sin: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def embed_modules(self):
+        return [self.hf.model.embed_tokens]
+
+    def layer_module(self, layer):
+        return self.layers[layer]
+
+    def head_modules(self):
+        return [self.hf.model.norm, self.hf.lm_head]
 
     def embed(self, ids):
         return self.hf.model.embed_tokens(ids)
@@ -544,6 +596,15 @@ class GPT2Adapter(Adapter):
         self.d_head = c.n_embd // c.n_head
         self.windows = [None] * self.n_layers
         self.scaling = self.d_head ** -0.5 if getattr(c, "scale_attn_weights", True) else 1.0
+
+    def embed_modules(self):
+        return [self.hf.transformer.wte, self.hf.transformer.wpe]
+
+    def layer_module(self, layer):
+        return self.blocks[layer]
+
+    def head_modules(self):
+        return [self.hf.transformer.ln_f, self.hf.lm_head]
 
     def embed(self, ids):
         pos = torch.arange(ids.shape[1], device=ids.device)[None]

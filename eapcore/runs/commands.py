@@ -135,6 +135,26 @@ def _on_sigterm(folder: Path):
     return handler
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                   help="serial: this process; ray: generation and attribution as Ray tasks over the cluster's "
+                        "GPUs (needs pip install 'eapcore[ray]' and a cache on a filesystem all nodes share)")
+    p.add_argument("--address", help="with --executor ray: the cluster (e.g. auto, or HOST:PORT); "
+                                     "default: a new local cluster")
+
+
+def _run_on_ray(specs: list[RunSpec], args) -> list[tuple[RunSpec, Path | None, str | None]]:
+    """The specs through eapcore.runs.distributed, with one progress bar per phase."""
+    from eapcore.runs import distributed
+
+    bars = _Bars(not args.quiet)
+    try:
+        return distributed.run_specs(specs, args.address, Cache(), progress=lambda phase, done, total: bars(
+            {"stage": phase, "done": done, "total": total, "message": "on Ray"}))
+    finally:
+        bars.close()
+
+
 def _print_metrics(folder: Path) -> None:
     m = read_json_or_none(folder / "metrics.json") or {}
     for name in ("activation_intensity", "information_complexity", "kurtosis"):
@@ -158,6 +178,7 @@ def command_run(argv: list[str]) -> int:
     _add_settings(p)
     p.add_argument("--predict", action="store_true", help="only print the memory prediction")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_executor(p)
     args = p.parse_args(argv)
     try:
         if args.spec_json:
@@ -174,10 +195,15 @@ def command_run(argv: list[str]) -> int:
             return 0
         cache = Cache()
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(key)))
-        bars = _Bars(not args.quiet)
         print(f"run {key}: {label(spec)}", file=sys.stderr)
-        folder = run(spec, bars, cache)
-        bars.close()
+        if args.executor == "ray":
+            ((_, folder, error),) = _run_on_ray([spec], args)
+            if error:
+                raise RunError(error)
+        else:
+            bars = _Bars(not args.quiet)
+            folder = run(spec, bars, cache)
+            bars.close()
     except Cancelled as err:
         print(f"cancelled: {err}", file=sys.stderr)
         return 130
@@ -226,6 +252,7 @@ def command_sweep(argv: list[str]) -> int:
     _add_settings(p)
     p.add_argument("--dry-run", action="store_true", help="list the specs and their keys only")
     p.add_argument("--quiet", action="store_true")
+    _add_executor(p)
     args = _parse_with_preset(p, argv)
     try:
         specs = _grid(p, args)
@@ -236,6 +263,21 @@ def command_sweep(argv: list[str]) -> int:
         for s in specs:
             print(f"{spec_key(s)}  {label(s)}")
         return 0
+    if args.executor == "ray":
+        try:
+            results = _run_on_ray(specs, args)
+        except Cancelled:
+            print("sweep cancelled", file=sys.stderr)
+            return 130
+        except RunError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for s, _, error in results:
+            if error:
+                print(f"error in {spec_key(s)} ({label(s)}): {error}", file=sys.stderr)
+        failed = [r for r in results if r[2]]
+        print(f"{len(results) - len(failed)} of {len(results)} runs done in {Cache().root / 'runs'} (Ray)")
+        return 1 if failed else 0
     cache, failed = Cache(), []
     outer = tqdm(specs, desc="sweep", unit="run", disable=args.quiet, file=sys.stderr)
     for s in outer:

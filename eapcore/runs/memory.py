@@ -37,7 +37,14 @@ def _available_bytes(device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_tokens: int = 256) -> dict[str, Any]:
+def _gpu_count(device) -> int:
+    import torch
+
+    return torch.cuda.device_count() if device.type == "cuda" else 1
+
+
+def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_tokens: int = 256,
+                   max_devices: int | None = None) -> dict[str, Any]:
     """Memory to attribute `spec` on its device, and the batch size (tokens) that fits.
 
     Model bytes = parameter count (from the config) x dtype size, the larger of the two models
@@ -49,7 +56,11 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     bytes_needed (model + one sample; fits if within 90% of what is free), bytes_available (free
     GPU memory, or free RAM on CPU), fits, batch_tokens (the spec's max_batch_tokens if set; else
     attribution.fit_batch_tokens of the memory the model leaves, capped by MAX_BATCH_TOKENS) and
-    a message."""
+    a message. When the model and one sample do not fit on one GPU, `devices` is the fewest GPUs
+    of the host (at most max_devices; default: the visible ones, each assumed to have this one's
+    free memory) over which the engine spreads the layers so that they fit (each holds its share
+    of the weights and of the layers' state; the last also every stored source, gathered), and
+    batch_tokens what fits on that last one; otherwise devices is 1."""
     from types import SimpleNamespace
 
     from eapcore.engine.attribution import CPU_BATCH_TOKENS, fit_batch_tokens, fixed_bytes, memory_per_token
@@ -78,17 +89,31 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     usable = int(0.9 * available)
     needed = fixed + per_token * sample_tokens
     fits = needed <= usable
-    fit_tokens = fit_batch_tokens(adapter, graph, dtype_bytes, max(0, available - model_bytes), device)
+    devices = 1
+    if not fits:
+        devices = next((k for k in range(2, (max_devices or _gpu_count(device)) + 1)
+                        if model_bytes / k + needed - model_bytes <= usable), 1)
+        fits = devices > 1
+    if devices == 1:
+        fit_tokens = fit_batch_tokens(adapter, graph, dtype_bytes, max(0, available - model_bytes), device)
+    else:  # the last GPU: its share of the weights and layer graphs, every stored source, the working set
+        spread = mem["stored"] + mem["working"] + -(-dims["n_layers"] // devices) * mem["graph"]
+        free = available - model_bytes / devices - fixed_bytes(adapter, graph, device)
+        fit_tokens = max(1, int(0.85 * free) // spread)
+        needed = int(model_bytes / devices + needed - model_bytes)
     batch = att.max_batch_tokens or min(MAX_BATCH_TOKENS.get(device.type, CPU_BATCH_TOKENS), fit_tokens)
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     what = "up to " if estimated else ""
+    on = f"{devices} GPUs (layers spread)" if devices > 1 else device.type
     if fits:
-        message = (f"fits on {device.type}: model {gb(model_bytes)} + {what}{sample_tokens} tokens x "
-                   f"{per_token / 1e3:.0f} KB per sample; {gb(available)} free; batches of {batch} tokens")
+        message = (f"fits on {on}: model {gb(model_bytes)} + {what}{sample_tokens} tokens x "
+                   f"{per_token / 1e3:.0f} KB per sample; {gb(available)} free{' per GPU' if devices > 1 else ''}; "
+                   f"batches of {batch} tokens")
     else:
         message = (f"does not fit on {device.type}: one sample of {what}{sample_tokens} tokens needs {gb(needed)} "
                    f"(model {gb(model_bytes)}), {gb(available)} free. Use dtype bfloat16, layer granularity, "
                    "a smaller alpha or max_new_tokens, or a larger GPU")
     return {"device": str(device), "n_params": n_params, "model_bytes": model_bytes, "bytes_per_token": per_token,
             "sample_tokens": sample_tokens, "estimated": estimated, "bytes_needed": needed,
-            "bytes_available": available, "fits": fits, "batch_tokens": int(batch), "message": message}
+            "bytes_available": available, "fits": fits, "batch_tokens": int(batch), "devices": devices,
+            "message": message}

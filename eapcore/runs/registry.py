@@ -6,7 +6,7 @@ registry.json is plain JSON, editable by hand:
 
     {"pairs": [{"name": "my pair", "base": "/models/sft", "tuned": {"name_or_path": "org/rl",
                 "revision": null, "trust_remote_code": false}, "template": "deepseek-math",
-                "max_new_tokens": 1024, "algorithm": "GRPO", "notes": ""}],
+                "max_new_tokens": 1024, "algorithm": "GRPO", "notes": "", "family": ""}],
      "datasets": [{"name": "my set", "source": "data/test.jsonl"}]}
 
 A model may be given as a string (hub id or folder) or as a ModelSpec object. Relative local
@@ -42,9 +42,9 @@ class RegistryError(ValueError):
     """A bad or unknown pair/dataset; the message says what is wrong and what to do."""
 
 
-def _pair(name, base, tuned, template, max_new_tokens, algorithm, architecture, notes="") -> PairSpec:
+def _pair(name, base, tuned, template, max_new_tokens, algorithm, architecture, notes="", family="") -> PairSpec:
     return PairSpec(name, ModelSpec(base), ModelSpec(tuned), template, max_new_tokens, algorithm,
-                    notes, architecture)
+                    notes, architecture, family)
 
 
 # The paper's pairs (docs/METHOD.md, "Model pairs"), in the paper's order.
@@ -82,7 +82,38 @@ SMOLLM2_PAIRS: tuple[PairSpec, ...] = (
     _pair("SmolLM2: SFT vs DPO", "demo/smollm2/sft", "demo/smollm2/dpo", "deepseek-math", 72, "DPO", "llama",
           _SMOLLM2_NOTES.format("DPO")),
 )
-BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + DEMO_PAIRS + SMOLLM2_PAIRS
+
+
+# Families: one lab released every stage from one base, with open data (SFT -> DPO -> RLVR), so a
+# pair's difference is one training stage (docs/METHOD.md, "Families"). Each family gives three
+# pairs: SFT vs DPO, SFT vs RLVR (the final model, DPO then RLVR) and DPO vs RLVR.
+FAMILY_STAGES = (("SFT", "DPO", "DPO"), ("SFT", "RLVR", "DPO, then RLVR"), ("DPO", "RLVR", "RLVR"))
+
+
+def _family(family: str, models: dict[str, str], template: str, max_new_tokens: int, architecture: str,
+            notes: str) -> tuple[PairSpec, ...]:
+    """The three pairs of a family from its checkpoints {"SFT": ..., "DPO": ..., "RLVR": ...}."""
+    return tuple(_pair(f"{family}: {a} vs {b}", models[a], models[b], template, max_new_tokens, algorithm,
+                       architecture, notes, family) for a, b, algorithm in FAMILY_STAGES)
+
+
+_TULU3_DATA = ("SFT on the Tülu 3 mixture, DPO on its preference mix, RLVR (PPO with verifiable rewards) on "
+               "GSM8K, MATH and instruction-following prompts")
+_OLMO2_DATA = ("SFT on the OLMo variant of the Tülu 3 mixture, DPO on an OLMo preference mix, RLVR on GSM8K, "
+               "MATH and instruction-following prompts")
+FAMILY_PAIRS: tuple[PairSpec, ...] = (
+    # Llama 3.1 8B with llama3 RoPE scaling; 128k context
+    *_family("Tulu 3 8B", {"SFT": "allenai/Llama-3.1-Tulu-3-8B-SFT", "DPO": "allenai/Llama-3.1-Tulu-3-8B-DPO",
+                           "RLVR": "allenai/Llama-3.1-Tulu-3-8B"}, "tulu3", 4096, "llama", _TULU3_DATA),
+    # OLMo 2 (architecture olmo2) has a 4096-token context: prompt + answer must fit in it
+    *_family("OLMo 2 7B", {"SFT": "allenai/OLMo-2-1124-7B-SFT", "DPO": "allenai/OLMo-2-1124-7B-DPO",
+                           "RLVR": "allenai/OLMo-2-1124-7B-Instruct"}, "olmo2", 2048, "olmo2", _OLMO2_DATA),
+    *_family("OLMo 2 13B", {"SFT": "allenai/OLMo-2-1124-13B-SFT", "DPO": "allenai/OLMo-2-1124-13B-DPO",
+                            "RLVR": "allenai/OLMo-2-1124-13B-Instruct"}, "olmo2", 2048, "olmo2", _OLMO2_DATA),
+    *_family("OLMo 2 1B", {"SFT": "allenai/OLMo-2-0425-1B-SFT", "DPO": "allenai/OLMo-2-0425-1B-DPO",
+                           "RLVR": "allenai/OLMo-2-0425-1B-Instruct"}, "olmo2-1b", 2048, "olmo2", _OLMO2_DATA),
+)
+BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + FAMILY_PAIRS + DEMO_PAIRS + SMOLLM2_PAIRS
 
 # The SmolLM2 lab's held-out problems (half of them, as for the demo).
 SMOLLM2_DATASET = DatasetSpec("smollm2", source="demo/smollm2/problems_test.jsonl", limit=500)
@@ -234,6 +265,15 @@ def get_pair(name: str) -> PairSpec:
     return known[name]
 
 
+def families() -> dict[str, list[PairSpec]]:
+    """{family: its pairs} of every known pair that names a family, in registry order."""
+    out: dict[str, list[PairSpec]] = {}
+    for pair in pairs().values():
+        if pair.family:
+            out.setdefault(pair.family, []).append(pair)
+    return out
+
+
 def get_dataset(name: str) -> DatasetSpec:
     known = datasets()
     if name not in known:
@@ -316,12 +356,30 @@ def check_pair(pair: PairSpec, download: bool = False) -> str | None:
     return bconf.model_type
 
 
+def check_stops(model: ModelSpec, template: str, what: str) -> None:
+    """A local checkpoint folder's tokenizer has the template's stop tokens (data.TEMPLATE_STOPS),
+    i.e. the model belongs to the template's family; hub ids, GGUF files and adapters are not checked."""
+    from eapcore.answers.data import TEMPLATE_STOPS, stop_ids
+
+    local = resolve_path(model.name_or_path)
+    if template not in TEMPLATE_STOPS or not Path(local).is_dir() or not (Path(local) / "config.json").is_file():
+        return
+    from eapcore.answers.generation import load_tokenizer
+
+    try:
+        stop_ids(load_tokenizer(dataclasses.replace(model, name_or_path=local)), template)
+    except ValueError as err:
+        raise RegistryError(f"{what} model {model.name_or_path}: {str(err).splitlines()[0]}") from None
+
+
 def validate_pair(pair: PairSpec) -> PairSpec:
     """The pair with its architecture filled in from local configs and its local paths portable;
     RegistryError if invalid (check_pair: architectures, shapes and vocabularies must match)."""
     from eapcore.answers.data import resolve_template
 
     _check_name(pair.name, "pair")
+    if pair.family != "":
+        _check_name(pair.family, f"pair {pair.name!r}: family")
     try:
         resolve_template(pair.template)
     except ValueError as err:
@@ -329,6 +387,8 @@ def validate_pair(pair: PairSpec) -> PairSpec:
     if not isinstance(pair.max_new_tokens, int) or isinstance(pair.max_new_tokens, bool) or pair.max_new_tokens < 1:
         raise RegistryError(f"pair {pair.name!r}: max_new_tokens must be a positive integer, not {pair.max_new_tokens!r}")
     arch = check_pair(pair) or pair.architecture
+    for which, model in (("base", pair.base), ("tuned", pair.tuned)):
+        check_stops(model, pair.template, f"pair {pair.name!r}: {which}")
     base, tuned = (dataclasses.replace(m, name_or_path=portable_path(m.name_or_path)) for m in (pair.base, pair.tuned))
     return dataclasses.replace(pair, base=base, tuned=tuned, architecture=arch)
 

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from eapcore.answers.data import TEMPLATES
 from eapcore.runs import registry
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, to_dict
 
@@ -29,8 +30,8 @@ def _rows(section: str) -> list[dict[str, Any]]:
 def _table(section: str, rows: list[dict[str, Any]]) -> str:
     if section == "pairs":
         cells = [(r["name"], r["base"]["name_or_path"], r["tuned"]["name_or_path"], r["algorithm"], r["template"],
-                  str(r["max_new_tokens"]), "built in" if r["builtin"] else "user") for r in rows]
-        head = ("name", "base", "tuned", "algorithm", "template", "max new", "")
+                  str(r["max_new_tokens"]), r["family"], "built in" if r["builtin"] else "user") for r in rows]
+        head = ("name", "base", "tuned", "algorithm", "template", "max new", "family", "")
     else:
         cells = [(r["name"], r["source"] or "(built in, by name)", r["split"], str(r["limit"] or ""),
                   "built in" if r["builtin"] else "user") for r in rows]
@@ -45,10 +46,11 @@ def _pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="base (SFT) model: hub id (org/name) or checkpoint folder")
     p.add_argument("--tuned", required=True, help="RL-tuned model: hub id or checkpoint folder")
     p.add_argument("--template", default=d.template,
-                   help="prompt template: deepseek-math, mistral, qwen25-math-cot, chat, or text with {question}")
+                   help=f"prompt template: {', '.join(TEMPLATES)}, chat, or text with {{question}}")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--algorithm", default="", help="label only: GRPO, PPO, DPO, ...")
     p.add_argument("--notes", default="")
+    p.add_argument("--family", default="", help="model family (label): pairs of one family are offered together")
     p.add_argument("--base-revision")
     p.add_argument("--tuned-revision")
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoints' own code (opt-in)")
@@ -65,7 +67,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 def _new_pair(a: argparse.Namespace) -> PairSpec:
     return PairSpec(a.name, ModelSpec(registry.resolve_path(a.base), a.base_revision, a.trust_remote_code),
                     ModelSpec(registry.resolve_path(a.tuned), a.tuned_revision, a.trust_remote_code),
-                    a.template, a.max_new_tokens, a.algorithm, a.notes)
+                    a.template, a.max_new_tokens, a.algorithm, a.notes, family=a.family)
 
 
 def _new_dataset(a: argparse.Namespace) -> DatasetSpec:

@@ -116,12 +116,14 @@ class RunInfo:
         return (f"{self.pair} · {self.dataset} · α={self.alpha:g} · {GROUP_LABELS.get(self.group, self.group)}"
                 f" · {self.granularity} · n={self.n_used if self.n_used is not None else '?'} · {self.key[:8]}")
 
-    def settings_without(self, *dropped: tuple[str, str]) -> str:
-        """Canonical JSON of the spec minus the (section, name) settings given: runs equal here
-        differ only in those settings."""
+    def settings_without(self, *dropped: tuple[str, str | None]) -> str:
+        """Canonical JSON of the spec minus the (section, name) settings given (name None: the whole
+        section): runs equal here differ only in those settings."""
         spec = json.loads(json.dumps(self.spec_dict))
         for section, name in dropped:
-            if isinstance(spec.get(section), dict):
+            if name is None:
+                spec.pop(section, None)
+            elif isinstance(spec.get(section), dict):
                 spec[section].pop(name, None)
         return json.dumps(spec, sort_keys=True)
 

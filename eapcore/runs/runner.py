@@ -26,7 +26,8 @@ from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
 
 
-def _is_done(cache: Cache, key: str, selection: str) -> bool:
+def is_done(cache: Cache, key: str, selection: str) -> bool:
+    """Whether run `key` (of selection entry `selection`) is done and intact."""
     st = read_json_or_none(cache.run_dir(key) / "status.json")
     if not isinstance(st, dict) or st.get("stage") != "done":
         return False
@@ -79,12 +80,12 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     keys = stage_keys(spec)
     problem = cache_root_problem(cache.root)
     if problem:
-        if _is_done(cache, key, keys["selection"]):  # a finished run is served from a read-only cache
+        if is_done(cache, key, keys["selection"]):  # a finished run is served from a read-only cache
             return folder
         raise RunError(problem)
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
-        if _is_done(cache, key, keys["selection"]):
+        if is_done(cache, key, keys["selection"]):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
@@ -95,9 +96,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
             write_json_atomic(folder / "spec.json", {"key": key, "spec": to_dict(spec)})
             rep.check_cancel()
             registry.check_pair(spec.pair, download=True)  # registry.json may hold a hand-written pair
-            answers = stages.stage_generate(cache, spec, keys, rep)
-            graded = stages.stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
-            selection = stages.stage_select(cache, spec, keys, graded, rep)
+            graded, selection = stages.stage_answers(cache, spec, keys, rep)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
                 write_bytes_atomic(folder / f"answers_{which}.jsonl", Path(graded[which]).read_bytes())

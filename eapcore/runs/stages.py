@@ -6,8 +6,10 @@ batch size recorded in plan.json, a batch is computed only if one of its samples
 and each sample's entry is written as soon as its batch is done. Killing the process loses at
 most the batches in flight.
 
-Test knob: EAP_TEST_SLEEP_PER_BATCH=<seconds> sleeps after each attribution batch (used by the
-tests to kill or cancel a run mid-way; harmless otherwise).
+Test knobs (harmless otherwise): EAP_TEST_SLEEP_PER_BATCH=<seconds> sleeps after each attribution
+batch (the tests kill or cancel a run mid-way); EAP_TEST_KILL_ONCE=<file>: the first process to
+finish an attribution batch creates the file and kills itself with SIGKILL (a worker's death, for
+the distributed executor's tests).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from eapcore.runs import registry
 from eapcore.files import read_json_or_none, replace_dir, write_json_atomic
@@ -32,6 +35,7 @@ from eapcore.runs.workers import Reporter
 from eapcore.specs import AttributionSettings, ModelSpec, RunSpec
 
 SLEEP_ENV = "EAP_TEST_SLEEP_PER_BATCH"
+KILL_ENV = "EAP_TEST_KILL_ONCE"
 
 
 def _local(model: ModelSpec) -> ModelSpec:
@@ -80,23 +84,59 @@ def stage_import(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict
     return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
 
 
+def _problems(spec: RunSpec) -> list:
+    from eapcore.answers.data import load_problems
+
+    ds = spec.dataset
+    return load_problems(dataclasses.replace(ds, source=registry.resolve_path(ds.source)) if ds.source else ds)[0]
+
+
+def _work_file(cache: Cache, key: str) -> Path:
+    return cache.work_dir("generations", key) / "answers.jsonl"
+
+
+def generate_entry(cache: Cache, spec: RunSpec, which: str, key: str, problems: list | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> tuple[bool, int]:
+    """Generation entry `key` of the `which` ("base" or "tuned") model of `spec` (answers.jsonl),
+    resumable through its work file; problems: the dataset's (loaded if None). on_progress(answers,
+    tokens) follows each decoded batch. Returns (computed here?, tokens generated here)."""
+    from eapcore.answers.generation import generate_answers, make_backend
+
+    model = {"base": spec.pair.base, "tuned": spec.pair.tuned}[which]
+    gen = dataclasses.replace(spec.generation, max_new_tokens=max_new_tokens(spec))
+    work = _work_file(cache, key)
+    tokens = 0
+
+    def write(folder: Path) -> None:
+        nonlocal tokens
+        backend, tokenizer = make_backend(_local(model), gen, spec.pair.template)
+        report = generate_answers(_problems(spec) if problems is None else problems, work, backend, tokenizer,
+                                  spec.pair.template, gen.max_new_tokens, gen.batch_size, progress=False,
+                                  on_progress=on_progress)
+        tokens = report.n_tokens
+        del backend
+        _free_memory()
+        shutil.copyfile(work, folder / "answers.jsonl")
+
+    meta = {"model": model.name_or_path, "dataset": spec.dataset.name, "template": spec.pair.template,
+            "max_new_tokens": gen.max_new_tokens}
+    _, computed = cache.get_or_compute("generations", key, write, meta)
+    cache.drop_work("generations", key)
+    return computed, tokens
+
+
 def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> dict[str, Path]:
     """Generation entries of base and tuned (answers.jsonl); resumable through work files.
     Imported answers (spec.answers) come from stage_import instead."""
-    from eapcore.answers.data import load_problems
-    from eapcore.answers.generation import generate_answers, make_backend
     from eapcore.engine.models import resolve_device
 
     if spec.answers is not None:
         return stage_import(cache, spec, keys, rep)
 
-    models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
-    todo = {w: keys["generations"][w] for w in models if cache.get("generations", keys["generations"][w]) is None}
-    problems = load_problems(dataclasses.replace(spec.dataset, source=registry.resolve_path(spec.dataset.source))
-                             if spec.dataset.source else spec.dataset)[0] if todo else []
-    work = {w: cache.work_dir("generations", k) / "answers.jsonl" for w, k in todo.items()}
-    started = {w: _count_lines(p) for w, p in work.items()}  # answers written per model (resume)
-    if len(set(work.values())) < len(work):  # base and tuned are one model: its answers are made once
+    todo = {w: k for w, k in keys["generations"].items() if cache.get("generations", k) is None}
+    problems = _problems(spec) if todo else []
+    started = {w: _count_lines(_work_file(cache, k)) for w, k in todo.items()}  # answers written per model (resume)
+    if len(set(todo.values())) < len(todo):  # base and tuned are one model: its answers are made once
         started["tuned"] = 0
     # problems per model: the dataset's, or (nothing to generate) the cached answers' count
     n = len(problems) if todo else _count_lines(cache.entry_path("generations", keys["generations"]["base"])
@@ -105,30 +145,17 @@ def stage_generate(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> di
     device = resolve_device("auto").type if todo else "cpu"
     rep.stage("generate", total=2 * n, done=cached + sum(started.values()), cached=cached, device=device,
               message=f"{spec.dataset.name}: {n} problems" if todo else "both models' answers from the cache")
-    gen = dataclasses.replace(spec.generation, max_new_tokens=max_new_tokens(spec))
     tokens_before = 0  # generated by the models finished earlier in this stage
     for which, key in todo.items():
-        def write(folder: Path, which=which, key=key) -> None:
-            nonlocal tokens_before
-            backend, tokenizer = make_backend(_local(models[which]), gen)
-            start = rep.status["done"]
+        start = rep.status["done"]
 
-            def on_progress(answers: int, tokens: int) -> None:
-                rep.update(start + answers, f"generating {which} answers", tokens=tokens_before + tokens)
+        def on_progress(answers: int, tokens: int, which=which, start=start) -> None:
+            rep.update(start + answers, f"generating {which} answers", tokens=tokens_before + tokens)
 
-            report = generate_answers(problems, work[which], backend, tokenizer, spec.pair.template,
-                                      gen.max_new_tokens, gen.batch_size, progress=False, on_progress=on_progress)
-            tokens_before += report.n_tokens
-            del backend
-            _free_memory()
-            shutil.copyfile(work[which], folder / "answers.jsonl")
-
-        meta = {"model": models[which].name_or_path, "dataset": spec.dataset.name, "template": spec.pair.template,
-                "max_new_tokens": gen.max_new_tokens}
-        _, computed = cache.get_or_compute("generations", key, write, meta)
+        computed, tokens = generate_entry(cache, spec, which, key, problems, on_progress)
+        tokens_before += tokens
         if not computed:  # the same model as the other side, or another process generated them
             rep.from_cache(n - started[which], f"{which} answers from the cache")
-        cache.drop_work("generations", key)
     return {w: cache.entry_path("generations", k) / "answers.jsonl" for w, k in keys["generations"].items()}
 
 
@@ -176,60 +203,134 @@ def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path
     return entry.path
 
 
-def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int) -> int:
-    """max_batch_tokens of this run: recorded in plan.json at the first attempt and reused on
-    resume, so resumed batches equal the uninterrupted ones (bit-exact scores)."""
+def stage_answers(cache: Cache, spec: RunSpec, keys: dict, rep: Reporter) -> tuple[dict[str, Path], Path]:
+    """The stages before attribution: (graded answers of base and tuned, selection entry folder)."""
+    answers = stage_generate(cache, spec, keys, rep)
+    graded = stage_grade(cache, keys, answers, rep, imported=spec.answers is not None)
+    return graded, stage_select(cache, spec, keys, graded, rep)
+
+
+def _plan(folder: Path, spec: RunSpec, job: str, sample_tokens: int, max_devices: int | None = None) -> tuple[int, int]:
+    """(max_batch_tokens, GPUs per model) of this run: recorded in plan.json at the first attempt
+    and reused on resume, so resumed batches equal the uninterrupted ones (bit-exact scores)."""
     plan = read_json_or_none(folder / "plan.json")
     if isinstance(plan, dict) and plan.get("job") == job:
-        return int(plan["max_batch_tokens"])
-    memory = predict_memory(spec, sample_tokens=sample_tokens)
+        return int(plan["max_batch_tokens"]), int(plan.get("devices", 1))
+    memory = predict_memory(spec, sample_tokens=sample_tokens, max_devices=max_devices)
     if not memory["fits"]:
         raise RunError(memory["message"])
-    write_json_atomic(folder / "plan.json", {"job": job, "max_batch_tokens": memory["batch_tokens"], "memory": memory})
-    return memory["batch_tokens"]
+    write_json_atomic(folder / "plan.json", {"job": job, "max_batch_tokens": memory["batch_tokens"],
+                                             "devices": memory["devices"], "memory": memory})
+    return memory["batch_tokens"], memory["devices"]
 
 
-def _score_missing(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str], lengths: list[int],
-                   cut_len: int, att: AttributionSettings, batch_tokens: int, on_batch: Callable[[int], None]) -> None:
-    """Compute the score entries of `samples` that are not cached, one batch at a time.
+@dataclasses.dataclass(frozen=True)
+class ScoreBatch:
+    """One attribution batch of a run's plan: samples scored together (the same batch on every
+    attempt and on every worker, so the scores are bit-exact), their score keys, T_cut and the
+    settings. The unit of work of the serial runner and of the distributed executor."""
 
-    Batches are packed over all samples (so they are the same on every attempt) and a batch runs
-    if any of its samples lacks an entry (checked again before each batch: another run sharing
-    samples may have put them meanwhile; Cache.put locks each entry, so two writers never race);
-    on_batch(n new entries) follows each batch."""
+    samples: tuple
+    keys: tuple[str, ...]
+    cut_len: int
+    settings: AttributionSettings
+    devices: int = 1  # GPUs the model's layers are spread over (plan.json; memory.predict_memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWork:
+    """One model's share of a run's attribution: its selected samples and their score keys (in
+    selection order) and the plan's batches."""
+
+    model: ModelSpec
+    samples: list
+    keys: list[str]
+    batches: list[ScoreBatch]
+
+
+def attribution_work(cache: Cache, spec: RunSpec, folder: Path, selection: Path,
+                     max_devices: int | None = None) -> tuple[dict[str, ModelWork], int, int]:
+    """({"base", "tuned"}: ModelWork, T_cut, max_batch_tokens) of a run whose selection entry is
+    `selection`; the batch size and GPUs per model come from plan.json (written at the first
+    attempt: `_plan`; max_devices: GPUs of a host, default the visible ones)."""
+    from eapcore.engine.attribution import pack_batches, sample_tokens
+    from eapcore.harness import read_samples
+
+    att = spec.attribution
+    cut_len = int(json.loads((selection / "selection.json").read_text())["t_cut"])
+    models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
+    samples = {w: read_samples(selection / f"{w}.jsonl")[0] for w in models}
+    keys = {w: [score_key(digest(model_identity(m)), s.prompt_ids, s.answer_ids, cut_len, att) for s in samples[w]]
+            for w, m in models.items()}
+    lengths = {w: [len(sample_tokens(s, cut_len)[0]) for s in samples[w]] for w in models}
+    job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
+    batch_tokens, devices = _plan(folder, spec, job, max(itertools.chain(*lengths.values())), max_devices)
+    work = {w: ModelWork(m, samples[w], keys[w],
+                         [ScoreBatch(tuple(samples[w][i] for i in b), tuple(keys[w][i] for i in b), cut_len, att,
+                                     devices) for b in pack_batches(lengths[w], batch_tokens)])
+            for w, m in models.items()}
+    return work, cut_len, batch_tokens
+
+
+def _kill_once() -> None:
+    """The KILL_ENV test knob: the first caller creates the file and dies by SIGKILL."""
+    marker = os.environ.get(KILL_ENV)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBatch],
+                  on_batch: Callable[[int], None] = lambda n: None) -> int:
+    """Compute the batches of which a sample has no score entry yet, one at a time, each sample's
+    entry written as soon as its batch is done; the model is loaded once (the batches share
+    dtype, device and devices: with devices > 1 its layers are spread over the first GPUs, or
+    over CPU devices "cpu:0".. on a CPU), and only if a batch is missing. Which samples are missing is
+    checked again before each batch: another run sharing samples may have put them meanwhile
+    (Cache.put locks each entry, so two writers never race). on_batch(n new entries) follows each
+    batch. Returns the number of entries written."""
     from safetensors.torch import save_file
 
-    from eapcore.engine.attribution import attribute, pack_batches
+    from eapcore.engine.attribution import attribute
     from eapcore.engine.models import load_model
 
-    present = [cache.get("scores", k) is not None for k in keys]
-    batches = [b for b in pack_batches(lengths, batch_tokens) if not all(present[i] for i in b)]
-    if not batches:
-        return
+    todo = [(b, [cache.get("scores", k) is not None for k in b.keys]) for b in batches]
+    todo = [(b, present) for b, present in todo if not all(present)]
+    if not todo:
+        return 0
+    att, devices = todo[0][0].settings, todo[0][0].devices
+    spread = [f"{_auto_device() if att.device == 'auto' else att.device}:{i}" for i in range(devices)]
     model = load_model(registry.resolve_path(model_spec.name_or_path), att.dtype, att.device,
-                       model_spec.revision, model_spec.trust_remote_code)
-    meta = {"model": model_spec.name_or_path, "cut_len": cut_len, "dtype": att.dtype, "device": str(model.device),
-            "graph": {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
-                      "n_kv_heads": model.adapter.n_kv_heads, "granularity": att.granularity}}
+                       model_spec.revision, model_spec.trust_remote_code, devices=spread if devices > 1 else None)
     sleep = float(os.environ.get(SLEEP_ENV) or 0)
-    one_batch = dataclasses.replace(att, max_batch_tokens=sys.maxsize)  # the batch as packed above
-    for batch in batches:
-        found = [i for i in batch if not present[i] and cache.get("scores", keys[i]) is not None]
-        for i in found:
-            present[i] = True
-        new = [(j, i) for j, i in enumerate(batch) if not present[i]]
+    written = 0
+    for batch, present in todo:
+        present = [done or cache.get("scores", k) is not None for done, k in zip(present, batch.keys)]
+        new = [j for j, done in enumerate(present) if not done]
         if new:
-            part = attribute(model, [samples[i] for i in batch], cut_len, one_batch)
-            for j, i in new:
+            meta = {"model": model_spec.name_or_path, "cut_len": batch.cut_len, "dtype": att.dtype,
+                    "device": str(model.device),
+                    "graph": {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
+                              "n_kv_heads": model.adapter.n_kv_heads, "granularity": batch.settings.granularity}}
+            one_batch = dataclasses.replace(batch.settings, max_batch_tokens=sys.maxsize)  # the batch as planned
+            part = attribute(model, list(batch.samples), batch.cut_len, one_batch)
+            for j in new:
                 tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
-                cache.put("scores", keys[i], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
-                          {**meta, "idx": samples[i].idx})
+                cache.put("scores", batch.keys[j], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
+                          {**meta, "idx": batch.samples[j].idx})
             del part
-        on_batch(len(found) + len(new))
+        written += len(new)
+        on_batch(len(new))
+        _kill_once()
         if sleep and new:
             time.sleep(sleep)
     del model
     _free_memory()
+    return written
 
 
 def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str], cut_len: int,
@@ -263,26 +364,16 @@ def _assemble(cache: Cache, model_spec: ModelSpec, samples: list, keys: list[str
 def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, rep: Reporter) -> list[tuple[str, str]]:
     """Score entries of every selected sample of both models, then base/ and tuned/ in the run
     folder. Returns the (kind, key) entries used."""
-    from eapcore.engine.attribution import sample_tokens
-    from eapcore.harness import read_samples
-    from eapcore.engine.models import resolve_device
-
-    att = spec.attribution
-    cut_len = int(json.loads((selection / "selection.json").read_text())["t_cut"])
-    models = {"base": spec.pair.base, "tuned": spec.pair.tuned}
-    samples = {w: read_samples(selection / f"{w}.jsonl")[0] for w in models}
-    keys = {w: [score_key(digest(model_identity(m)), s.prompt_ids, s.answer_ids, cut_len, att) for s in samples[w]]
-            for w, m in models.items()}
-    lengths = {w: [len(sample_tokens(s, cut_len)[0]) for s in samples[w]] for w in models}
-    job = digest({"scores": keys, "device": att.device, "max_batch_tokens": att.max_batch_tokens})
-    batch_tokens = _plan(folder, spec, job, max(itertools.chain(*lengths.values())))
-    total = sum(map(len, keys.values()))
-    cached = {w: sum(cache.get("scores", k) is not None for k in keys[w]) for w in models}
+    work, cut_len, batch_tokens = attribution_work(cache, spec, folder, selection)
+    all_keys = [k for w in work.values() for k in w.keys]
+    cached = {which: sum(cache.get("scores", k) is not None for k in w.keys) for which, w in work.items()}
     done = sum(cached.values())
-    rep.stage("attribute", total=total, done=done, cached=done, device=resolve_device(att.device).type,
-              message=f"{total // 2} samples per model, T_cut {cut_len}"
+    device = spec.attribution.device
+    rep.stage("attribute", total=len(all_keys), done=done, cached=done,
+              device=device if device != "auto" else _auto_device(),
+              message=f"{len(all_keys) // 2} samples per model, T_cut {cut_len}"
                       + "".join(f"; {w}: {c} from the cache" for w, c in cached.items() if c))
-    for which, model_spec in models.items():
+    for which, w in work.items():
         computed = 0
 
         def on_batch(n: int, which=which) -> None:
@@ -290,18 +381,23 @@ def stage_attribute(cache: Cache, spec: RunSpec, folder: Path, selection: Path, 
             done, computed = done + n, computed + n
             rep.update(done, f"attributing {which}")
 
-        with cache.lock(f"attribute-{digest(keys[which])}"):  # one process computes a model's samples
-            _score_missing(cache, model_spec, samples[which], keys[which], lengths[which], cut_len, att,
-                           batch_tokens, on_batch)
-        meanwhile = len(keys[which]) - cached[which] - computed  # e.g. the same model and answers as base
+        with cache.lock(f"attribute-{digest(w.keys)}"):  # one process computes a model's samples
+            score_batches(cache, w.model, w.batches, on_batch)
+        meanwhile = len(w.keys) - cached[which] - computed  # e.g. the same model and answers as base
         done += max(meanwhile, 0)
-        rep.from_cache(meanwhile, f"{which}: {cached[which] + meanwhile} of {len(keys[which])} samples from the cache")
-        result = _assemble(cache, model_spec, samples[which], keys[which], cut_len, att, batch_tokens)
+        rep.from_cache(meanwhile, f"{which}: {cached[which] + meanwhile} of {len(w.keys)} samples from the cache")
+        result = _assemble(cache, w.model, w.samples, w.keys, cut_len, spec.attribution, batch_tokens)
         tmp = folder / f".tmp-{which}"
         shutil.rmtree(tmp, ignore_errors=True)
         result.save(tmp)
         replace_dir(tmp, folder / which)
-    return [("scores", k) for k in itertools.chain(*keys.values())]
+    return [("scores", k) for k in all_keys]
+
+
+def _auto_device() -> str:
+    from eapcore.engine.models import resolve_device
+
+    return resolve_device("auto").type
 
 
 def stage_metrics(folder: Path, rep: Reporter) -> None:

@@ -14,6 +14,10 @@ PRESETS: dict[str, dict[str, list]] = {
     "demo": {"pairs": [p.name for p in registry.DEMO_PAIRS], "datasets": ["demo"], "alphas": [0.03, 0.1, 0.3, 0.5],
              "groups": list(GROUPS),  # the correct-vs-incorrect view, at alpha 0.5
              "defaults": {"gen_dtype": "float32", "gen_batch_size": 128}},  # as the lab evaluates its models
+    # the SFT -> DPO -> RLVR families (registry.FAMILY_PAIRS): every pair of each family on the same
+    # questions, so the pairs of a family can be compared run against run
+    "families": {"pairs": [p.name for p in registry.FAMILY_PAIRS], "datasets": ["math500", "gsm8k"],
+                 "alphas": [0.1, 0.5]},
     # the SmolLM2 pairs' shipped runs (eapcore.lab.smollm2 computes them on a GPU; 50 samples keep
     # the bundle small): answers graded right by both at alphas 0.1 and 0.5, and the problems RL fixed
     "smollm2": {"pairs": [p.name for p in registry.SMOLLM2_PAIRS], "datasets": ["smollm2"], "alphas": [0.1, 0.5],

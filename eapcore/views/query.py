@@ -178,6 +178,45 @@ def group_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> dict[str, RunInfo]
     return {g: out[g] for g in GROUPS if g in out}
 
 
+# ---- families (registry.FAMILY_PAIRS: the SFT -> DPO -> RLVR stages of one base) ----------------
+
+def family_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> list[RunInfo]:
+    """Finished runs of the other pairs of `info`'s family (PairSpec.family) that differ from it only
+    in the pair (same dataset, alpha, group, granularity and every other setting): the latest run
+    per pair, in the registry's order of the family's pairs; [] for a run of a pair with no family."""
+    family = info._get("pair", "family", default="")
+    if not family:
+        return []
+    want = info.settings_without(("pair", None))
+    latest: dict[str, RunInfo] = {}
+    for r in sorted(runs, key=lambda r: r.updated):
+        if (r.finished and r.pair != info.pair and r._get("pair", "family", default="") == family
+                and r.settings_without(("pair", None)) == want):
+            latest[r.pair] = r
+    order = {name: i for i, name in enumerate(p.name for p in registered("pairs") if getattr(p, "family", "") == family)}
+    return sorted(latest.values(), key=lambda r: (order.get(r.pair, len(order)), r.pair))
+
+
+def family_comparisons(info: RunInfo, runs: Iterable[RunInfo]) -> pd.DataFrame:
+    """One row per sibling pair of `info` (family_siblings): pair, algorithm, base, tuned (its
+    models), shared (which model of the sibling is also in `info`'s pair, e.g. "base: <SFT model>"),
+    side (the model of each run worth comparing: "tuned", or "base" when the tuned models are the
+    same one) and key. Run A = `info`, run B = the sibling, with `side`: the arguments of the
+    run comparison (`eapcore compare A B --side SIDE`)."""
+    def models(r: RunInfo) -> tuple[str, str]:
+        return r._get("pair", "base", "name_or_path", default="?"), r._get("pair", "tuned", "name_or_path", default="?")
+
+    mine = models(info)
+    rows = []
+    for r in family_siblings(info, runs):
+        base, tuned = models(r)
+        shared = [f"{which}: {m}" for which, m in (("base", base), ("tuned", tuned)) if m in mine]
+        rows.append({"pair": r.pair, "algorithm": r._get("pair", "algorithm", default=""), "base": base,
+                     "tuned": tuned, "shared": ", ".join(shared) or "none",
+                     "side": "base" if tuned == mine[1] else "tuned", "key": r.key})
+    return pd.DataFrame(rows, columns=["pair", "algorithm", "base", "tuned", "shared", "side", "key"])
+
+
 def group_overview(datas: dict[str, RunData]) -> pd.DataFrame:
     """Per answer group and metric: n, T_cut, base, tuned, relative change, CI, p (metrics.json)."""
     rows = []
