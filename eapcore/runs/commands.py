@@ -211,7 +211,7 @@ def command_run(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # before the run could write its status (a full or read-only disk)
-        print(f"error: {explain(err, 'start', Cache())}", file=sys.stderr)
+        print(f"error: {explain(err, 'start')}", file=sys.stderr)
         return 1
     print(f"done: {folder}")
     _print_metrics(folder)

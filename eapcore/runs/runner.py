@@ -49,8 +49,10 @@ def _disk_full(err: BaseException, cache: Cache) -> bool:
         return False
 
 
-def explain(err: BaseException, stage: str, cache: Cache) -> str:
-    """A one-line message for an exception raised during `stage`."""
+def explain(err: BaseException, stage: str, cache: Cache | None = None) -> str:
+    """A one-line message for an exception raised during `stage` (cache: the run's, default the
+    cache root's)."""
+    cache = cache or Cache()
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError) and stage == "generate":
         return ("out of GPU memory during generate: set a smaller generation batch size (--gen-batch-size; "
