@@ -10,9 +10,12 @@
   `$XDG_CONFIG_HOME/eapcore/registry.json`, i.e. `~/.config/eapcore/registry.json`).
 - looks_like_path(): whether a model or dataset reference is meant as a local path rather than a
   hub id (`name` or `org/name`).
-- Atomic writes (a temporary file or folder next to the target, then `os.replace`, so readers see
-  the old or the new content, never half) and a tolerant JSON reader for files another process
-  may be writing.
+- Atomic, durable writes (a temporary file or folder next to the target, fsynced, then
+  `os.replace` and an fsync of the folder, so readers see the old or the new content, never half,
+  and a crash or power loss after the write keeps it) and a tolerant JSON reader for files another
+  process may be writing.
+- shorten(): a value echoed in a message, cut to a readable length.
+- cache_root_problem(): why the cache root cannot be written (read-only, not a folder), if so.
 """
 from __future__ import annotations
 
@@ -54,19 +57,61 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def cache_root_problem(root: str | os.PathLike | None = None) -> str | None:
+    """Why nothing can be written to the cache root (not a folder, read-only), or None if it can
+    (a missing root can be: it is created on first use). Finished runs stay readable either way."""
+    root = cache_root(root)
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"the cache root {root} is not a folder ({existing} is a file); set EAP_CACHE_DIR to a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"the cache root {root} is read-only: finished runs can be viewed, but no run can start or "
+                "resume; set EAP_CACHE_DIR to a writable folder (or copy the cache there) to compute")
+    return None
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """str(value) cut to `limit` characters (with how much was left out), for echoing in messages."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def temp_name(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's content (a folder: its entries, e.g. a rename) to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (itself included), deepest first."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(folder)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and `os.replace` (readers never see half)."""
+    """Write via a temporary file in the same folder, fsync, `os.replace`, fsync of the folder:
+    readers never see half, and the new content survives a crash once this returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -82,12 +127,26 @@ def replace_dir(src: Path, dst: Path) -> None:
         old = temp_name(dst)
         os.replace(dst, old)
     os.replace(src, dst)
+    fsync_path(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_json_checked(path: Path, fix: str) -> Any:
+    """The decoded JSON file; ValueError in one line naming the file, what is wrong (not UTF-8,
+    the JSON error with its line and column, unreadable) and `fix`, what to do about it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); {fix}") from None
+    except OSError as err:
+        raise ValueError(f"{path} cannot be read ({err.strerror}); {fix}") from None
 
 
 def read_json_or_none(path: Path) -> Any:

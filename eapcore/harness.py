@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from eapcore.files import write_bytes_atomic
+from eapcore.files import shorten, write_bytes_atomic
 from eapcore.specs import GROUP_SCORES
 
 OPTIONAL_FIELDS = ("question", "gt", "pred", "score", "code")
@@ -58,9 +58,14 @@ class ReadReport:
     n_lines: int = 0
     problems: list[str] = field(default_factory=list)  # "line 7: ..." messages
 
-    def summary(self) -> str:
+    def summary(self, shown: int = 5) -> str:
+        """How many lines were read and the first `shown` problems (a count of the others)."""
         head = f"{self.path}: {self.n_lines - len(self.problems)} of {self.n_lines} lines read"
-        return head if not self.problems else head + "; skipped:\n  " + "\n  ".join(self.problems)
+        if not self.problems:
+            return head
+        more = len(self.problems) - shown
+        return (head + "; skipped:\n  " + "\n  ".join(shorten(p, 200) for p in self.problems[:shown])
+                + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
 def _int_list(value: Any, name: str) -> list[int]:

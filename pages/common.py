@@ -42,7 +42,8 @@ def url_select(label: str, options: Sequence[Any], param: str, *, default: Any =
     """A selectbox (or horizontal radio) whose value lives in the URL query string as `param`.
 
     Start value: the URL's, else the last value chosen on any page (session), else `default`,
-    else the first option. Options are matched as strings, so the URL can hold them."""
+    else the first option. Options are matched as strings, so the URL can hold them; a link's
+    value that is none of them is ignored with a visible note saying so."""
     container = container or st
     options = list(options)
     if not options:
@@ -52,6 +53,10 @@ def url_select(label: str, options: Sequence[Any], param: str, *, default: Any =
     url = st.query_params.get(param)
     if wkey in st.session_state and str(st.session_state[wkey]) not in as_str:
         del st.session_state[wkey]  # the options changed under it
+    if wkey not in st.session_state and url is not None and url not in as_str and url != st.session_state.get(skey):
+        shown = url if len(url) <= 60 else url[:60] + "…"
+        st.warning(f"The link's {param}={shown!r} is not one of the choices for “{label}”, so it was ignored.",
+                   icon=":material/link_off:")
     if wkey not in st.session_state:
         for cand in (url, st.session_state.get(skey), None if default is None else str(default)):
             if cand is not None and cand in as_str:
@@ -89,9 +94,13 @@ def _ensure_navigation() -> None:
 
 
 def page_header(title: str, caption: str) -> None:
+    """The page's title and caption, and a warning when the cache cannot be written to."""
     _ensure_navigation()
     st.title(title)
     st.caption(caption)
+    problem = query.cache_problem()
+    if problem:
+        st.warning(problem, icon=":material/lock:")
 
 
 # ---- runs -------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ st.markdown(
 runs = all_runs()
 finished = [r for r in runs if r.finished]
 pairs, datasets = query.registered("pairs"), query.registered("datasets")
+for problem in query.registry_problems():  # the built-ins and the readable entries are listed anyway
+    st.warning(problem, icon=":material/warning:")
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Model pairs registered", len(pairs) or len({r.pair for r in runs}))

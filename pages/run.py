@@ -28,6 +28,8 @@ except ImportError as err:  # the pages still work on cached runs without them
 
 pairs = {p.name: p for p in query.registered("pairs")}
 datasets = {d.name: d for d in query.registered("datasets")}
+for problem in query.registry_problems():  # the built-ins and the readable entries are listed anyway
+    st.warning(problem, icon=":material/warning:")
 NEW = "➕ custom pair…"
 SOURCES = {"registered": "registered", "file": "file or URL", "upload": "upload",
            "joined": "joined answers file (import)"}
@@ -49,7 +51,7 @@ def _alpha_options() -> list[str]:
     """The usual α values, plus one the URL or a prefilled run asks for (as str(float))."""
     wanted = str(st.session_state.get("w_alpha") or st.query_params.get("alpha") or "")
     try:
-        extra = [wanted] if wanted and wanted not in ALPHAS and float(wanted) > 0 else []
+        extra = [wanted] if wanted and wanted not in ALPHAS and 0 < float(wanted) < float("inf") else []
     except ValueError:
         extra = []
     return ALPHAS + extra
@@ -128,6 +130,21 @@ pair = pairs[pair_name]
 st.caption(f"base `{pair.base.name_or_path}` → tuned `{pair.tuned.name_or_path}` · {pair.algorithm} · "
            f"template `{pair.template}` · up to {pair.max_new_tokens} new tokens")
 
+
+@st.cache_data(max_entries=16, ttl=60, show_spinner="Checking the pair's models…")
+def _pair_problem(pair: PairSpec) -> str | None:
+    """Why base and tuned cannot be compared (registry.check_pair on what is on this machine)."""
+    try:
+        registry.check_pair(pair)
+    except registry.RegistryError as err:
+        return str(err)
+    return None
+
+
+pair_problem = _pair_problem(pair) if registry is not None else None
+if pair_problem:
+    st.error(pair_problem)
+
 # ---- dataset ---------------------------------------------------------------------------------------
 st.subheader("2. Dataset")
 source = url_select("Source", list(SOURCES), "dsrc", horizontal_radio=True, format_func=SOURCES.get)
@@ -155,22 +172,22 @@ else:
         up = c2.file_uploader("jsonl file", type=["jsonl", "json"], key="ds_upload")
         path = ""
         if up is not None:
-            target = query.cache_root() / "uploads" / Path(up.name).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(up.getvalue())
-            path = str(target)
-            st.caption(f"Stored as {target}")
+            try:  # kept by content next to registry.json, outside the cache (registry.store_upload)
+                path = str(registry.store_upload(up.name, up.getvalue()))
+                st.caption(f"Stored as {path}")
+            except registry.RegistryError as err:
+                st.error(str(err))
     path = path.strip()
     if source == "joined" and path:
         answers, dataset = AnswersSpec(path), DatasetSpec(ds_label.strip() or Path(path).parent.name)
     elif source != "joined" and ds_label and path and st.button("Save dataset in the registry"):
         try:
-            dataset = registry.add_dataset(DatasetSpec(ds_label.strip(), source=path, split=split), replace=True)
+            dataset = registry.add_dataset(DatasetSpec(ds_label.strip(), source=path, split=split))
             st.success(f"Saved dataset {dataset.name!r}.")
         except Exception as err:  # noqa: BLE001
             st.error(str(err))
     elif source != "joined" and ds_label and path:
-        dataset = DatasetSpec(ds_label.strip(), source=path, split=split)
+        dataset = DatasetSpec(ds_label.strip(), source=registry.portable_path(path), split=split)
 if dataset is None:
     st.info("Choose or define a dataset to continue.")
     st.stop()
@@ -306,12 +323,20 @@ def _start(spec: RunSpec) -> None:
 
 
 if workers is not None:
-    st.button("▶ Start run", type="primary", disabled=bool(existing and existing.finished), on_click=_start,
-              args=(spec,))
+    st.button("▶ Start run", type="primary", on_click=_start, args=(spec,),
+              disabled=bool(existing and existing.finished) or bool(pair_problem) or bool(query.cache_problem()))
     if st.session_state.get("start_error"):
         st.error(st.session_state.pop("start_error"))
 
 active = st.session_state.get("active_run") or st.query_params.get("watch")
+if active and not query.is_run_key(active):
+    st.warning(f"The link's watch={active[:40]!r} is not a run key (16 hexadecimal digits), so it was ignored.",
+               icon=":material/link_off:")
+    active = None
+elif active and workers is not None and not workers.status(active) and not st.session_state.get("active_run"):
+    st.warning(f"The link's watch={active!r} names no run in this cache ({query.cache_root()}), so it was ignored.",
+               icon=":material/link_off:")
+    active = None
 
 
 def _cancel(key: str) -> None:

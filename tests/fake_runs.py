@@ -2,8 +2,9 @@
 
 Used by the dashboard tests and benchmarks until real runs exist. Everything a page reads is
 there: spec.json, status.json, graded answers of the whole dataset, selection.json, the two
-`attribute` output directories (random scores on the real Graph mask) and metrics.json computed
-with eapcore.stats.analysis.paired_comparison (the same function the `metrics` stage uses).
+`attribute` output directories (random scores on the real Graph mask), metrics.json computed
+with eapcore.stats.analysis.paired_comparison (the same function the `metrics` stage uses) and
+the manifest.json of checksums that seals a finished run.
 
     python tests/fake_runs.py DIR [--paper]     # then EAP_CACHE_DIR=DIR streamlit run app.py
 """
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from eapcore.runs.cache import Cache  # noqa: E402
 from eapcore.specs import (AttributionSettings, DatasetSpec, ModelSpec, PairSpec, RunSpec,  # noqa: E402
                            SelectionSettings, spec_key, to_dict)
 
@@ -193,6 +195,7 @@ def make_run(root: Path, *, pair: str = "Demo-Tiny", dataset: str = "gsm8k", alp
         "stage": "done", "done": len(kept), "total": len(kept), "rate": 0.0, "eta_s": 0.0,
         "gpu_mem_gb": 0.0, "message": "fake run (tests/fake_runs.py)", "error": None,
         "updated": time.time()}))
+    Cache(root).seal_run(key, [], skip=("status.json",))  # checksums, as the runner seals a finished run
     return key
 
 

@@ -151,3 +151,19 @@ def test_cancel_stops_the_tasks_and_keeps_finished_samples(cluster, spec, monkey
     assert error is None and not cache.verify_run(key)
     assert kept < {e["key"] for e in score_events(cache)}  # resumed: the kept ones not computed again
     assert len(score_events(cache)) == len({e["key"] for e in score_events(cache)})
+
+
+def test_a_pair_of_other_shapes_is_refused_before_any_work(cluster, spec, tmp_path):
+    """A hand-written pair (registry.json is not re-validated) of two differently shaped models
+    ends in an error naming what differs, before any answer is generated."""
+    from conftest import make_checkpoint
+    from eapcore.specs import ModelSpec
+
+    deeper = make_checkpoint(tmp_path / "deeper", "llama", n_layers=3)
+    bad = dataclasses.replace(spec, pair=dataclasses.replace(spec.pair, tuned=ModelSpec(str(deeper))))
+    cache = Cache()
+    ((_, folder, error),) = distributed.run_specs([bad], cache=cache)
+    assert folder is None and "base and tuned have different shapes (n_layers 2 vs 3)" in error
+    assert workers.status(spec_key(bad), cache)["stage"] == "error"
+    generations = cache.root / "generations"
+    assert not generations.exists() or not any(generations.iterdir())

@@ -232,3 +232,24 @@ def test_grade_command_groups_and_errors(tmp_path, capsys):
         "both_correct": [0], "both_wrong": [], "base_only": [1], "tuned_only": [2]}
     assert cli.main(["grade", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_score_of_the_wrong_type_is_reported_not_regraded(tmp_path, capsys):
+    """`score` must be true or false: "yes", 1 or null make the sample ungradable, with a message
+    naming the value, instead of a silent re-grade from `pred`."""
+    samples = [Sample(0, [1], [2], {"score": ["yes"], "pred": ["3"], "gt": "3"}),
+               Sample(1, [1], [2], {"score": 1, "pred": ["3"], "gt": "3"}),
+               Sample(2, [1], [2], {"score": [None], "pred": ["3"], "gt": "3"}),
+               Sample(3, [1], [2], {"score": [False], "pred": ["3"], "gt": "3"})]
+    scores, problems = scores_of(samples)
+    assert scores == {3: False}
+    assert problems == [
+        'idx 0: cannot grade (`score` is ["yes"] (str), not true or false; fix the file or regrade it (--regrade))',
+        "idx 1: cannot grade (`score` is 1 (int), not true or false; fix the file or regrade it (--regrade))",
+        "idx 2: cannot grade (`score` is [null] (NoneType), not true or false; fix the file or regrade it (--regrade))"]
+    path = tmp_path / "a.jsonl"
+    path.write_text(_harness_line(0, r"\boxed{1}", "1", "yes") + "\n" + _harness_line(1, r"\boxed{1}", "1", True) + "\n")
+    assert cli.main(["grade", str(path)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)[str(path)]["n"] == 1
+    assert f"warning: {path}: idx 0: cannot grade (`score` is [\"yes\"] (str), not true or false" in out.err

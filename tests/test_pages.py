@@ -237,6 +237,96 @@ def test_one_cache_layer_shares_a_loaded_run_until_its_files_change(monkeypatch,
     assert again.signature != info.signature and common.load(again) is not data
 
 
+# ---- faults: altered or stale runs, bad links, a broken registry, a pair that cannot be compared -----
+
+@pytest.fixture
+def own_cache(tmp_path):
+    """A small cache of its own (tests here alter it): two runs of one pair."""
+    from fake_runs import make_run
+
+    keys = [make_run(tmp_path / "cache", pair="Mine", dataset="gsm8k", alpha=a) for a in (0.1, 0.5)]
+    return tmp_path / "cache", keys
+
+
+def test_an_altered_run_is_not_served_and_the_page_says_what_to_do(monkeypatch, own_cache):
+    root, (_, key) = own_cache
+    scores = root / "runs" / key / "tuned" / "scores.safetensors"
+    data = bytearray(scores.read_bytes())
+    data[-5] ^= 0x40  # one score altered, same size
+    scores.write_bytes(bytes(data))
+    at = _app(monkeypatch, root, "pages/heatmaps.py", {"alpha": "0.5"})
+    errors = [e.value for e in at.error]
+    assert errors == [f"Run {key} cannot be read: run {key}'s files do not match its manifest (tuned/scores.safetensors: "
+                      "sha256 mismatch (altered or corrupted)), so it is not shown: its scores may have been altered. "
+                      f"Rebuild it from its cached stages with `python -m eapcore run --spec-json "
+                      f"{root / 'runs' / key / 'spec.json'}`, or remove it with `python -m eapcore cache rm {key}`"]
+    assert not at.get("plotly_chart")
+    at = _app(monkeypatch, root, "pages/heatmaps.py", {"alpha": "0.1"})  # the intact run is shown
+    assert not at.error and at.get("plotly_chart")
+
+
+def test_a_run_of_another_scoring_version_is_listed_as_stale(monkeypatch, own_cache):
+    from eapcore.views import query
+
+    root, (old, _) = own_cache
+    spec = root / "runs" / old / "spec.json"
+    data = json.loads(spec.read_text())
+    data["spec"]["scoring_version"] = "0"
+    spec.write_text(json.dumps(data))
+    monkeypatch.setenv("EAP_CACHE_DIR", str(root))
+    info = query.get_run(old)
+    assert info.stage == "stale" and not info.finished and len(query.finished_runs()) == 1
+    with pytest.raises(query.RunNotReady, match=f"run {old} was computed with scoring version '0' and this code "
+                                                f"computes '{query.results.SCORING_VERSION}': its scores are stale"):
+        query.load_run(old)
+    at = _app(monkeypatch, root, "pages/home.py")
+    assert "stale" in at.dataframe[0].value["stage"].tolist()
+
+
+def test_bad_link_parameters_are_ignored_with_a_note(monkeypatch, own_cache):
+    root, _ = own_cache
+    at = _app(monkeypatch, root, "pages/heatmaps.py", {"pair": "No-Such-Pair", "alpha": "abc", "view": "dst"})
+    notes = [w.value for w in at.warning]
+    assert "The link's pair='No-Such-Pair' is not one of the choices for “Model pair”, so it was ignored." in notes
+    assert "The link's alpha='abc' is not one of the choices for “α (truncation: T_cut = α·T_ref)”, so it was " \
+           "ignored." in notes
+    assert at.get("plotly_chart")  # the defaults are shown
+    at.run()  # the note is about the link: gone once the page is used
+    assert not at.warning
+    at = _app(monkeypatch, root, "pages/run.py", {"watch": "../../etc/passwd", "alpha": "inf"})
+    notes = [w.value for w in at.warning]
+    assert "The link's watch='../../etc/passwd' is not a run key (16 hexadecimal digits), so it was ignored." in notes
+    assert any(n.startswith("The link's alpha='inf' is not one of the choices") for n in notes)
+    at = _app(monkeypatch, root, "pages/run.py", {"watch": "0123456789abcdef"})
+    assert f"The link's watch='0123456789abcdef' names no run in this cache ({root}), so it was ignored." in \
+        [w.value for w in at.warning]
+
+
+def test_a_broken_registry_keeps_the_builtin_pairs_and_says_so(monkeypatch, own_cache, tmp_path):
+    root, _ = own_cache
+    broken = tmp_path / "registry.json"
+    broken.write_text('{"pairs": [}')
+    monkeypatch.setenv("EAP_REGISTRY", str(broken))
+    said = f"{broken} is not valid JSON (Expecting value at line 1, column 12); fix it by hand or delete it"
+    for page in ("pages/home.py", "pages/run.py"):
+        at = _app(monkeypatch, root, page)
+        assert said in [w.value for w in at.warning], page
+    assert "DeepSeek-Math (GRPO)" in at.selectbox(key="w_pair").options
+
+
+def test_the_run_page_refuses_a_pair_of_other_tokenizers(monkeypatch, own_cache, checkpoints, tmp_path):
+    """A hand-written pair whose models cannot be compared: the message, and Start disabled."""
+    root, _ = own_cache
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({"pairs": [{"name": "mixed", "base": str(checkpoints["llama"]),
+                                                    "tuned": str(checkpoints["qwen2"])}]}))
+    monkeypatch.setenv("EAP_REGISTRY", str(registry_file))
+    at = _app(monkeypatch, root, "pages/run.py", {"pair": "mixed"})
+    assert [e.value for e in at.error] == ["pair 'mixed': base and tuned have different architectures ('llama' and "
+                                           "'qwen2'); a pair is one model before and after RL tuning"]
+    assert [b.disabled for b in at.button if b.label == "▶ Start run"] == [True]
+
+
 def test_run_page_progress_says_what_came_from_the_cache(monkeypatch, tmp_path):
     """A run whose tuned side's 30 scores came from the cache: its bar says so instead of looking
     like a model was skipped."""

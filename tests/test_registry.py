@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,12 +108,28 @@ def test_hand_edited_registry(user_registry, tmp_path):
     p = registry.get_pair("hub pair")
     assert p.base == ModelSpec("org/base-model") and p.tuned.revision == "v1"
     assert registry.get_dataset("mine").source == str(problems)
-    user_registry.write_text('{"pairs": [{"name": "x", "base": 3}]}')
-    with pytest.raises(RegistryError, match=r"pairs\[0\].base"):
-        registry.pairs()
-    user_registry.write_text("{not json")
-    with pytest.raises(RegistryError, match="not valid JSON"):
-        registry.pairs()
+
+
+def test_a_broken_registry_keeps_the_builtins_and_says_what_and_where(user_registry, tmp_path):
+    """A bad entry is skipped, a file that is not JSON hides no built-in pair; problems() names
+    the file and the JSON error, unknown names mention it, and editing never overwrites it."""
+    user_registry.write_text(json.dumps({"pairs": [{"name": "x", "base": 3}, {"name": "ok", "base": "org/a",
+                                                                               "tuned": "org/b"}]}))
+    assert "ok" in registry.pairs() and "x" not in registry.pairs() and "DeepSeek-Math" in registry.pairs()
+    assert registry.problems() == [f"{user_registry} pairs[0].base: a model must be a hub id / folder string or an "
+                                   "object with name_or_path, not int (entry skipped; fix it in the file)"]
+    user_registry.write_text('{"pairs": [{"name": "mine", "base": "org/a"},]}')  # a trailing comma
+    assert set(registry.pairs()) == {p.name for p in registry.BUILTIN_PAIRS}
+    assert set(registry.datasets()) == {d.name for d in registry.BUILTIN_DATASETS}
+    said = f"{user_registry} is not valid JSON (Expecting value at line 1, column 46); fix it by hand or delete it"
+    assert registry.problems() == [said]
+    with pytest.raises(RegistryError, match="unknown pair 'mine'.*Note: " + re.escape(said)):
+        registry.get_pair("mine")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "1+1?", "answer": "2"}\n')
+    with pytest.raises(RegistryError, match=re.escape(said)):
+        registry.add_dataset(DatasetSpec("new", str(problems)))
+    assert user_registry.read_text() == '{"pairs": [{"name": "mine", "base": "org/a"},]}'  # not overwritten
 
 
 def test_user_datasets(tmp_path):
@@ -130,3 +148,74 @@ def test_user_datasets(tmp_path):
     registry.remove_dataset("my set")
     with pytest.raises(RegistryError, match="unknown dataset 'my set'"):
         registry.get_dataset("my set")
+
+
+def _retokenized(src: Path, dst: Path, order) -> Path:
+    """A copy of checkpoint `src` whose char tokenizer lists its characters in another order."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + order(list(string.printable)))},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(dst)
+    return dst
+
+
+def test_pairs_of_other_vocabularies_or_shapes_are_refused(checkpoints, tmp_path):
+    from conftest import make_checkpoint
+
+    base = checkpoints["llama"]
+    swapped = _retokenized(base, tmp_path / "swapped", lambda chars: chars[1::-1] + chars[2:])  # "0", "1" swapped
+    deeper = make_checkpoint(tmp_path / "deeper", "llama", n_layers=3)
+    wider = tmp_path / "wider"
+    shutil.copytree(base, wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps(dict(config, vocab_size=config["vocab_size"] + 8)))
+    cases = {swapped: r"base and tuned have different tokenizers \(2 tokens differ, e.g. '0' is id 4 in base and 5 "
+                      r"in tuned\), so their answers and scores cannot be compared token for token",
+             deeper: r"base and tuned have different shapes \(n_layers 2 vs 3\), so their edges cannot be compared",
+             wider: r"base and tuned have different shapes \(vocab 104 vs 112\)",
+             checkpoints["gpt2"]: r"base and tuned have different architectures \('llama' and 'gpt2'\)"}
+    for tuned, message in cases.items():
+        with pytest.raises(RegistryError, match=r"pair 'mixed': " + message):
+            registry.add_pair(PairSpec("mixed", ModelSpec(str(base)), ModelSpec(str(tuned))))
+    assert "mixed" not in registry.pairs()
+    assert registry.check_pair(PairSpec("same", ModelSpec(str(base)), ModelSpec(str(base)))) == "llama"
+    assert registry.check_pair(PairSpec("hub", ModelSpec(str(base)), ModelSpec("org/not-here"))) is None
+
+
+def test_uploads_are_content_addressed_next_to_the_registry(user_registry, tmp_path, monkeypatch):
+    """Two uploads with one file name never replace each other (a dataset saved from the first keeps
+    its problems), they live outside the cache (`cache clear` keeps them), and a large file that
+    is not JSON gets a short message and is not kept."""
+    from eapcore.answers.data import read_problems_file
+    from eapcore.runs.cache import Cache
+
+    monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "cache"))
+    first = registry.store_upload("set.jsonl", b'{"question": "What is 1 + 1?", "answer": "2"}\n')
+    registry.add_dataset(DatasetSpec("first", str(first)))
+    second = registry.store_upload("set.jsonl", b'{"question": "What is 5 + 5?", "answer": "10"}\n')
+    assert first != second and first.name == second.name == "set.jsonl"
+    assert registry.store_upload("set.jsonl", first.read_bytes()) == first  # the same content, stored once
+    assert first.parent.parent == user_registry.parent / "uploads"
+    with pytest.raises(RegistryError, match="a dataset named 'first' exists already"):
+        registry.add_dataset(DatasetSpec("first", str(second)))
+    Cache().put("scores", "k", lambda folder: (folder / "x").write_bytes(b"x"))
+    Cache().clear()
+    assert read_problems_file(registry.resolve_path(registry.get_dataset("first").source))[0][0].answer == "2"
+
+    junk = (b"\x00\xff" * 1000 + b"\n") * 5000 + b"not json at all\n" * 50000  # 10 MB, 55000 bad lines
+    with pytest.raises(RegistryError) as err:
+        registry.store_upload("big.jsonl", junk)
+    message = str(err.value)
+    assert len(message) < 1500 and message.startswith("upload big.jsonl: no usable problem in big.jsonl: 0 of 55000 "
+                                                      "lines read; skipped:\n  line 1: not UTF-8 text")
+    assert "... and 54995 more" in message
+    assert sorted(p.name for p in (user_registry.parent / "uploads").rglob("*")) == sorted(
+        [first.parent.name, second.parent.name, "set.jsonl", "set.jsonl"])

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +109,8 @@ def wait_for(condition, timeout: float = 120, what: str = "condition"):
 
 
 def n_score_entries(cache: Cache) -> int:
-    return len(list((cache.root / "scores").glob("*/manifest.json")))
+    """Score entries in place (not the `.tmp-*` folder of one a killed worker was renaming)."""
+    return sum(not p.parent.name.startswith(".") for p in (cache.root / "scores").glob("*/manifest.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +255,145 @@ def test_two_processes_on_one_spec_compute_once(spec, tmp_path):
     n = len(json.loads((cache.run_dir(spec_key(spec)) / "selection.json").read_text())["idx"])
     assert Counter(kind for kind, _ in computed) == {"generations": 2, "grades": 2, "selections": 1, "scores": 2 * n}
     assert not cache.verify_run(spec_key(spec))
+
+
+def test_two_runs_sharing_samples_in_two_processes(spec, tmp_path):
+    """Two specs whose selections overlap (all questions; the first three) attribute the shared
+    samples at the same time in two processes: both finish, each shared entry is stored once,
+    and both runs hold the same scores for it."""
+    from safetensors.numpy import load_file
+
+    specs = [spec, _replace(spec, ("selection", "n"), 3)]
+    paths = []
+    for i, s in enumerate(specs):
+        paths.append(tmp_path / f"spec{i}.json")
+        paths[-1].write_text(json.dumps(to_dict(s)))
+    env = {**os.environ, stages.SLEEP_ENV: "0.2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "eapcore", "run", "--spec-json", str(p), "--quiet"], cwd=PROJECT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for p in paths]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    cache = Cache()
+    stored = Counter(e["key"] for e in cache.events() if e["event"] == "computed" and e["kind"] == "scores"
+                     and e["stored"])
+    assert stored and max(stored.values()) == 1
+    folders = [cache.run_dir(spec_key(s)) for s in specs]
+    ids = [json.loads((f / "base" / "manifest.json").read_text())["sample_ids"] for f in folders]
+    shared = set(ids[0]) & set(ids[1])
+    assert len(shared) == 3
+    for which in ("base", "tuned"):
+        scores = [load_file(str(f / which / "scores.safetensors"))["scores"] for f in folders]
+        for idx in shared:
+            assert (scores[0][ids[0].index(idx)] == scores[1][ids[1].index(idx)]).all()
+    assert all(not cache.verify_run(spec_key(s)) for s in specs)
+
+
+def test_an_out_of_memory_error_keeps_finished_samples(spec, counters, monkeypatch):
+    """CUDA running out of memory in the third attribution batch: one line saying what to change,
+    status error, the two finished samples kept, and the next run computes only the others."""
+    import torch
+
+    import eapcore.engine.attribution
+
+    real, calls = eapcore.engine.attribution.attribute_batch, []
+
+    def oom_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eapcore.engine.attribution, "attribute_batch", oom_third)
+    cache = Cache()
+    with pytest.raises(RunError, match=r"^out of GPU memory during attribute: set a smaller max_batch_tokens "
+                                       r"\(--max-batch-tokens\), use dtype bfloat16 or layer granularity, or a "
+                                       "smaller alpha; finished samples are kept$"):
+        runner.run(spec, cache=cache)
+    st = workers.status(spec_key(spec), cache)
+    assert st["stage"] == "error" and st["message"].startswith("out of GPU memory") and n_score_entries(cache) == 2
+    counters.clear()
+    folder = runner.run(spec, cache=cache)
+    n = len(json.loads((folder / "selection.json").read_text())["idx"])
+    assert counters["attribute"] == 2 * n - 2 and counters["generate"] == 0
+
+
+def test_path_like_names_stay_labels(spec, tmp_path):
+    """A pair and a dataset named like paths are labels: the run lives under runs/<key>, nothing is
+    written where the names point, and the dashboard lists them as given."""
+    from eapcore.views import query
+
+    named = _replace(_replace(spec, ("pair", "name"), "../../escape"), ("dataset", "name"), "/tmp/x/../evil")
+    folder = runner.run(named, cache=Cache())
+    assert folder == Cache().root / "runs" / spec_key(named)
+    assert not (Cache().root.parent / "escape").exists() and not Path("/tmp/evil").exists()
+    info = query.get_run(spec_key(named))
+    assert (info.pair, info.dataset, info.stage) == ("../../escape", "/tmp/x/../evil", "done")
+
+
+def test_a_hand_written_pair_of_other_models_is_refused_when_the_run_starts(spec, lab, tmp_path):
+    """registry.json edited by hand: a pair of two architectures is re-checked when a run starts,
+    and the run ends with the message in its status (nothing generated)."""
+    from conftest import make_checkpoint
+
+    gpt2 = make_checkpoint(tmp_path / "gpt2", "gpt2")
+    Path(os.environ["EAP_REGISTRY"]).write_text(json.dumps({"pairs": [
+        {"name": "mixed", "base": str(lab.base), "tuned": str(gpt2), "template": "deepseek-math", "max_new_tokens": 8}]}))
+    mixed = dataclasses.replace(spec, pair=registry.get_pair("mixed"))
+    cache = Cache()
+    said = "pair 'mixed': base and tuned have different architectures ('llama' and 'gpt2')"
+    with pytest.raises(RunError, match=re.escape(said)):
+        runner.run(mixed, cache=cache)
+    st = workers.status(spec_key(mixed), cache)
+    assert st["stage"] == "error" and st["message"].startswith(said)
+    assert not (cache.root / "generations").exists()
+
+
+FULL_DISK = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+cache, spec_file, key = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+run = subprocess.Popen([sys.executable, "-m", "eapcore", "run", "--spec-json", spec_file, "--quiet"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+end = time.time() + 240
+while not list(cache.glob("scores/[!.]*/manifest.json")) and time.time() < end and run.poll() is None:
+    time.sleep(0.05)
+with open(cache / "filler", "wb") as fh:  # the disk fills up mid-attribution
+    try:
+        while True:
+            fh.write(b"x" * 65536)
+            fh.flush()
+    except OSError:
+        pass
+out, err = run.communicate(timeout=240)
+print(json.dumps({"rc": run.returncode, "err": err, "status": json.loads((cache / "runs" / key / "status.json").read_text()),
+                  "entries": len(list(cache.glob("scores/[!.]*/manifest.json")))}))
+"""
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_an_error_status(spec, tmp_path):
+    """A real full disk (a 16 MB tmpfs in a user namespace, filled while the run attributes): the
+    command prints one line, the run's status says error with the same message (no status left at
+    "attribute" by a dead process), and the samples finished before are kept."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("user namespaces are not available here (unshare -rm), so no small disk can be mounted")
+    cache = tmp_path / "small"
+    cache.mkdir()
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(to_dict(spec)))
+    env = {**os.environ, "EAP_CACHE_DIR": str(cache), stages.SLEEP_ENV: "0.3"}
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=16m tmpfs {cache} && '
+                        f'exec "{sys.executable}" -c "$0" "$@"', FULL_DISK, str(cache), str(spec_file), spec_key(spec)],
+                       cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    said = (rf"the disk of the cache \({cache}\) is full \(\w+ during attribute\): free space \(`python -m eapcore "
+            r"cache size`, `cache rm KEY`\) or set EAP_CACHE_DIR to a larger disk, then run the spec again; finished "
+            "samples are kept")  # the error's type: where the disk filled (safetensors, a manifest, ...)
+    errors = [line for line in out["err"].splitlines() if line.startswith("error:")]
+    assert out["rc"] == 1 and "Traceback" not in out["err"] and len(errors) == 1, out["err"]
+    assert re.fullmatch("error: " + said, errors[0]), errors[0]
+    assert out["status"]["stage"] == "error" and errors[0] == "error: " + out["status"]["message"]
+    assert out["entries"] >= 1
 
 
 def test_export_import_round_trip(spec, counters, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -161,6 +162,47 @@ def test_select_command_errors(tmp_path, capsys):
                      "--out", str(tmp_path / "o")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_select_that_keeps_no_question_fails_and_writes_nothing(tmp_path, capsys):
+    base, tuned, out = tmp_path / "b.jsonl", tmp_path / "t.jsonl", tmp_path / "o"
+    write_answers(base, 0)
+    write_answers(tuned, 1)
+    assert cli.main(["select", "--base", str(base), "--tuned", str(tuned), "--alpha", "0.5", "--beta", "0",
+                     "--low", "1.4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no question of group 'both_correct' passes the selection rules (T_ref ")
+    assert err.rstrip().endswith(f"relax beta/low/high or use a larger dataset; nothing was written to {out}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--alpha", "inf", "alpha must be a finite number > 0, not inf"),
+    ("--alpha", "nan", "alpha must be a finite number > 0, not nan"),
+    ("--alpha", "0", "alpha must be a finite number > 0, not 0.0"),
+    ("--beta", "-0.1", "beta must be a finite number >= 0, not -0.1"),
+    ("--low", "2", "low and high must be finite with 0 <= low <= high, not low 2.0, high 1.5"),
+])
+def test_bad_selection_settings_are_refused_up_front(tmp_path, capsys, option, value, said):
+    base, tuned = tmp_path / "b.jsonl", tmp_path / "t.jsonl"
+    write_answers(base, 0)
+    write_answers(tuned, 1)
+    args = {"--alpha": "0.5", option: value}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["select", "--base", str(base), "--tuned", str(tuned), *[x for kv in args.items() for x in kv],
+                  "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {said}")
+    assert not (tmp_path / "o").exists()
+    settings = SelectionSettings(**{"alpha": 0.5, option[2:]: float(value)})
+    with pytest.raises(ValueError, match=f"invalid selection settings: {re.escape(said)}"):
+        select({0: Lengths(3, 3, 10, 10)}, settings)
+    from eapcore.runs.keys import check_spec
+    from eapcore.runs.errors import RunError
+    from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, RunSpec
+
+    spec = RunSpec(PairSpec("p", ModelSpec("a"), ModelSpec("b")), DatasetSpec("d"), selection=settings)
+    with pytest.raises(RunError, match=f"invalid run spec: {re.escape(said)}"):
+        check_spec(spec)
 
 
 def harness_rows(side: int) -> list[dict]:

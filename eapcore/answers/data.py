@@ -16,12 +16,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eapcore.answers.grading import gsm8k_reference, last_boxed
 from eapcore.harness import ReadReport, read_jsonl
+from eapcore.modelfiles import hub_unavailable, unreachable
 from eapcore.specs import DatasetSpec
 
 _HARNESS = "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/{}/test.jsonl"
@@ -181,6 +183,14 @@ def _load_hub(source: str, split: str) -> tuple[list[Problem], ReadReport]:
     """Hub id ("owner/name" or "owner/name#config") or URL of a jsonl file, via `datasets`."""
     import datasets
 
+    problem = None  # offline variables set: `datasets` serves its local cache or fails at once
+    if not any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        parts = urllib.parse.urlsplit(source)
+        problem = unreachable(f"{parts.scheme}://{parts.netloc}") if parts.scheme in ("http", "https") \
+            else hub_unavailable(offline_vars=())
+    if problem:
+        raise ValueError(f"could not load dataset {source!r}: {problem}. Give a local .jsonl/.csv file (or, for a "
+                         "hub dataset in the local cache, set HF_DATASETS_OFFLINE=1)")
     try:
         if source.startswith(("http://", "https://")):
             ds = datasets.load_dataset("json", data_files=source, split="train")
@@ -206,7 +216,8 @@ def load_problems(spec: DatasetSpec) -> tuple[list[Problem], ReadReport]:
         raise ValueError(f"unknown dataset {spec.name!r}: built-in ones are "
                          f"{', '.join(BUILTIN_SOURCES)}; otherwise give a source (file, URL or hub id)")
     local = Path(source).expanduser()
-    if local.exists() or local.suffix.lower() in (".jsonl", ".json", ".csv"):
+    if not source.startswith(("http://", "https://")) and (local.exists() or
+                                                          local.suffix.lower() in (".jsonl", ".json", ".csv")):
         problems, report = read_problems_file(local)
     else:
         problems, report = _load_hub(source, spec.split)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eapcore import modelfiles
 from eapcore.answers.data import TEMPLATES, Problem, encode_prompt, format_prompt, load_problems, stop_ids
 from eapcore.answers.grading import accuracy, extract_answer, grade_pairs, scores_of
-from eapcore.files import looks_like_path, write_bytes_atomic
+from eapcore.files import write_bytes_atomic
 from eapcore.harness import ReadReport, parse_sample, read_jsonl, read_samples, write_jsonl
 from eapcore.specs import BACKENDS, DatasetSpec, GenerationSettings, ModelSpec
 
@@ -50,15 +51,6 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _check_model_ref(name_or_path: str) -> None:
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model folder {path} has no config.json: give a Hugging Face model folder")
-    elif looks_like_path(name_or_path):
-        raise ValueError(f"model folder {name_or_path} does not exist")
-
-
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
@@ -68,32 +60,19 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def load_tokenizer(model: ModelSpec) -> Any:
-    """The model's tokenizer (hub id or folder); a clear ValueError if it cannot be found."""
-    from transformers import AutoTokenizer
-
-    _check_model_ref(model.name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision,
-                                             trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the tokenizer of {model.name_or_path!r}: not a local folder, and "
-                         f"not found on the hub or the hub is unreachable (offline?).\n{err}") from err
+    """The model's tokenizer (hub id or folder); a one-line ValueError (modelfiles.CheckpointError)
+    if it cannot be loaded."""
+    return modelfiles.load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code)
 
 
 def load_causal_lm(model: ModelSpec, dtype: str = "float32", device: str | None = None) -> Any:
-    """AutoModelForCausalLM in eval mode on `device` (default: cuda if available, else cpu)."""
+    """AutoModelForCausalLM in eval mode on `device` (default: cuda if available, else cpu); a
+    one-line ValueError (modelfiles.CheckpointError) if it cannot be loaded."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    _check_model_ref(model.name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model.name_or_path, revision=model.revision,
-                                                  dtype=getattr(torch, dtype),
-                                                  trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load model {model.name_or_path!r}: not a local folder, and not found "
-                         f"on the hub or the hub is unreachable (offline?).\n{err}") from err
+    lm = modelfiles.load_causal_lm(model.name_or_path, model.revision, model.trust_remote_code,
+                                   dtype=getattr(torch, dtype))
     return lm.to(device).eval()
 
 

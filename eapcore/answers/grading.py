@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from eapcore.files import shorten
 from eapcore.harness import first
 from eapcore.specs import GROUPS
 
@@ -123,12 +124,16 @@ def grade_pairs(pairs: Iterable[tuple[str, str]]) -> list[bool]:
 def score_fields(fields: Mapping[str, Any]) -> tuple[bool | None, str]:
     """A sample's stored grade from its answers-file fields: (score, how), score None if ungradable.
 
-    Order: `score` (first element) if present; else `pred` vs `gt`; else the last boxed
-    expression of `code` vs `gt`. Grading here is main-thread only (see `grade_pairs`).
+    Order: `score` (first element) if present, which must be true or false (anything else makes
+    the sample ungradable: it is reported, never silently re-graded); else `pred` vs `gt`; else
+    the last boxed expression of `code` vs `gt`. Grading here is main-thread only (see `grade_pairs`).
     """
-    score = first(fields.get("score"))
-    if isinstance(score, bool):
-        return score, "stored"
+    if "score" in fields:
+        score = first(fields["score"])
+        if isinstance(score, bool):
+            return score, "stored"
+        return None, (f"`score` is {shorten(json.dumps(fields['score'], default=str), 40)} "
+                      f"({type(score).__name__}), not true or false; fix the file or regrade it (--regrade)")
     gt = fields.get("gt")
     if gt is None or isinstance(gt, (list, dict)):
         return None, "no `score` and no usable `gt` field"

@@ -56,6 +56,29 @@ class Selection:
     settings: dict[str, Any]
 
 
+def settings_problems(s: SelectionSettings) -> list[str]:
+    """What makes selection settings unusable, one line each ([] when none): alpha a finite number
+    > 0, beta finite and >= 0, low and high finite with 0 <= low <= high, n and seed integers, a
+    known group."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if not (number(s.alpha) and s.alpha > 0):
+        problems.append(f"alpha must be a finite number > 0, not {s.alpha!r}")
+    if not (number(s.beta) and s.beta >= 0):
+        problems.append(f"beta must be a finite number >= 0, not {s.beta!r}")
+    if not (number(s.low) and number(s.high) and 0 <= s.low <= s.high):
+        problems.append(f"low and high must be finite with 0 <= low <= high, not low {s.low!r}, high {s.high!r}")
+    for name in ("n", "seed"):
+        value = getattr(s, name)
+        if not isinstance(value, int) or isinstance(value, bool) or (name == "seed" and value < 0):
+            problems.append(f"{name} must be an integer{' >= 0' if name == 'seed' else ''}, not {value!r}")
+    if s.group not in GROUPS:
+        problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
+    return problems
+
+
 def failed_rules(lengths: Lengths, t_ref: float, t_cut: int, s: SelectionSettings) -> list[str]:
     """The rules (RULES order) that one question fails."""
     lb, lt = lengths.answer_base, lengths.answer_tuned
@@ -73,7 +96,11 @@ def failed_rules(lengths: Lengths, t_ref: float, t_cut: int, s: SelectionSetting
 
 
 def select(lengths: Mapping[Any, Lengths], settings: SelectionSettings) -> Selection:
-    """Apply Eq. 10-12 to the group's questions {idx: Lengths}; see the module docstring."""
+    """Apply Eq. 10-12 to the group's questions {idx: Lengths}; see the module docstring.
+    ValueError for unusable settings (settings_problems) or an empty group."""
+    problems = settings_problems(settings)
+    if problems:
+        raise ValueError("invalid selection settings: " + "; ".join(problems))
     if not lengths:
         raise ValueError(f"group {settings.group!r} is empty: no question to select from")
     members = sort_idx(lengths)
@@ -99,6 +126,13 @@ def select(lengths: Mapping[Any, Lengths], settings: SelectionSettings) -> Selec
     counts = {"group": len(members), "removed": removed, "failing": failing,
               "kept": len(kept), "drawn": len(drawn)}
     return Selection(t_ref, t_cut, drawn, counts, asdict(settings))
+
+
+def none_kept(selection: Selection) -> str:
+    """The message for a selection that kept no question."""
+    return (f"no question of group {selection.settings['group']!r} passes the selection rules (T_ref "
+            f"{selection.t_ref:.1f}, T_cut {selection.t_cut}, removed per rule {selection.counts['removed']}); "
+            "relax beta/low/high or use a larger dataset")
 
 
 def empty_group_message(group: str, sizes: Mapping[str, int]) -> str:
@@ -182,9 +216,10 @@ def command(argv: list[str]) -> int:
     two_files = bool(args.base and args.tuned)
     if bool(args.joined) == bool(args.base or args.tuned) or not (args.joined or two_files):
         ap.error("give --base and --tuned, or --joined")
-    if args.alpha <= 0:
-        ap.error("--alpha must be > 0")
     settings = SelectionSettings(args.alpha, args.beta, args.low, args.high, args.n, args.seed, args.group)
+    problems = settings_problems(settings)
+    if problems:
+        ap.error("; ".join(problems))
     try:
         base, tuned, sources, warnings = read_answers(args.base, args.tuned, args.joined, settings.group)
         lengths, messages = group_lengths(base, tuned, settings.group)
@@ -193,6 +228,9 @@ def command(argv: list[str]) -> int:
         selection = select(lengths, settings)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not selection.idx:
+        print(f"error: {none_kept(selection)}; nothing was written to {args.out}", file=sys.stderr)
         return 2
     write_selection(args.out, base, tuned, selection, sources)
     print(json.dumps({k: v for k, v in asdict(selection).items() if k != "idx"} | {"n_idx": len(selection.idx)},

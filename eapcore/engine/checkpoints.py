@@ -23,14 +23,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eapcore.modelfiles import CheckpointError  # a reference that cannot be resolved: one line, what to do
+
 KIND = "models"
 FORMAT = "1"  # bump when the materialised folder's content changes for the same inputs
 ADAPTER_CONFIG = "adapter_config.json"
 PACKAGE = "package:"
 
 
-class CheckpointError(ValueError):
-    """A model reference could not be resolved; the message says why and what to do."""
 
 
 # ------------------------------------------------------------------------------ references

@@ -20,18 +20,17 @@ transformers (safetensors preferred); `trust_remote_code` stays off unless the c
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from eapcore import modelfiles
 from eapcore.engine.windowed_attention import causal_attention
-from eapcore.files import looks_like_path
+from eapcore.modelfiles import CheckpointError
 
 SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "OLMo 2",
              "olmo3": "OLMo 3", "gpt2": "GPT-2"}
@@ -41,8 +40,9 @@ WINDOW_BY_LAYER_TYPE = ("qwen2", "qwen3", "olmo3")  # windows per layer from con
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says why and what to do."""
+class ModelLoadError(CheckpointError):
+    """A model could not be loaded or is refused; the message says why and what to do. Problems of
+    the files or the hub are modelfiles.CheckpointError, this class's base."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -54,9 +54,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The transformers config of a folder or hub id, with clear errors for the usual mistakes."""
-    from transformers import AutoConfig
-
+    """The transformers config of a folder or hub id, with one-line errors for the usual mistakes
+    (eapcore.modelfiles: no or broken config.json, truncated weights, custom code without opt-in,
+    hub unreachable)."""
     from eapcore.engine import checkpoints
 
     if checkpoints.is_derived(name_or_path):  # a GGUF file or a LoRA adapter
@@ -64,25 +64,26 @@ def load_config(name_or_path: str, revision: str | None = None, trust_remote_cod
             return checkpoints.load_config(name_or_path, revision)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not read the config of {name_or_path!r}: {err}") from None
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{name_or_path} is a file; give the checkpoint folder that holds config.json")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model folder {name_or_path} has no config.json: it is not a Hugging Face "
-                                 "checkpoint folder (save one with model.save_pretrained(folder))")
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if looks_like_path(name_or_path):
-        raise ModelLoadError(f"model folder {name_or_path} does not exist")
+    return _engine_error(modelfiles.load_config, name_or_path, revision, trust_remote_code)
+
+
+def _engine_error(load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """load(*args, **kwargs) with its CheckpointError raised as this module's ModelLoadError."""
     try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        hint = ("the hub is switched off here (HF_HUB_OFFLINE=1): download the model on a connected machine "
-                "and pass its local folder" if offline else
-                "check the id's spelling, your network, and that the model is public or you are logged in")
-        raise ModelLoadError(f"could not load model {name_or_path!r} from the Hugging Face hub: {hint}. "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        return load(*args, **kwargs)
+    except ModelLoadError:
+        raise
+    except CheckpointError as err:
+        raise ModelLoadError(str(err)) from None
+
+
+def config_dims(config) -> dict[str, int]:
+    """The sizes a config gives: n_layers, d_model, n_heads, n_kv_heads, vocab (any architecture)."""
+    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None) is not None)  # noqa: E731
+    heads = get("num_attention_heads", "n_head")
+    return {"n_layers": get("num_hidden_layers", "n_layer"), "d_model": get("hidden_size", "n_embd"),
+            "n_heads": heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "vocab": get("vocab_size")}
 
 
 def check_architecture(config) -> str:
@@ -158,8 +159,6 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
     its adapter checked against the model itself (`check_conformance`). devices: spread the
     layers over these devices instead (a model too large for one GPU; loaded on the CPU first,
     placed by eapcore.engine.placement balanced on the devices' free memory)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from eapcore.engine import checkpoints
 
     if dtype not in DTYPES:
@@ -174,12 +173,9 @@ def load_model(name_or_path: str, dtype: str = "float32", device: str = "auto", 
     dev = resolve_device(device) if not devices else torch.device("cpu")
     for d in devices or ():
         resolve_device(str(d))  # a clear error for a CUDA device on a machine without one
-    source = str(Path(name_or_path).expanduser()) if Path(name_or_path).expanduser().exists() else name_or_path
-    hf = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[dtype],
-                                              trust_remote_code=trust_remote_code).to(dev)
-    hf.eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code) \
-        if with_tokenizer else None
+    hf = _engine_error(modelfiles.load_causal_lm, name_or_path, revision, trust_remote_code, dtype=DTYPES[dtype])
+    hf.to(dev).eval().requires_grad_(False)
+    tok = _engine_error(modelfiles.load_tokenizer, name_or_path, revision, trust_remote_code) if with_tokenizer else None
     model = LoadedModel(name, hf, tok, make_adapter(hf, arch), arch)
     if devices:
         from eapcore.engine import placement

@@ -10,14 +10,19 @@ Layout under the cache root (`cache/` in the project, or `$EAP_CACHE_DIR`):
     work/<kind>-<key>/            scratch of a stage in progress (kept across crashes, to resume)
     locks/<name>.lock             fcntl locks (`filelock`), released by the OS if a process dies
     log.jsonl                     one line per computed or corrupted entry (kind, key, pid, time)
+    hashes.jsonl                  the sha256 memo of files outside the entries (model weights, run
+                                  files): one line per file version (path, size, mtime_ns, inode)
 
-An entry is written in a temporary folder next to its final place and renamed into it in one
-`os.replace`, with its manifest last, so a reader sees a whole entry or none. `get` checks every
-file's size and sha256: a missing, truncated or altered entry is reported (logger warning and
-`Cache.problems`), removed, and treated as absent, so the caller recomputes it.
+An entry is written in a temporary folder next to its final place, its files and folder fsynced,
+and renamed into it in one `os.replace` (then the parent folder is fsynced), under the entry's own
+lock, so a reader sees a whole entry or none, two processes writing the same entry never race,
+and a crash keeps what was put. `get` checks every file's size and sha256: a missing, truncated or
+altered entry is reported (logger warning and `Cache.problems`), removed, and treated as absent,
+so the caller recomputes it.
 
 Bundles (`export_bundle` / `import_bundle`) are zip files of run folders plus the entries they
-reference, with a `bundle.json` of checksums; import refuses unsafe member names.
+reference, with a `bundle.json` of checksums; import refuses unsafe member names, and runs of
+another scoring version (their scores are stale) with the entries only they use.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from typing import Any, Callable, Iterable
 
 from filelock import FileLock, Timeout
 
-from eapcore.files import cache_root, read_json, replace_dir, temp_name, write_json_atomic
+from eapcore.files import cache_root, cache_root_problem, fsync_path, fsync_tree, read_json, replace_dir, temp_name, write_json_atomic
+from eapcore.specs import SCORING_VERSION
 
 log = logging.getLogger("eapcore.cache")
 
@@ -45,6 +51,8 @@ RESERVED = ("runs", "work", "locks")
 MANIFEST = "manifest.json"
 BUNDLE_MANIFEST = "bundle.json"
 BUNDLE_FORMAT = "eapcore-bundle/1"
+HASHES = "hashes.jsonl"
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256, this process's copy of the memo
 
 
 class CacheError(RuntimeError):
@@ -74,7 +82,8 @@ def checksum_tree(folder: Path, skip: Iterable[str] = (MANIFEST,)) -> dict[str, 
     return out
 
 
-def verify_tree(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+def verify_tree(folder: Path, files: dict[str, dict[str, Any]],
+                sha: Callable[[Path], str] = sha256_file) -> list[str]:
     """Problems ("name: why") of the files listed in a manifest; [] when all match."""
     problems = []
     for rel, want in files.items():
@@ -83,7 +92,7 @@ def verify_tree(folder: Path, files: dict[str, dict[str, Any]]) -> list[str]:
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != want["size"]:
             problems.append(f"{rel}: {path.stat().st_size} bytes, expected {want['size']} (truncated?)")
-        elif sha256_file(path) != want["sha256"]:
+        elif sha(path) != want["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (altered or corrupted)")
     return problems
 
@@ -145,12 +154,15 @@ class Cache:
         return FileLock(str(self.root / "locks" / f"{name}.lock"), timeout=timeout)
 
     def is_locked(self, name: str) -> bool:
-        """Whether another process holds lock `name` right now."""
-        lock = self.lock(name, timeout=0)
+        """Whether another process holds lock `name` right now (never, in a cache this process
+        cannot write: no worker of it runs there)."""
         try:
+            lock = self.lock(name, timeout=0)
             lock.acquire()
         except Timeout:
             return True
+        except OSError:
+            return False
         lock.release()
         return False
 
@@ -174,8 +186,12 @@ class Cache:
 
     def put(self, kind: str, key: str, write: Callable[[Path], Any], meta: dict | None = None) -> Entry:
         """Create entry kind/key: `write(folder)` fills a fresh temporary folder; its files are
-        checksummed and the folder renamed into place. If a valid entry appeared meanwhile, it
-        is kept and the new files dropped."""
+        checksummed and fsynced, and the folder renamed into place under the entry's lock. If a
+        valid entry appeared meanwhile, it is kept and the new files dropped."""
+        with self.lock(f"{kind}-{key}"):
+            return self._put_locked(kind, key, write, meta)
+
+    def _put_locked(self, kind: str, key: str, write: Callable[[Path], Any], meta: dict | None) -> Entry:
         final = self.entry_path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(final)
@@ -188,7 +204,9 @@ class Cache:
             write_json_atomic(tmp / MANIFEST, manifest)
             existing = self.get(kind, key) if final.exists() else None  # damaged: reported, removed
             if existing is None:
+                fsync_tree(tmp)
                 os.replace(tmp, final)
+                fsync_path(final.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.log_event("computed", kind, key, seconds=round(time.time() - started, 3), stored=existing is None)
@@ -204,7 +222,7 @@ class Cache:
             entry = self.get(kind, key)
             if entry is not None:
                 return entry, False
-            return self.put(kind, key, write, meta), True
+            return self._put_locked(kind, key, write, meta), True
 
     def discard(self, path: Path) -> None:
         """Remove an entry or run folder (renamed away first, so no reader sees it half-gone)."""
@@ -246,13 +264,53 @@ class Cache:
         write_json_atomic(folder / MANIFEST, manifest)
         return manifest
 
-    def verify_run(self, key: str) -> list[str]:
-        """Problems of a sealed run folder ([] when intact); an unsealed one is a problem too."""
+    def verify_run(self, key: str, memo: bool = False) -> list[str]:
+        """Problems of a sealed run folder ([] when intact); an unsealed one is a problem too.
+        memo: hash each file version once (file_sha256), for readers that verify often."""
         folder = self.run_dir(key)
         try:
-            return verify_tree(folder, read_json(folder / MANIFEST)["files"])
+            return verify_tree(folder, read_json(folder / MANIFEST)["files"],
+                               self.file_sha256 if memo else sha256_file)
         except (OSError, ValueError, KeyError, TypeError) as err:
             return [f"{MANIFEST}: unreadable or missing ({type(err).__name__})"]
+
+    # ---- the hash memo ---------------------------------------------------------------------------
+    def file_sha256(self, path: str | os.PathLike) -> str:
+        """sha256 of a file's whole content, computed once per file version: memoised by (path,
+        size, mtime_ns, inode) in this process and in hashes.jsonl, which other processes share
+        (best effort: in a read-only cache the memo stays in memory)."""
+        path = Path(path).resolve()
+        st = path.stat()
+        version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if version not in _HASHES:
+            self._read_hashes()
+        if version not in _HASHES:
+            digest = sha256_file(path)
+            _HASHES[version] = digest
+            line = json.dumps({"path": version[0], "size": version[1], "mtime_ns": version[2], "inode": version[3],
+                               "sha256": digest}) + "\n"
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.root / HASHES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # read-only or full: the memo stays in this process
+        return _HASHES[version]
+
+    def _read_hashes(self) -> None:
+        try:
+            lines = (self.root / HASHES).read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                row = json.loads(line)
+                _HASHES[(row["path"], row["size"], row["mtime_ns"], row["inode"])] = row["sha256"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash
 
     def run_entries(self, key: str) -> list[tuple[str, str]]:
         return [tuple(e) for e in read_json(self.run_dir(key) / MANIFEST)["entries"]]
@@ -392,11 +450,35 @@ def _safe_member(name: str, info: zipfile.ZipInfo) -> PurePosixPath:
     return path
 
 
+def _stale(zf: zipfile.ZipFile, key: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(why run `key` of a bundle cannot be imported or None, the entries its manifest lists):
+    its spec and score manifests must carry this code's SCORING_VERSION."""
+    def member(name: str) -> Any:
+        try:
+            return json.loads(zf.read(f"runs/{key}/{name}"))
+        except (KeyError, ValueError):
+            return None
+
+    manifest = member(MANIFEST)
+    entries = [tuple(e) for e in manifest.get("entries", [])] if isinstance(manifest, dict) else []
+    spec = member("spec.json")
+    versions = {spec.get("spec", {}).get("scoring_version") if isinstance(spec, dict) else None}
+    versions |= {m.get("scoring_version") for m in (member("base/manifest.json"), member("tuned/manifest.json"))
+                 if isinstance(m, dict)}
+    if versions == {SCORING_VERSION}:
+        return None, entries
+    other = sorted(map(repr, versions - {SCORING_VERSION}))
+    return (f"computed with scoring version {', '.join(other)} while this code computes {SCORING_VERSION!r}: "
+            "its scores are stale, so it is not imported; run its spec again here"), entries
+
+
 def import_bundle(cache: Cache, bundle_path: str | os.PathLike, overwrite: bool = False) -> dict[str, list[str]]:
     """Check every member against bundle.json, then install runs and entries atomically.
 
     Existing intact entries are kept (same key, same settings); existing runs are kept unless
-    `overwrite`. Returns {"installed": [...], "kept": [...]} as "kind/key" strings."""
+    `overwrite`. Runs of another scoring version, and the entries only they use, are not
+    installed. Returns {"installed": [...], "kept": [...]} as "kind/key" strings and "stale":
+    one line per run refused for its scoring version."""
     bundle_path = Path(bundle_path)
     try:
         zf = zipfile.ZipFile(bundle_path)
@@ -428,9 +510,20 @@ def import_bundle(cache: Cache, bundle_path: str | os.PathLike, overwrite: bool 
         cache.root.mkdir(parents=True, exist_ok=True)
         if need > shutil.disk_usage(cache.root).free:
             raise CacheError(f"importing needs {need / 1e9:.2f} GB but the cache disk has less free")
-        result: dict[str, list[str]] = {"installed": [], "kept": []}
+        result: dict[str, list[str]] = {"installed": [], "kept": [], "stale": []}
+        stale, current = set(), set()  # the stale runs and their entries; the entries of current runs
+        for kind, key in groups:
+            if kind == "runs":
+                why, entries = _stale(zf, key)
+                (stale if why else current).update(entries)
+                if why:
+                    stale.add(("runs", key))
+                    result["stale"].append(f"runs/{key}: {why}")
+        skip = stale - current
         for (kind, key), items in sorted(groups.items()):
             label = f"{kind}/{key}"
+            if (kind, key) in skip:
+                continue
             dest = cache.run_dir(key) if kind == "runs" else cache.entry_path(kind, key)
             present = (not cache.verify_run(key)) if kind == "runs" else cache.get(kind, key) is not None
             if present and not (overwrite and kind == "runs"):
@@ -517,5 +610,8 @@ def command(argv: list[str]) -> int:
             print(f"removed {_human(cache.clear())} from {cache.root}")
     except CacheError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only cache or one that is not a folder
+        print(f"error: {cache_root_problem(cache.root) or f'{err.strerror}: {err.filename}'}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,7 @@ from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec
 from eapcore.runs.memory import predict_memory
 from eapcore.runs.results import quick_summary
-from eapcore.runs.runner import run
+from eapcore.runs.runner import explain, run
 from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec,
@@ -141,6 +141,8 @@ class _Bars:
 
 def _on_sigterm(folder: Path):
     def handler(signum, frame):  # cooperative: the run stops at its next check, cleanly
+        if not folder.is_dir():
+            raise Cancelled("cancelled before the run started")
         (folder / "cancel").touch()
     return handler
 
@@ -207,7 +209,6 @@ def command_run(argv: list[str]) -> int:
             print(json.dumps(predict_memory(spec), indent=1))
             return 0
         cache = Cache()
-        cache.run_dir(key).mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(key)))
         print(f"run {key}: {label(spec)}", file=sys.stderr)
         if args.executor == "ray":
@@ -223,6 +224,9 @@ def command_run(argv: list[str]) -> int:
         return 130
     except (RunError, registry.RegistryError, CacheError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # before the run could write its status (a full or read-only disk)
+        print(f"error: {explain(err, 'start')}", file=sys.stderr)
         return 1
     print(f"done: {folder}")
     _print_metrics(folder)
@@ -294,7 +298,6 @@ def command_sweep(argv: list[str]) -> int:
     for s in outer:
         outer.set_postfix_str(label(s))
         bars = _Bars(not args.quiet, position=1)
-        cache.run_dir(spec_key(s)).mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(spec_key(s))))
         try:
             run(s, bars, cache)
@@ -349,6 +352,9 @@ def command_export(argv: list[str]) -> int:
     except (RunError, CacheError, registry.RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        print(f"error: cannot write {args.out}: {err.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {len(bundle['runs'])} run(s), {len(bundle['entries'])} cache entries, "
           f"{len(bundle['files'])} files")
     return 0
@@ -369,5 +375,11 @@ def command_import(argv: list[str]) -> int:
     except CacheError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"installed {len(result['installed'])}, kept {len(result['kept'])} existing, in {cache.root}")
-    return 0
+    except OSError as err:  # a read-only or full cache
+        print(f"error: {explain(err, 'import', cache)}", file=sys.stderr)
+        return 1
+    for line in result["stale"]:
+        print(f"warning: {line}", file=sys.stderr)
+    print(f"installed {len(result['installed'])}, kept {len(result['kept'])} existing, "
+          f"refused {len(result['stale'])} stale run(s), in {cache.root}")
+    return 1 if result["stale"] and not (result["installed"] or result["kept"]) else 0

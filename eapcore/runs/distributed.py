@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from eapcore.files import write_json_atomic
-from eapcore.runs import runner, stages
+from eapcore.runs import registry, runner, stages
 from eapcore.runs.cache import MANIFEST, Cache
 from eapcore.runs.errors import Cancelled, RunError
+from eapcore.runs.registry import RegistryError
 from eapcore.runs.keys import check_spec, stage_keys
 from eapcore.runs.workers import Reporter
 from eapcore.specs import ModelSpec, RunSpec, spec_key, to_dict
@@ -180,6 +181,11 @@ class _Driver:
         tasks: dict = {}
         for r in self.live():
             r.keys = stage_keys(r.spec)
+            try:  # registry.json may hold a hand-written pair: refused before any GPU work, as runner.run does
+                registry.check_pair(r.spec.pair, download=True)
+            except RegistryError as err:
+                r.fail(str(err))
+                continue
             if r.spec.answers is not None:
                 continue  # imported answers: read on the driver in the next phase
             todo = [(w, k) for w, k in r.keys["generations"].items() if self.cache.get("generations", k) is None]

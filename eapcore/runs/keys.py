@@ -10,24 +10,25 @@ whether a spec can run at all.
     scores/<k>       k = (model identity, the sample's prompt + first T_cut answer tokens, T_cut,
                           scoring settings, SCORING_VERSION)
 
-Model identity is the hub id and revision, or for a local folder a fingerprint of its files;
-dataset identity likewise (a local file's sha256). The scoring settings are granularity, ablation,
-ig_steps, loss and dtype: `device` and `max_batch_tokens` change scores by rounding only and are
-not part of a score key (they are part of the run key).
+Model identity is the hub id and the commit of its revision, or for a local folder the sha256 of
+each of its files (whole contents, hashed once per file version); dataset identity likewise (a
+local file's sha256). The scoring settings are granularity, ablation, ig_steps, loss and dtype:
+`device` and `max_batch_tokens` change scores by rounding only and are not part of a score key
+(they are part of the run key).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from eapcore import modelfiles
+from eapcore.answers.selection import settings_problems
 from eapcore.runs import registry
-from eapcore.runs.cache import sha256_file
+from eapcore.runs.cache import Cache, sha256_file
 from eapcore.runs.errors import RunError
-from eapcore.specs import (GROUPS, IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
+from eapcore.specs import (IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
                            SelectionSettings, spec_key, to_dict)
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
@@ -38,34 +39,38 @@ def digest(obj: Any) -> str:
     return spec_key(obj, length=32)
 
 
-@functools.lru_cache(maxsize=256)
-def _file_fingerprint(path: str, size: int, mtime_ns: int, whole_below: int = 256 << 20, part: int = 16 << 20) -> str:
-    """sha256 of a file; above `whole_below` bytes, of its first and last `part` bytes and size."""
-    if size <= whole_below:
-        return sha256_file(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(part))
-        fh.seek(size - part)
-        h.update(fh.read(part))
-    return "partial:" + h.hexdigest()
-
-
 def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
-    """{name: fingerprint} of a file, or of the files directly in a folder (a HF checkpoint)."""
+    """{name: sha256} of a file, or of the files directly in a folder (a HF checkpoint): whole
+    contents, each hashed once per file version (Cache.file_sha256's memo in the cache root)."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    out = {}
-    for f in files:
-        st = f.stat()
-        out[f.name] = _file_fingerprint(str(f), st.st_size, st.st_mtime_ns)
-    return out
+    cache = Cache()
+    return {f.name: cache.file_sha256(f) for f in files}
+
+
+def hub_revision(model: ModelSpec) -> str | None:
+    """The commit a hub model's revision names: the revision itself when it is a commit hash, else
+    the commit the local Hugging Face cache holds for it, else the hub's answer when the hub is
+    reachable, else the revision as given (None: the default branch)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if model.revision and len(model.revision) == 40 and all(c in "0123456789abcdef" for c in model.revision):
+        return model.revision
+    try:
+        cached = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+        if modelfiles.hub_unavailable() is None:
+            return HfApi().model_info(model.name_or_path, revision=model.revision, timeout=10).sha or model.revision
+    except Exception:  # noqa: BLE001  (an invalid id, a hub error: the run's loading says what is wrong)
+        pass
+    return model.revision
 
 
 def model_identity(model: ModelSpec) -> dict[str, Any]:
     """What a model's outputs depend on: a GGUF file's sha256, an adapter's files and its base's
-    identity (eapcore.engine.checkpoints), a local folder's file fingerprints (wherever it lies), or
-    the hub id and revision."""
+    identity (eapcore.engine.checkpoints), a local folder's file contents (wherever it lies), or
+    the hub id and the commit of its revision (hub_revision)."""
     from eapcore.engine import checkpoints
 
     local = registry.resolve_path(model.name_or_path)
@@ -73,7 +78,7 @@ def model_identity(model: ModelSpec) -> dict[str, Any]:
         return {**checkpoints.identity(local, model.revision), "trust_remote_code": model.trust_remote_code}
     if Path(local).is_dir():
         return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
-    return {"hub": model.name_or_path, "revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    return {"hub": model.name_or_path, "revision": hub_revision(model), "trust_remote_code": model.trust_remote_code}
 
 
 def dataset_identity(ds: DatasetSpec) -> dict[str, Any]:
@@ -165,10 +170,7 @@ def check_spec(spec: RunSpec) -> None:
                         "available from Python via eapcore.engine.attribution.attribute(corrupt=...)")
     if a.ig_steps < 0 or a.max_batch_tokens < 0:
         problems.append("ig_steps and max_batch_tokens must be >= 0")
-    if not s.alpha > 0:
-        problems.append(f"alpha must be > 0, got {s.alpha}")
-    if s.group not in GROUPS:
-        problems.append(f"group must be one of {', '.join(GROUPS)}, not {s.group!r}")
+    problems += settings_problems(s)
     if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
         problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
     if spec.quick is not None and (spec.answers is not None or s.n <= 0 or spec.quick.chunk < 0):

@@ -29,14 +29,6 @@ def _param_count(name_or_path: str, revision: str | None, trust_remote_code: boo
     return sum(p.numel() for p in model.parameters()), config
 
 
-def _dims(config) -> dict[str, int]:
-    get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None) is not None)  # noqa: E731
-    heads = get("num_attention_heads", "n_head")
-    return {"n_layers": get("num_hidden_layers", "n_layer"), "d_model": get("hidden_size", "n_embd"),
-            "n_heads": heads, "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "vocab": get("vocab_size")}
-
-
 def _available_bytes(device) -> int:
     import torch
 
@@ -73,7 +65,7 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
 
     from eapcore.engine.attribution import CPU_BATCH_TOKENS, fit_batch_tokens, fixed_bytes, memory_per_token
     from eapcore.graph import Graph
-    from eapcore.engine.models import resolve_device
+    from eapcore.engine.models import config_dims, resolve_device
 
     att = spec.attribution
     device = resolve_device(att.device)
@@ -81,7 +73,7 @@ def predict_memory(spec: RunSpec, sample_tokens: int | None = None, prompt_token
     counts = [_param_count(registry.resolve_path(m.name_or_path), m.revision, m.trust_remote_code)
               for m in (spec.pair.base, spec.pair.tuned)]
     n_params, config = max(counts, key=lambda c: c[0])
-    dims = _dims(config)
+    dims = config_dims(config)
     graph = Graph(dims["n_layers"], dims["n_heads"], dims["n_kv_heads"], att.granularity)
     d_head = getattr(config, "head_dim", None) or dims["d_model"] // dims["n_heads"]
     adapter = SimpleNamespace(config=config, d_head=d_head,

@@ -11,22 +11,31 @@ registry.json is plain JSON, editable by hand:
 
 A model may be given as a string (hub id or folder) or as a ModelSpec object. Relative local
 paths (models and dataset files) are looked up in the folder holding `demo/` (the checkout, or
-the installed package), then the working directory (`resolve_path`).
+the installed package), then the working directory (`resolve_path`); pairs and datasets added
+here are saved with paths that mean the same from any working directory (`portable_path`). A
+broken registry.json never hides the built-in pairs: the listings skip what they cannot read and
+`problems()` says what and where.
+
+Uploaded dataset files are kept content-addressed in `uploads/` next to registry.json (outside the
+cache, so `cache clear` never deletes them): `uploads/<sha256[:16]>/<file name>`, so a later upload
+with the same name never replaces the file behind a dataset saved from an earlier one.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
+import os
 import tempfile
+import uuid
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from eapcore.files import DATA_ROOT, looks_like_path, registry_file, write_json_atomic
+from eapcore.files import (DATA_ROOT, fsync_path, looks_like_path, read_json_checked, registry_file, shorten,
+                           write_bytes_atomic, write_json_atomic)
 from eapcore.specs import DatasetSpec, ModelSpec, PairSpec, from_dict
-
 
 
 class RegistryError(ValueError):
@@ -144,6 +153,17 @@ def resolve_path(name_or_path: str) -> str:
     return str(p.resolve()) if p.exists() else name_or_path
 
 
+def portable_path(name_or_path: str) -> str:
+    """How to save a reference so it means the same from any working directory (a worker runs in
+    the project folder): an existing local path under DATA_ROOT relative to it, elsewhere
+    absolute; anything else (hub ids) unchanged."""
+    resolved = resolve_path(name_or_path)
+    if resolved == name_or_path and not Path(resolved).is_absolute():
+        return name_or_path
+    path = Path(resolved).resolve()
+    return path.relative_to(DATA_ROOT).as_posix() if path.is_relative_to(DATA_ROOT) else str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +183,8 @@ def pair_from_json(obj: Any, where: str = "pair") -> PairSpec:
     try:
         data = dict(obj, base=_model(obj.get("base"), f"{where}.base"), tuned=_model(obj.get("tuned"), f"{where}.tuned"))
         return PairSpec(**data)
+    except RegistryError:
+        raise
     except (TypeError, ValueError) as err:
         raise RegistryError(f"{where}: {err}") from None
 
@@ -177,29 +199,52 @@ def dataset_from_json(obj: Any, where: str = "dataset") -> DatasetSpec:
 
 
 def _read(path: Path) -> dict[str, list]:
+    """registry.json's sections; RegistryError naming the file and the JSON error if unreadable."""
     if not path.is_file():
         return {"pairs": [], "datasets": []}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RegistryError(f"{path} is not valid JSON ({err}); fix it by hand or delete it") from None
+        data = read_json_checked(path, "fix it by hand or delete it")
+    except ValueError as err:
+        raise RegistryError(str(err)) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k, []), list) for k in ("pairs", "datasets")):
         raise RegistryError(f"{path}: expected {{\"pairs\": [...], \"datasets\": [...]}}")
     return {"pairs": data.get("pairs", []), "datasets": data.get("datasets", [])}
 
 
-def user_pairs() -> list[PairSpec]:
+def _user() -> tuple[list[PairSpec], list[DatasetSpec], list[str]]:
+    """(user pairs, user datasets, problems): entries that cannot be read are skipped, each with
+    one line in problems, as is the whole file when it is not JSON."""
     path = registry_path()
-    return [pair_from_json(p, f"{path} pairs[{i}]") for i, p in enumerate(_read(path)["pairs"])]
+    try:
+        data = _read(path)
+    except RegistryError as err:
+        return [], [], [str(err)]
+    out: dict[str, list] = {"pairs": [], "datasets": []}
+    problems = []
+    for section, parse in (("pairs", pair_from_json), ("datasets", dataset_from_json)):
+        for i, obj in enumerate(data[section]):
+            try:
+                out[section].append(parse(obj, f"{path} {section}[{i}]"))
+            except RegistryError as err:
+                problems.append(f"{shorten(err, 300)} (entry skipped; fix it in the file)")
+    return out["pairs"], out["datasets"], problems
+
+
+def user_pairs() -> list[PairSpec]:
+    return _user()[0]
 
 
 def user_datasets() -> list[DatasetSpec]:
-    path = registry_path()
-    return [dataset_from_json(d, f"{path} datasets[{i}]") for i, d in enumerate(_read(path)["datasets"])]
+    return _user()[1]
+
+
+def problems() -> list[str]:
+    """What is wrong with registry.json, one line each ([] when nothing): the listings skip it."""
+    return _user()[2]
 
 
 def pairs() -> dict[str, PairSpec]:
-    """Every known pair by name: built-in first, then user pairs."""
+    """Every known pair by name: built-in first, then the user pairs that can be read."""
     return {p.name: p for p in (*BUILTIN_PAIRS, *user_pairs())}
 
 
@@ -207,11 +252,16 @@ def datasets() -> dict[str, DatasetSpec]:
     return {d.name: d for d in (*BUILTIN_DATASETS, *user_datasets())}
 
 
+def _unknown(what: str, name: str, known: dict) -> RegistryError:
+    broken = "".join(f" Note: {p}" for p in problems())
+    return RegistryError(f"unknown {what} {shorten(repr(name), 100)}; known {what}s: {', '.join(known)}. "
+                         f"Add one with registry.add_{what} or in registry.json.{broken}")
+
+
 def get_pair(name: str) -> PairSpec:
     known = pairs()
     if name not in known:
-        raise RegistryError(f"unknown pair {name!r}; known pairs: {', '.join(known)}. "
-                            "Add one with registry.add_pair or in registry.json")
+        raise _unknown("pair", name, known)
     return known[name]
 
 
@@ -227,8 +277,7 @@ def families() -> dict[str, list[PairSpec]]:
 def get_dataset(name: str) -> DatasetSpec:
     known = datasets()
     if name not in known:
-        raise RegistryError(f"unknown dataset {name!r}; known datasets: {', '.join(known)}. "
-                            "Add one with registry.add_dataset or in registry.json")
+        raise _unknown("dataset", name, known)
     return known[name]
 
 
@@ -238,23 +287,73 @@ def get_dataset(name: str) -> DatasetSpec:
 
 def _check_name(name: Any, what: str) -> None:
     if not isinstance(name, str) or not name.strip() or name != name.strip() or len(name) > 80:
-        raise RegistryError(f"{what} name {name!r} must be non-empty text of at most 80 characters, "
+        raise RegistryError(f"{what} name {shorten(repr(name), 100)} must be non-empty text of at most 80 characters, "
                             "without leading or trailing spaces")
 
 
-def check_model(model: ModelSpec, what: str) -> str | None:
-    """Check a local checkpoint folder (config.json, supported architecture); returns its
-    architecture, or None for a hub id (not checked: it may be unreachable from here)."""
-    if not isinstance(model.name_or_path, str) or not model.name_or_path.strip():
-        raise RegistryError(f"{what} model is empty: give a hub id (org/name) or a checkpoint folder")
-    if not looks_local(model.name_or_path):
-        return None
-    from eapcore.engine.models import ModelLoadError, check_architecture, load_config
+def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any] | None:
+    """(config, tokenizer) of a model after the checks of eapcore.modelfiles and the engine's
+    architecture check (a GGUF file or an adapter: of the folder it becomes; before it is made,
+    its config and no tokenizer); None for a hub id not in the local Hugging Face cache unless
+    `download`."""
+    from eapcore import modelfiles
+    from eapcore.engine import checkpoints
+    from eapcore.engine.models import check_architecture, load_config
+    from eapcore.runs.cache import MANIFEST, Cache
 
+    name = model.name_or_path
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError(f"{what} model is empty: give a hub id (org/name) or a checkpoint folder")
+    local = looks_local(name)
+    if not (local or download or modelfiles.in_local_cache(name, model.revision)):
+        return None
+    name = resolve_path(name)
     try:
-        return check_architecture(load_config(resolve_path(model.name_or_path), trust_remote_code=False))
-    except ModelLoadError as err:
+        if checkpoints.is_derived(name):  # a GGUF file or an adapter: the plain folder it becomes
+            made = Cache().entry_path(checkpoints.KIND, checkpoints.cache_key(name, model.revision))
+            if not ((made / MANIFEST).is_file() or download):  # not made yet: its config only (the
+                config = load_config(name, model.revision)      # tokenizer is checked when a run makes it)
+                check_architecture(config)
+                return config, None
+            name = str(made) if (made / MANIFEST).is_file() else checkpoints.local_folder(name, model.revision)
+        args = (name, model.revision, model.trust_remote_code, not (local or download))
+        config = modelfiles.load_config(*args)
+        check_architecture(config)
+        return config, modelfiles.load_tokenizer(*args)
+    except modelfiles.CheckpointError as err:
         raise RegistryError(f"{what} model: {err}") from None
+
+
+def check_pair(pair: PairSpec, download: bool = False) -> str | None:
+    """The pair's architecture if base and tuned can be compared edge by edge and token by token:
+    one architecture, one graph shape (layers, heads, width), one vocabulary (config vocab_size
+    and the tokenizers' token -> id maps); RegistryError saying what differs otherwise. Local
+    folders and hub ids in the local Hugging Face cache are checked; other hub ids only with
+    `download` (a run fetches them anyway); None when one side could not be checked."""
+    from eapcore.engine.models import config_dims
+
+    where = f"pair {shorten(repr(pair.name), 100)}"
+    base, tuned = (_model_files(m, f"{where}: {w}", download) for w, m in (("base", pair.base), ("tuned", pair.tuned)))
+    if base is None or tuned is None:
+        return None
+    (bconf, btok), (tconf, ttok) = base, tuned
+    if bconf.model_type != tconf.model_type:
+        raise RegistryError(f"{where}: base and tuned have different architectures ({bconf.model_type!r} and "
+                            f"{tconf.model_type!r}); a pair is one model before and after RL tuning")
+    bdims, tdims = config_dims(bconf), config_dims(tconf)
+    differ = [f"{k} {bdims[k]} vs {tdims[k]}" for k in bdims if bdims[k] != tdims[k]]
+    if differ:
+        raise RegistryError(f"{where}: base and tuned have different shapes ({', '.join(differ)}), so their edges "
+                            "cannot be compared one to one; a pair is one model before and after RL tuning")
+    bvocab, tvocab = (btok.get_vocab(), ttok.get_vocab()) if btok and ttok else ({}, {})
+    if bvocab != tvocab:
+        token = next(t for t in sorted(set(bvocab) | set(tvocab)) if bvocab.get(t) != tvocab.get(t))
+        n = sum(bvocab.get(t) != tvocab.get(t) for t in set(bvocab) | set(tvocab))
+        raise RegistryError(f"{where}: base and tuned have different tokenizers ({n} tokens differ, e.g. "
+                            f"{shorten(repr(token), 40)} is id {bvocab.get(token)} in base and {tvocab.get(token)} "
+                            "in tuned), so their answers and scores cannot be compared token for token; a pair is "
+                            "one model before and after RL tuning, with one vocabulary")
+    return bconf.model_type
 
 
 def check_stops(model: ModelSpec, template: str, what: str) -> None:
@@ -274,7 +373,8 @@ def check_stops(model: ModelSpec, template: str, what: str) -> None:
 
 
 def validate_pair(pair: PairSpec) -> PairSpec:
-    """The pair with its architecture filled in from local configs; RegistryError if invalid."""
+    """The pair with its architecture filled in from local configs and its local paths portable;
+    RegistryError if invalid (check_pair: architectures, shapes and vocabularies must match)."""
     from eapcore.answers.data import resolve_template
 
     _check_name(pair.name, "pair")
@@ -286,19 +386,16 @@ def validate_pair(pair: PairSpec) -> PairSpec:
         raise RegistryError(f"pair {pair.name!r}: {err}") from None
     if not isinstance(pair.max_new_tokens, int) or isinstance(pair.max_new_tokens, bool) or pair.max_new_tokens < 1:
         raise RegistryError(f"pair {pair.name!r}: max_new_tokens must be a positive integer, not {pair.max_new_tokens!r}")
-    archs = {check_model(pair.base, f"pair {pair.name!r}: base"), check_model(pair.tuned, f"pair {pair.name!r}: tuned")}
-    archs.discard(None)
-    if len(archs) > 1:
-        raise RegistryError(f"pair {pair.name!r}: base and tuned have different architectures ({sorted(archs)}); "
-                            "a pair is one model before and after RL tuning")
+    arch = check_pair(pair) or pair.architecture
     for which, model in (("base", pair.base), ("tuned", pair.tuned)):
         check_stops(model, pair.template, f"pair {pair.name!r}: {which}")
-    arch = archs.pop() if archs else pair.architecture
-    return dataclasses.replace(pair, architecture=arch)
+    base, tuned = (dataclasses.replace(m, name_or_path=portable_path(m.name_or_path)) for m in (pair.base, pair.tuned))
+    return dataclasses.replace(pair, base=base, tuned=tuned, architecture=arch)
 
 
 def validate_dataset(ds: DatasetSpec) -> DatasetSpec:
-    """A user dataset is a local .jsonl/.csv file that yields problems; RegistryError if not."""
+    """A user dataset is a local .jsonl/.csv file that yields problems; RegistryError (its message
+    short, whatever the file holds) if not. Returned with a portable source path."""
     from eapcore.answers.data import read_problems_file
 
     _check_name(ds.name, "dataset")
@@ -309,8 +406,40 @@ def validate_dataset(ds: DatasetSpec) -> DatasetSpec:
     try:
         read_problems_file(resolve_path(ds.source))
     except (OSError, ValueError) as err:
-        raise RegistryError(f"dataset {ds.name!r}: {err}") from None
-    return ds
+        raise RegistryError(f"dataset {ds.name!r}: {shorten(err, 1000)}") from None
+    return dataclasses.replace(ds, source=portable_path(ds.source))
+
+
+def uploads_dir() -> Path:
+    """Where uploaded dataset files are kept: `uploads/` next to registry.json."""
+    return registry_path().parent / "uploads"
+
+
+def store_upload(file_name: str, data: bytes) -> Path:
+    """Keep an uploaded dataset file as uploads/<sha256[:16]>/<file name> (module docstring) and
+    return its path; the same content is stored once. RegistryError, short whatever the file
+    holds, if it yields no problem (then nothing is kept)."""
+    from eapcore.answers.data import read_problems_file
+
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(file_name).name).lstrip(".") or "upload.jsonl"
+    target = uploads_dir() / hashlib.sha256(data).hexdigest()[:16] / name[-120:]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{target.name}")  # keeps the suffix
+    try:
+        write_bytes_atomic(tmp, data)
+        read_problems_file(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    except ValueError as err:
+        text = str(err).replace(str(tmp), shorten(file_name, 80))
+        raise RegistryError(f"upload {shorten(file_name, 80)}: {shorten(text, 1000)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        if not any(target.parent.iterdir()):
+            target.parent.rmdir()
+    return target
 
 
 def _lock() -> FileLock:

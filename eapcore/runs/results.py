@@ -1,10 +1,15 @@
 """Finished runs in the cache, read-only: list the run folders, read one's spec and status, load
 a finished one (scores, graph, selection, metrics.json, answers) into memory.
 
-A finished run is the folder `runs/<key>/` of DESIGN.md ("A finished run in the cache"). Nothing
-here computes attributions or writes to the cache, and nothing is memoised: the dashboard keeps
-loaded runs in its one cache layer (pages/common.py), keyed by `RunInfo.signature` (the mtimes and
-sizes of the run's files), so a rewritten run is never served stale.
+A finished run is the folder `runs/<key>/` of DESIGN.md ("A finished run in the cache"), sealed by
+its manifest.json and computed with this code's SCORING_VERSION (an older one is listed with stage
+"stale" and never loaded). `load_run` verifies every file against the manifest's checksums first,
+as the command line does, and refuses an altered run (RunDamaged, saying how to rebuild it); each
+file version is hashed once (the cache's hash memo), so verifying again costs a stat per file.
+Nothing here computes attributions or writes to the cache but that memo, and nothing else is
+memoised: the dashboard keeps loaded runs in its one cache layer (pages/common.py), keyed by
+`RunInfo.signature` (the mtimes and sizes of the run's files), so a rewritten run is never served
+stale.
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from eapcore.files import cache_root, read_json_or_none, shorten
 from eapcore.graph import Graph
-from eapcore.files import cache_root, read_json_or_none
-from eapcore.specs import GROUP_LABELS, MetricSettings, RunSpec, from_dict
+from eapcore.runs.cache import Cache
+from eapcore.specs import GROUP_LABELS, SCORING_VERSION, MetricSettings, RunSpec, from_dict
 from eapcore.stats import metrics, report
 
 _RUN_FILES = ("spec.json", "status.json", "selection.json", "metrics.json", "answers_base.jsonl",
               "answers_tuned.jsonl", "base/scores.safetensors", "base/graph.json", "base/manifest.json",
-              "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json")
+              "tuned/scores.safetensors", "tuned/graph.json", "tuned/manifest.json", "manifest.json")
+_SIGNED_FILES = (*_RUN_FILES, "plan.json")  # every file the run's manifest may list
 
 
 # ---- listing runs --------------------------------------------------------------------------------
@@ -55,8 +62,14 @@ class RunInfo:
         return value
 
     @property
+    def scoring_version(self) -> str:
+        return str(self._get("scoring_version", default="?"))
+
+    @property
     def stage(self) -> str:
-        return str(self.status.get("stage", "unknown"))
+        """status.json's stage, but "stale" for a done run of another scoring version."""
+        stage = str(self.status.get("stage", "unknown"))
+        return "stale" if stage == "done" and self.scoring_version != SCORING_VERSION else stage
 
     @property
     def finished(self) -> bool:
@@ -154,7 +167,7 @@ def quick_summary(quick: dict) -> str:
 
 def _signature(path: Path) -> tuple:
     out = []
-    for name in _RUN_FILES:
+    for name in _SIGNED_FILES:
         try:
             st = (path / name).stat()
             out.append((name, st.st_mtime_ns, st.st_size))
@@ -186,8 +199,16 @@ def finished_runs(root: str | os.PathLike | None = None) -> list[RunInfo]:
 
 
 def get_run(key: str, root: str | os.PathLike | None = None) -> RunInfo | None:
+    """The run folder of `key`, None if there is none (or `key` is not a run key at all)."""
+    if not is_run_key(key):
+        return None
     path = cache_root(root) / "runs" / key
     return read_run(path) if path.is_dir() else None
+
+
+def is_run_key(key: Any) -> bool:
+    """Whether `key` has the form of a run key (spec_key: 16 lowercase hex digits)."""
+    return isinstance(key, str) and len(key) == 16 and all(c in "0123456789abcdef" for c in key)
 
 
 # ---- loading one run -------------------------------------------------------------------------------
@@ -281,20 +302,41 @@ def read_graph(info: RunInfo) -> dict | None:
 
 
 class RunNotReady(RuntimeError):
-    """The run folder is not a finished run (still running, failed or incomplete)."""
+    """The run folder is not a finished run (still running, failed, incomplete or stale)."""
+
+
+class RunDamaged(RunNotReady):
+    """A finished run whose files do not match its manifest's checksums (altered or damaged)."""
+
+
+def verify_run(info: RunInfo) -> list[str]:
+    """Problems of a run folder's files against its manifest's checksums ([] when intact), each
+    file version hashed once (Cache.file_sha256's memo)."""
+    return Cache(info.path.parent.parent).verify_run(info.path.name, memo=True)
 
 
 def load_run(info: RunInfo | str, root: str | os.PathLike | None = None) -> RunData:
-    """Load a finished run: both score files (stats.report.load_scores, checked paired), the
-    selection, metrics.json and both models' answers. RunNotReady if it is not finished."""
+    """Load a finished run: its files verified against its manifest, both score files
+    (stats.report.load_scores, checked paired), the selection, metrics.json and both models'
+    answers. RunNotReady if it is not finished or stale, RunDamaged if a file was altered."""
     if isinstance(info, str):
         found = get_run(info, root)
         if found is None:
             raise KeyError(f"no run {info!r} in {cache_root(root) / 'runs'}")
         info = found
+    if info.stage == "stale":
+        raise RunNotReady(f"run {info.key} was computed with scoring version {info.scoring_version!r} and this code "
+                          f"computes {SCORING_VERSION!r}: its scores are stale. Run its settings again (Run page, "
+                          "or python -m eapcore run) to see them")
     if not info.finished:
         missing = [f for f in _RUN_FILES if not (info.path / f).is_file()]
         raise RunNotReady(f"run {info.key} is not finished (stage {info.stage}; missing {missing or 'nothing'})")
+    problems = verify_run(info)
+    if problems:
+        raise RunDamaged(f"run {info.key}'s files do not match its manifest ({shorten('; '.join(problems), 300)}), "
+                         "so it is not shown: its scores may have been altered. Rebuild it from its cached stages "
+                         f"with `python -m eapcore run --spec-json {info.path / 'spec.json'}`, or remove it with "
+                         f"`python -m eapcore cache rm {info.key}`")
     base, tuned = report.load_scores(info.path / "base"), report.load_scores(info.path / "tuned")
     report.check_paired(base, tuned)
     for sf in (base, tuned):

@@ -4,17 +4,23 @@ Every stage is a content-addressed cache entry (eapcore.runs.keys, eapcore.runs.
 then assembled into `runs/<spec_key(spec)>/` (DESIGN.md "A finished run in the cache"), plus
 `plan.json` (the batch size chosen and the memory prediction) and `manifest.json` (checksums and
 the entries it was built from, see Cache.seal_run). A done, intact run is returned at once; a
-second process on the same spec waits on the run's lock.
+second process on the same spec waits on the run's lock. Every failure (a full disk included)
+ends the run with one line in status.json (stage "error") and in the RunError raised; a read-only
+cache still serves its finished runs.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
 from pathlib import Path
 
-from eapcore.runs import stages
-from eapcore.files import read_json_or_none, write_bytes_atomic, write_json_atomic
-from eapcore.runs.cache import MANIFEST, Cache
+from eapcore.files import cache_root_problem, read_json_or_none, shorten, write_bytes_atomic, write_json_atomic
+from eapcore.modelfiles import CheckpointError
+from eapcore.runs import registry, stages
+from eapcore.runs.cache import MANIFEST, Cache, CacheError
 from eapcore.runs.errors import Cancelled, RunError
+from eapcore.runs.registry import RegistryError
 from eapcore.runs.keys import check_spec, stage_keys
 from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
@@ -32,8 +38,28 @@ def is_done(cache: Cache, key: str, selection: str | None) -> bool:
     return selection is not None and ("selections", selection) in cache.run_entries(key)
 
 
-def explain(err: BaseException, stage: str) -> str:
-    """A one-paragraph message for an exception raised during `stage`."""
+def _known_keys(spec: RunSpec, folder: Path) -> dict:
+    """The spec's stage keys; {} for a quick run that has not answered yet (its keys depend on the
+    questions it answered, recorded in its folder's quick.json)."""
+    questions = stages.quick_questions(folder) if spec.quick else None
+    return stage_keys(spec, questions) if spec.quick is None or questions else {}
+
+
+def _disk_full(err: BaseException, cache: Cache) -> bool:
+    """Whether `err` comes from a full disk: its errno says so, or (libraries such as safetensors
+    wrap the OS error in their own type) the cache's disk has less than 1 MB free."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(cache.root).free < 1 << 20
+    except OSError:
+        return False
+
+
+def explain(err: BaseException, stage: str, cache: Cache | None = None) -> str:
+    """A one-line message for an exception raised during `stage` (cache: the run's, default the
+    cache root's)."""
+    cache = cache or Cache()
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError) and stage == "generate":
         return ("out of GPU memory during generate: set a smaller generation batch size (--gen-batch-size; "
@@ -41,9 +67,15 @@ def explain(err: BaseException, stage: str) -> str:
     if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
         return (f"out of GPU memory during {stage}: set a smaller max_batch_tokens (--max-batch-tokens), "
                 "use dtype bfloat16 or layer granularity, or a smaller alpha; finished samples are kept")
-    if isinstance(err, RunError):
+    if _disk_full(err, cache):
+        return (f"the disk of the cache ({cache.root}) is full ({type(err).__name__} during {stage}): free space "
+                "(`python -m eapcore cache size`, `cache rm KEY`) or set EAP_CACHE_DIR to a larger disk, then run the "
+                "spec again; finished samples are kept")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return cache_root_problem(cache.root) or f"{stage} failed: cannot write {shorten(err.filename, 120)} ({err.strerror})"
+    if isinstance(err, (RunError, RegistryError, CheckpointError, CacheError)):
         return str(err)
-    return f"{stage} failed: {type(err).__name__}: {err}"
+    return f"{stage} failed: {type(err).__name__}: {shorten(err, 500)}"
 
 
 def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = None) -> Path:
@@ -54,20 +86,26 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
     cache = cache or Cache()
     key = spec_key(spec)
     folder = cache.run_dir(key)
+    keys = _known_keys(spec, folder)
+    problem = cache_root_problem(cache.root)
+    if problem:
+        if is_done(cache, key, keys.get("selection")):  # a finished run is served from a read-only cache
+            return folder
+        raise RunError(problem)
     folder.mkdir(parents=True, exist_ok=True)
     with cache.lock(f"run-{key}"):
-        questions = stages.quick_questions(folder) if spec.quick else None  # a quick run: known once answered
-        keys = stage_keys(spec, questions) if spec.quick is None or questions else {}
+        keys = _known_keys(spec, folder)  # a quick run may have answered meanwhile
         if is_done(cache, key, keys.get("selection")):
             return folder
         previous = read_json_or_none(folder / "status.json")
         if not (isinstance(previous, dict) and previous.get("stage") == "queued"):
             (folder / "cancel").unlink(missing_ok=True)  # a stale request; a queued run's one stands
         (folder / MANIFEST).unlink(missing_ok=True)
-        write_json_atomic(folder / "spec.json", {"key": key, "spec": to_dict(spec)})
         rep = Reporter(folder, progress)
         try:
+            write_json_atomic(folder / "spec.json", {"key": key, "spec": to_dict(spec)})
             rep.check_cancel()
+            registry.check_pair(spec.pair, download=True)  # registry.json may hold a hand-written pair
             graded, selection = stages.stage_answers(cache, spec, keys, rep, folder)
             scores = stages.stage_attribute(cache, spec, folder, selection, rep)
             for which in ("base", "tuned"):
@@ -82,7 +120,7 @@ def run(spec: RunSpec, progress: Progress | None = None, cache: Cache | None = N
             rep.finish("cancelled", "cancelled; finished samples are kept, running the spec again resumes")
             raise Cancelled(f"run {key} cancelled; finished samples are kept") from None
         except Exception as err:  # every failure ends the run with a message in status.json
-            message = explain(err, rep.status["stage"])
-            rep.finish("error", message, f"{type(err).__name__}: {err}")
+            message = explain(err, rep.status["stage"], cache)
+            rep.finish("error", message, f"{type(err).__name__}: {shorten(err, 500)}")
             raise RunError(message) from err
     return folder

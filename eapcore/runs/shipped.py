@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from eapcore.files import DATA_ROOT
+from eapcore.files import DATA_ROOT, cache_root_problem
 from eapcore.runs.cache import Cache, import_bundle
 
 BUNDLE = DATA_ROOT / "demo" / "runs.zip"
@@ -23,10 +23,11 @@ def _has_runs(cache: Cache) -> bool:
 
 def import_if_empty(cache: Cache | None = None) -> dict[str, Any] | None:
     """Import BUNDLE (every member checked, see cache.import_bundle) when the cache has no run
-    folder: {"bundle", "runs"} (path, number of runs installed); None when the cache has runs, the
-    bundle is missing or EAP_SHIPPED_RUNS is "off"."""
+    folder: {"bundle", "runs"} (path, number of runs installed); None when the cache has runs or
+    cannot be written, the bundle is missing or EAP_SHIPPED_RUNS is "off"."""
     cache = cache or Cache()
-    if os.environ.get("EAP_SHIPPED_RUNS") == "off" or not BUNDLE.is_file() or _has_runs(cache):
+    if (os.environ.get("EAP_SHIPPED_RUNS") == "off" or not BUNDLE.is_file() or _has_runs(cache)
+            or cache_root_problem(cache.root)):  # a read-only cache is shown as it is
         return None
     with cache.lock("import-shipped-runs"):
         if _has_runs(cache):

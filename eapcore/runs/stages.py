@@ -298,7 +298,7 @@ def stage_grade(cache: Cache, keys: dict, answers: dict[str, Path], rep: Reporte
 
 def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path], rep: Reporter) -> Path:
     from eapcore.harness import read_samples
-    from eapcore.answers.selection import group_lengths, select, write_selection
+    from eapcore.answers.selection import group_lengths, none_kept, select, write_selection
 
     rep.stage("select", total=1)
 
@@ -309,9 +309,7 @@ def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path
         except ValueError as err:
             raise RunError(f"{err}; choose another group (--group) or a larger dataset") from None
         if not selection.idx:
-            raise RunError(f"no question of group {spec.selection.group!r} passes the selection rules "
-                           f"(T_ref {selection.t_ref:.1f}, T_cut {selection.t_cut}, counts {selection.counts}); "
-                           "relax beta/low/high or use a larger dataset")
+            raise RunError(none_kept(selection))
         write_selection(folder, base, tuned, selection, {"base": keys["grades"]["base"], "tuned": keys["grades"]["tuned"]})
 
     entry, _ = cache.get_or_compute("selections", keys["selection"], write,
@@ -414,7 +412,9 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
     """Compute the batches of which a sample has no score entry yet, one at a time, each sample's
     entry written as soon as its batch is done; the model is loaded once (the batches share
     dtype, device and devices: with devices > 1 its layers are spread over the first GPUs, or
-    over CPU devices "cpu:0".. on a CPU), and only if a batch is missing. on_batch(n new entries) follows each
+    over CPU devices "cpu:0".. on a CPU), and only if a batch is missing. Which samples are missing is
+    checked again before each batch: another run sharing samples may have put them meanwhile
+    (Cache.put locks each entry, so two writers never race). on_batch(n new entries) follows each
     batch. Returns the number of entries written."""
     from safetensors.torch import save_file
 
@@ -432,25 +432,28 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
     sleep = float(os.environ.get(SLEEP_ENV) or 0)
     written = 0
     for batch, present in todo:
-        meta = {"model": model_spec.name_or_path, "cut_len": batch.cut_len, "dtype": att.dtype,
-                "device": str(model.device),
-                "graph": {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
-                          "n_kv_heads": model.adapter.n_kv_heads, "granularity": batch.settings.granularity}}
-        one_batch = dataclasses.replace(batch.settings, max_batch_tokens=sys.maxsize)  # the batch as planned
-        start = time.perf_counter()
-        part = attribute(model, list(batch.samples), batch.cut_len, one_batch)
-        seconds = round((time.perf_counter() - start) / len(batch.samples), 4)  # each sample's share of its batch
+        present = [done or cache.get("scores", k) is not None for done, k in zip(present, batch.keys)]
         new = [j for j, done in enumerate(present) if not done]
-        for j in new:
-            tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
-            cache.put("scores", batch.keys[j], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
-                      {**meta, "idx": batch.samples[j].idx, "seconds": seconds})
+        if new:
+            meta = {"model": model_spec.name_or_path, "cut_len": batch.cut_len, "dtype": att.dtype,
+                    "device": str(model.device),
+                    "graph": {"n_layers": model.adapter.n_layers, "n_heads": model.adapter.n_heads,
+                              "n_kv_heads": model.adapter.n_kv_heads, "granularity": batch.settings.granularity}}
+            one_batch = dataclasses.replace(batch.settings, max_batch_tokens=sys.maxsize)  # the batch as planned
+            start = time.perf_counter()
+            part = attribute(model, list(batch.samples), batch.cut_len, one_batch)
+            seconds = round((time.perf_counter() - start) / len(batch.samples), 4)  # each sample's share
+            for j in new:
+                tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
+                cache.put("scores", batch.keys[j], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
+                          {**meta, "idx": batch.samples[j].idx, "seconds": seconds})
+            del part
         written += len(new)
         on_batch(len(new))
         _kill_once()
-        if sleep:
+        if sleep and new:
             time.sleep(sleep)
-    del model, part
+    del model
     _free_memory()
     return written
 

@@ -3,6 +3,7 @@ its status, cancel it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from eapcore.files import PROJECT_ROOT, read_json_or_none, write_json_atomic
+from eapcore.files import PROJECT_ROOT, cache_root_problem, read_json_or_none, write_json_atomic
 from eapcore.runs.cache import Cache
-from eapcore.runs.errors import Cancelled
+from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec
 from eapcore.specs import RunSpec, spec_key, to_dict
 
@@ -70,7 +71,10 @@ class Reporter:
         self._executions[-1]["stages"] = [
             {"stage": name, **c, "seconds": round(now - self._t0, 3) if c["seconds"] is None and name == stage
              else c["seconds"]} for name, c in self.status["clock"].items()]
-        write_json_atomic(self.folder / CLOCK, {"executions": self._executions})
+        try:
+            write_json_atomic(self.folder / CLOCK, {"executions": self._executions})
+        except OSError:  # a full disk: the run goes on, the clock catches up at a later write
+            pass
 
     def stage(self, name: str, total: int, done: int = 0, message: str = "", device: str = "cpu",
               cached: int = 0) -> None:
@@ -112,7 +116,10 @@ class Reporter:
     def finish(self, stage: str, message: str = "", error: str | None = None) -> None:
         self._stop_clock()
         self.status.update(stage=stage, message=message, error=error, rate=None, eta_s=None, tokens_per_s=None)
-        self._emit(force=True)
+        try:
+            self._emit(force=True)
+        except OSError:  # nothing can be written: status() reports the stopped worker as an error
+            pass
 
     def check_cancel(self) -> None:
         if (self.folder / "cancel").exists():
@@ -122,7 +129,12 @@ class Reporter:
         now = time.time()
         self.status.update(updated=now, gpu_mem_gb=_gpu_mem_gb())
         if force or now - self._written >= 0.5:
-            write_json_atomic(self.folder / "status.json", self.status)
+            path = self.folder / "status.json"
+            try:
+                write_json_atomic(path, self.status)
+            except OSError:  # a full disk: rewrite the small file in place, reusing its own blocks
+                with open(path, "w", encoding="utf-8") as fh:
+                    json.dump(self.status, fh, default=str)
             self._write_clock()
             self._written = now
         if self.callback is not None:
@@ -185,6 +197,9 @@ def start(spec: RunSpec, cache: Cache | None = None) -> str:
     worker if one is running."""
     check_spec(spec)
     cache = cache or Cache()
+    problem = cache_root_problem(cache.root)
+    if problem:
+        raise RunError(problem)
     key = spec_key(spec)
     if status(key, cache).get("running"):
         return key

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from eapcore.answers.generation import format_duration, progress_text  # noqa: F401  (for the pages)
-from eapcore.runs import results
-from eapcore.runs.results import (RunData, RunInfo, RunNotReady, cache_root, finished_runs, get_run,  # noqa: F401
-                                  list_runs, load_run, quick_summary)  # the pages read runs through this module
+from eapcore.files import cache_root_problem
 from eapcore.harness import first
+from eapcore.runs import registry, results
+from eapcore.runs.results import (RunData, RunInfo, RunNotReady, cache_root, finished_runs, get_run,  # noqa: F401
+                                  is_run_key, list_runs, load_run, quick_summary)  # the pages read runs through this module
 from eapcore.specs import GROUP_LABELS, GROUPS  # noqa: F401  (GROUP_LABELS: for the pages)
 from eapcore.stats import analysis, metrics
 
@@ -76,24 +77,19 @@ def default_view(runs: Iterable[RunInfo]) -> dict[str, str] | None:
 # ---- registry (pairs and datasets known to the tool) -------------------------------------------
 
 def registered(kind: str) -> list[Any]:
-    """Registered pairs (kind="pairs") or datasets ("datasets") from eapcore.runs.registry, [] if the
-    registry is not available. Items are PairSpec / DatasetSpec (or whatever the registry returns)."""
-    try:
-        from eapcore.runs import registry
-    except ImportError:
-        return []
-    for name in (kind, f"list_{kind}", f"all_{kind}", kind.upper()):
-        obj = getattr(registry, name, None)
-        if obj is None:
-            continue
-        try:
-            value = obj() if callable(obj) else obj
-        except Exception:  # noqa: BLE001  (a broken registry file must not break the page)
-            return []
-        return list(value.values()) if isinstance(value, dict) else list(value)
-    return []
+    """Registered pairs (kind="pairs") or datasets ("datasets"): the built-in ones and those of
+    registry.json that can be read (registry_problems says what could not)."""
+    return list((registry.pairs() if kind == "pairs" else registry.datasets()).values())
 
 
+def registry_problems() -> list[str]:
+    """What is wrong with registry.json (not JSON, unreadable entries), one line each."""
+    return registry.problems()
+
+
+def cache_problem() -> str | None:
+    """Why no run can be written to the cache root (read-only, not a folder), or None."""
+    return cache_root_problem(cache_root())
 
 
 # ---- where in the network (the relative-change maps: eapcore.views.maps) ----------------------------
