@@ -13,7 +13,7 @@ generation_config.json) that transformers, the engine and TransformerLens load l
 a GGUF file is dequantized to float32 (transformers' GGUF loader) and copied into a fresh model
 of the same config (a GGUF-loaded model cannot be saved); an adapter is merged into its base
 (W + scale * B @ A, float32, on the CPU so every machine merges alike). The result is a cache
-entry `models/<key>` (eapcore.runs.cache: atomic, checksummed, locked), keyed by `identity(ref)`:
+entry `models/<key>` of the store (`eapcore.store`: atomic, checksummed, locked), keyed by `identity(ref)`:
 the GGUF file's sha256, or the adapter files' sha256 and the base's identity.
 """
 from __future__ import annotations
@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from eapcore.modelfiles import CheckpointError  # a reference that cannot be resolved: one line, what to do
+from eapcore.store import Store, sha256_file
 
 KIND = "models"
 FORMAT = "1"  # bump when the materialised folder's content changes for the same inputs
 ADAPTER_CONFIG = "adapter_config.json"
 PACKAGE = "package:"
-
-
 
 
 # ------------------------------------------------------------------------------ references
@@ -105,8 +104,6 @@ def adapter_base(folder: str | Path) -> str:
 # ------------------------------------------------------------------------------ identities
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from eapcore.runs.cache import sha256_file
-
     return sha256_file(path)
 
 
@@ -139,14 +136,13 @@ def cache_key(ref: str, revision: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------ materialising
-def local_folder(ref: str, revision: str | None = None, cache=None) -> str:
+def local_folder(ref: str, revision: str | None = None, cache: Store | None = None) -> str:
     """A plain checkpoint folder for `ref`: `ref` itself unless it is a GGUF file or an adapter,
-    which are materialised once into the cache (see the module docstring)."""
+    which are materialised once into the store (`cache`, default the cache root's; see the
+    module docstring)."""
     if not is_derived(ref):
         return ref
-    from eapcore.runs.cache import Cache
-
-    cache = cache or Cache()
+    cache = cache or Store()
     key = cache_key(ref, revision)
     write = (lambda out: _dequantize(gguf_path(ref, revision), out)) if split_gguf(ref) else \
         (lambda out: _merge(Path(ref).expanduser(), out, cache))
@@ -216,7 +212,7 @@ def _dequantize(path: Path, out: Path) -> None:
     _save(fresh.eval(), tokenizer, out)
 
 
-def _merge(adapter: Path, out: Path, cache) -> None:
+def _merge(adapter: Path, out: Path, cache: Store) -> None:
     """Adapter folder -> its base with the adapter merged, float32, computed on the CPU."""
     import torch
     from peft import PeftModel

@@ -24,10 +24,11 @@ from typing import Any, Sequence
 from eapcore import modelfiles
 from eapcore.answers.selection import settings_problems
 from eapcore.runs import registry
-from eapcore.runs.cache import Cache, sha256_file
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import RunError
 from eapcore.specs import (IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
                            SelectionSettings, spec_key, to_dict)
+from eapcore.store import sha256_file
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
 
