@@ -270,6 +270,13 @@ class Store:
                 pass  # read-only or full: the memo stays in this process
         return _HASHES[version]
 
+    def fingerprint(self, path: str | os.PathLike) -> dict[str, str]:
+        """{name: sha256} of a file, or of the files directly in a folder (a checkpoint; dot files
+        left out): whole contents, each hashed once per file version (`file_sha256`)."""
+        path = Path(path)
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return {f.name: self.file_sha256(f) for f in files}
+
     def _read_hashes(self) -> None:
         try:
             lines = (self.root / HASHES).read_text().splitlines()

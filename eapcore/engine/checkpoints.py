@@ -18,13 +18,12 @@ the GGUF file's sha256, or the adapter files' sha256 and the base's identity.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from eapcore.modelfiles import CheckpointError  # a reference that cannot be resolved: one line, what to do
-from eapcore.store import Store, sha256_file
+from eapcore.store import Store
 
 KIND = "models"
 FORMAT = "1"  # bump when the materialised folder's content changes for the same inputs
@@ -102,30 +101,20 @@ def adapter_base(folder: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------ identities
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
 def identity(ref: str, revision: str | None = None) -> dict[str, Any]:
     """What a model's weights depend on: {"gguf": sha256} for a GGUF file; {"adapter": {file:
     sha256}, "base": identity(base)} for an adapter; a folder's {"files": {file: sha256}}; else
-    the hub id and revision."""
+    the hub id and revision. Each file is hashed once per version (the store's hash memo)."""
+    store = Store()
     if split_gguf(ref) is not None:
-        return {"gguf": file_sha256(gguf_path(ref, revision))}
+        return {"gguf": store.file_sha256(gguf_path(ref, revision))}
     path = Path(ref).expanduser()
     if is_adapter(ref):
-        files = {p.name: file_sha256(p) for p in sorted(path.iterdir())
+        files = {p.name: store.file_sha256(p) for p in sorted(path.iterdir())
                  if p.is_file() and p.name.startswith("adapter_")}
         return {"adapter": files, "base": identity(adapter_base(path))}
     if path.is_dir():
-        return {"files": {p.name: file_sha256(p) for p in sorted(path.iterdir())
-                          if p.is_file() and not p.name.startswith(".")}}
+        return {"files": store.fingerprint(path)}
     return {"hub": ref, "revision": revision}
 
 
