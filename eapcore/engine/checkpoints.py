@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eapcore import modelfiles
 from eapcore.modelfiles import CheckpointError  # a reference that cannot be resolved: one line, what to do
 from eapcore.store import Store
 
@@ -148,8 +149,8 @@ def load_config(ref: str, revision: str | None = None):
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         _drop_quantization(config)
         return config
-    return load_config(adapter_base(ref)) if is_derived(adapter_base(ref)) else \
-        AutoConfig.from_pretrained(adapter_base(ref))
+    base = adapter_base(ref)
+    return load_config(base) if is_derived(base) else modelfiles.load_config(base)
 
 
 def _drop_quantization(config) -> None:
@@ -205,9 +206,8 @@ def _merge(adapter: Path, out: Path, cache: Store) -> None:
     """Adapter folder -> its base with the adapter merged, float32, computed on the CPU."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_folder = local_folder(adapter_base(adapter), cache=cache)
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map=None)
+    base = modelfiles.load_causal_lm(base_folder, dtype=torch.float32, device_map=None)
     merged = PeftModel.from_pretrained(base, str(adapter), is_trainable=False).merge_and_unload()
-    _save(merged.eval(), AutoTokenizer.from_pretrained(base_folder), out)
+    _save(merged.eval(), modelfiles.load_tokenizer(base_folder), out)
