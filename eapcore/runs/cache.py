@@ -110,10 +110,9 @@ def export_bundle(cache: Cache, run_keys: Iterable[str], out: str | os.PathLike)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for prefix, folder in folders:
-                for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
-                    name = f"{prefix}/{path.relative_to(folder).as_posix()}"
-                    zf.write(path, name)
-                    files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+                for rel, checksum in checksum_tree(folder, skip=()).items():
+                    zf.write(folder / rel, f"{prefix}/{rel}")
+                    files[f"{prefix}/{rel}"] = checksum
             bundle = {"format": BUNDLE_FORMAT, "created": time.time(), "runs": run_keys,
                       "entries": sorted(entries), "files": files}
             zf.writestr(BUNDLE_MANIFEST, json.dumps(bundle, indent=1))
