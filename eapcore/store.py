@@ -116,6 +116,8 @@ class Entry:
 
 @dataclass
 class Store:
+    """The entries under `root` (default: the cache root; module docstring)."""
+
     root: Path = field(default_factory=cache_root)
     problems: list[str] = field(default_factory=list)  # corrupted entries seen by this object
     RESERVED: ClassVar[tuple[str, ...]] = SCRATCH  # top-level folder names that are no entry kind
