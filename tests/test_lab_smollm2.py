@@ -86,7 +86,7 @@ def test_results_hold_every_model_with_consistent_statistics(lab):
             assert row["train_steps"] >= 1
         assert row["heldout_gives_to"]["n"] + row["heldout_other"]["n"] == len(test)
     assert results["dpo_pairs"] >= 1 and (out / "pairs.jsonl").is_file()
-    from eapcore.runs.cache import sha256_file
+    from eapcore.store import sha256_file
     assert results["problems_test_sha256"] == sha256_file(out / "problems_test.jsonl")
 
 
