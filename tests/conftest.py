@@ -57,13 +57,19 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, **overrides):
 
 
 def random_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 2, std: float = 0.3, **overrides):
-    """A random tiny causal LM of `arch` (tiny_config plus overrides) in eval mode, with
-    larger-than-default weights so scores are far from rounding noise."""
+    """A random tiny causal LM of `arch` (tiny_config plus overrides) in eval mode, weights frozen
+    (`model_of`)."""
+    return model_of(tiny_config(arch, vocab_size, n_layers, **overrides), seed, std).requires_grad_(False)
+
+
+def model_of(config, seed: int = 0, std: float = 0.3):
+    """A causal LM of `config` in eval mode with seeded, larger-than-default weights, so scores are
+    far from rounding noise and greedy choices far from ties."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, n_layers, **overrides))
+    model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -72,7 +78,7 @@ def random_model(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 2, s
                 p.normal_(1.0, 0.1)
             else:  # biases (Qwen2 q/k/v, GPT-2 everywhere)
                 p.normal_(0, 0.1)
-    return model.eval().requires_grad_(False)
+    return model.eval()
 
 
 def make_checkpoint(folder: Path, arch: str, seed: int = 0, n_layers: int = 2, std: float = 0.3) -> Path:

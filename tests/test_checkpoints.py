@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from eapcore.engine import checkpoints as C
-from eapcore.runs.cache import Cache
 from eapcore.lab import tiny_gguf as T
 from eapcore.lab.problems import build_prompt, generate
+from eapcore.modelfiles import CheckpointError
+from eapcore.store import Store
 
 TEXTS = [build_prompt(p.question) + p.solution for p in generate(200, seed=5)]
 
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EAP_CACHE_DIR", str(tmp_path / "cache"))
-    return Cache(tmp_path / "cache")
+    return Store(tmp_path / "cache")
 
 
 def _logits(model, ids):
@@ -38,7 +39,7 @@ def _logits(model, ids):
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def _computed(cache: Cache) -> int:
+def _computed(cache: Store) -> int:
     return sum(1 for e in cache.events() if e.get("event") == "computed" and e.get("kind") == C.KIND)
 
 
@@ -180,3 +181,16 @@ def test_bad_adapter_config_is_one_clear_error(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(C.CheckpointError, match="base_model_name_or_path"):
         C.local_folder(str(tmp_path))
+
+
+def test_an_adapter_over_a_missing_base_says_so_in_one_line(tmp_path, cache):
+    """An adapter's base loads through eapcore.modelfiles like any model: a hub id that is not
+    here (hub off) is one CheckpointError line, for its config and its merge; nothing is stored."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/not-here"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    for call in (C.load_config, lambda ref: C.local_folder(ref, cache=cache)):
+        with pytest.raises(CheckpointError, match="'org/not-here' is not a folder here .* nor in the local Hugging"):
+            call(str(folder))
+    assert cache.list_entries() == [] and _computed(cache) == 0

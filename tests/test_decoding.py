@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import char_tokenizer, tiny_config
+from conftest import char_tokenizer, model_of, tiny_config
 from eapcore.answers.data import Problem
 from eapcore.answers.decoding import ARCHITECTURES, SlotDecoder, plan_slots
 from eapcore.answers.generation import TransformersBackend, cut_at_eos, generate_answers, make_backend
@@ -29,33 +29,11 @@ ARCH_IDS = ["llama", "mistral-window6", "qwen2", "gpt2", "qwen3", "olmo2", "olmo
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def config(arch: str, **overrides):
-    """A tiny config of `arch` (grouped-query attention where the architecture has it)."""
-    if arch in ("qwen3", "olmo2", "olmo3"):
-        cls = {"qwen3": tf.Qwen3Config, "olmo2": tf.Olmo2Config, "olmo3": tf.Olmo3Config}[arch]
-        cfg = cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    else:
-        cfg = tiny_config(arch, VOCAB)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
 def random_model(cfg, seed: int = 0):
-    """Weights large enough that greedy choices are far from ties (as conftest.make_checkpoint);
-    no default EOS (`generate` would stop at the config's even when given none)."""
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
+    """conftest.model_of with no default EOS (`generate` would stop at the config's even when given none)."""
+    model = model_of(cfg, seed)
     model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-            else:
-                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
-    return model.eval()
+    return model
 
 
 def reference(model, prompts, limits, eos: set[int]) -> list[list[int]]:
@@ -83,7 +61,7 @@ def test_answers_equal_generate(arch, overrides):
     model emits mid-way, more prompts than slots (refill) and as many slots as prompts (the tail
     moved down), sync intervals of 1 and 4 steps."""
     assert arch in ARCHITECTURES and sorted(ARCHITECTURES) == sorted(a for a, _ in ARCH_CASES)
-    model = random_model(config(arch, **overrides))
+    model = random_model(tiny_config(arch, VOCAB, **overrides))
     prompts, limits = job(seed=len(arch))
     # as EOS, the token the model emits most often after its first answer token: answers end mid-way
     eos = {Counter(t for a in reference(model, prompts, limits, set()) for t in a[1:]).most_common(1)[0][0]}
@@ -95,14 +73,14 @@ def test_answers_equal_generate(arch, overrides):
         assert decoder(prompts, limits) == expected, f"slots {slots}, sync every {sync}"
         assert decoder.stats["tokens"] >= sum(map(len, expected)) and decoder.stats["slots"] == slots
     if "sliding_window" in overrides:  # the window shapes the answers: the test above is not blind to it
-        no_window = random_model(config(arch, **{**overrides, "sliding_window": 1000}))  # longer than any input
+        no_window = random_model(tiny_config(arch, VOCAB, **{**overrides, "sliding_window": 1000}))  # longer than any input
         assert reference(no_window, prompts, limits, eos) != expected
 
 
 def test_rows_rounded_as_for_cuda_graphs(monkeypatch):
     """The CUDA schedule on the CPU (steps run rows rounded up to a multiple of 32, free slots
     among them, moved down at the end; the step itself eager): still equal to `generate`."""
-    model = random_model(config("qwen2"))
+    model = random_model(tiny_config("qwen2", VOCAB))
     prompts, limits = job(seed=7, n=45)
     decoder = SlotDecoder(model, set(), 40, sync_every=4)
     decoder.graphs_wanted = True
@@ -118,7 +96,7 @@ def test_rows_rounded_as_for_cuda_graphs(monkeypatch):
 def test_cuda_answers_equal_generate(arch, overrides):
     """On the GPU (float32): the captured (CUDA graph) and the eager decode step both equal `generate`."""
     prompts, limits = job(seed=3, n=24)
-    model = random_model(config(arch, **overrides)).to("cuda")
+    model = random_model(tiny_config(arch, VOCAB, **overrides)).to("cuda")
     expected = reference(model, prompts, limits, set())
     for graphs in (True, False):
         decoder = SlotDecoder(model, set(), 8, sync_every=4, cuda_graphs=graphs)
@@ -127,7 +105,7 @@ def test_cuda_answers_equal_generate(arch, overrides):
 
 
 def test_stream_order_stop_and_errors():
-    model = random_model(config("llama"))
+    model = random_model(tiny_config("llama", VOCAB))
     prompts = [[5 + i] * 4 for i in range(6)]  # equal lengths: slots are filled in prompt order
     decoder = SlotDecoder(model, set(), 2)
     finished = list(decoder.stream(prompts, [1, 9, 2, 9, 3, 9]))
@@ -153,7 +131,7 @@ def test_plan_slots():
 
 def test_generate_answers_streams_in_problem_order(tmp_path):
     """The file has the same lines as with plain `generate`, in the problems' order, resumed or not."""
-    model, tok = random_model(config("llama", vocab_size=104)), char_tokenizer()
+    model, tok = random_model(tiny_config("llama", 104)), char_tokenizer()
     problems = [Problem(i, "x" * (1 + 7 * i % 23), str(i), {}) for i in range(9)]
     plain = TransformersBackend(model, tok)
     expected = tmp_path / "plain.jsonl"

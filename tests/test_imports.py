@@ -2,6 +2,8 @@
 linter does catch an import that breaks them (run on a copy of the tree with one bad import added)."""
 from __future__ import annotations
 
+import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,9 @@ def test_the_code_keeps_every_import_contract():
 @pytest.mark.parametrize("module, bad_import, contracts", [
     ("eapcore/stats/metrics.py", "from eapcore.engine import models", {"Layers"}),  # stats never imports the engine
     ("eapcore/engine/cached.py", "from eapcore.runs import cache", {"Layers", "No import cycles"}),  # nor the engine runs
+    # the engine's store sits below it: checkpoints reaching up to the runs' cache again is caught
+    ("eapcore/engine/checkpoints.py", "from eapcore.runs.cache import Cache", {"Layers", "No import cycles"}),
+    ("eapcore/store.py", "from eapcore.engine import checkpoints", {"Layers", "No import cycles"}),  # nor the store up
     ("pages/common.py", "from eapcore.stats import analysis", {"Pages import only"}),  # pages compute nothing
     ("eapcore/views/query.py", "from eapcore.runs import stages", {"Views read runs"}),
     ("eapcore/runs/keys.py", "from eapcore.runs import runner", {"No import cycles"}),
@@ -45,3 +50,34 @@ def test_a_forbidden_import_is_caught(tmp_path, module, bad_import, contracts):
     broken = [line for line in r.stdout.splitlines() if " BROKEN" in line]
     assert len(broken) == len(contracts), r.stdout
     assert {c for c in CONTRACTS for line in broken if line.startswith(c)} == contracts, r.stdout
+
+
+def _table(heading: str) -> list[list[str]]:
+    """The first cells' backticked names of each row of the table under DESIGN.md's `heading`,
+    bold (package) rows marked by a leading "**"."""
+    text = (ROOT / "docs/DESIGN.md").read_text().split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "`" in line.split(" | ")[0]]
+    return [(["**"] if row.startswith("| **") else []) + re.findall(r"`([^`]+)`", row) for row in rows]
+
+
+def test_design_module_map_lists_every_module_and_nothing_else():
+    """Each module of eapcore has its row in DESIGN.md's module map (a subpackage's modules as
+    `engine/x.py`), every row names a file that exists, and every package row a folder."""
+    listed = set()
+    for row in _table("Module map"):
+        if row[:1] == ["**"]:
+            assert all((ROOT / name).exists() for name in row[1:]), row
+        else:
+            listed |= {name if name.startswith("eapcore/") else f"eapcore/{name}" for name in row}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "eapcore").rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(modules - listed) == [] and sorted(listed - modules) == []
+
+
+def test_design_layers_table_is_the_layers_contract():
+    """DESIGN.md's layers, from `eapcore.views` down, are .importlinter's, in the same order."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter")
+    layers = config["importlinter:contract:layers"]["layers"].strip().splitlines()
+    contract = [{name.strip() for name in line.split("|")} for line in layers]
+    table = [set(row) for row in _table("Layers (who may import whom)") if row[0].startswith("eapcore.")]
+    assert table == contract

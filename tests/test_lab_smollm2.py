@@ -88,7 +88,7 @@ def test_results_hold_every_model_with_consistent_statistics(lab):
             assert row["train_steps"] >= 1
         assert row["heldout_gives_to"]["n"] + row["heldout_other"]["n"] == len(test)
     assert results["dpo_pairs"] >= 1 and (out / "pairs.jsonl").is_file()
-    from eapcore.runs.cache import sha256_file
+    from eapcore.store import sha256_file
     assert results["problems_test_sha256"] == sha256_file(out / "problems_test.jsonl")
 
 
@@ -158,9 +158,9 @@ def shipped(tmp_path_factory):
 
 
 def _files(root: Path) -> dict[str, int]:
-    """Every file of the cache with its mtime, but its locks and the file-hash memo (cache.HASHES:
+    """Every file of the cache with its mtime, but its locks and the file-hash memo (store.HASHES:
     reading model identities fills it, nothing is computed)."""
-    from eapcore.runs.cache import HASHES
+    from eapcore.store import HASHES
 
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
             if p.is_file() and "locks" not in p.relative_to(root).parts and p.name != HASHES}

@@ -1,7 +1,9 @@
 """The attribution engine: model loading and architecture adapters (`models`), the EAP
 forward/backward loop and its memory model (`attribution`).
 
-Owns tensors and checkpoints only; knows nothing of caches, run specs or pages.
+Owns tensors and checkpoints only; knows nothing of run caches, run specs or pages.
 May import: the shared top-level modules (`eapcore.specs`, `eapcore.graph`, `eapcore.harness`,
-`eapcore.files`). Never `eapcore.answers`, `eapcore.stats`, `eapcore.runs`, `eapcore.views`.
+`eapcore.files`, `eapcore.modelfiles`, and `eapcore.store`, where `checkpoints` keeps the GGUF
+files and adapters it materialises). Never `eapcore.answers`, `eapcore.stats`, `eapcore.runs`,
+`eapcore.views`.
 """

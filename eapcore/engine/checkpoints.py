@@ -13,24 +13,23 @@ generation_config.json) that transformers, the engine and TransformerLens load l
 a GGUF file is dequantized to float32 (transformers' GGUF loader) and copied into a fresh model
 of the same config (a GGUF-loaded model cannot be saved); an adapter is merged into its base
 (W + scale * B @ A, float32, on the CPU so every machine merges alike). The result is a cache
-entry `models/<key>` (eapcore.runs.cache: atomic, checksummed, locked), keyed by `identity(ref)`:
+entry `models/<key>` of the store (`eapcore.store`: atomic, checksummed, locked), keyed by `identity(ref)`:
 the GGUF file's sha256, or the adapter files' sha256 and the base's identity.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
+from eapcore import modelfiles
 from eapcore.modelfiles import CheckpointError  # a reference that cannot be resolved: one line, what to do
+from eapcore.store import Store
 
 KIND = "models"
 FORMAT = "1"  # bump when the materialised folder's content changes for the same inputs
 ADAPTER_CONFIG = "adapter_config.json"
 PACKAGE = "package:"
-
-
 
 
 # ------------------------------------------------------------------------------ references
@@ -103,32 +102,20 @@ def adapter_base(folder: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------ identities
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from eapcore.runs.cache import sha256_file
-
-    return sha256_file(path)
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256(str(path), st.st_size, st.st_mtime_ns)
-
-
 def identity(ref: str, revision: str | None = None) -> dict[str, Any]:
     """What a model's weights depend on: {"gguf": sha256} for a GGUF file; {"adapter": {file:
     sha256}, "base": identity(base)} for an adapter; a folder's {"files": {file: sha256}}; else
-    the hub id and revision."""
+    the hub id and revision. Each file is hashed once per version (the store's hash memo)."""
+    store = Store()
     if split_gguf(ref) is not None:
-        return {"gguf": file_sha256(gguf_path(ref, revision))}
+        return {"gguf": store.file_sha256(gguf_path(ref, revision))}
     path = Path(ref).expanduser()
     if is_adapter(ref):
-        files = {p.name: file_sha256(p) for p in sorted(path.iterdir())
+        files = {p.name: store.file_sha256(p) for p in sorted(path.iterdir())
                  if p.is_file() and p.name.startswith("adapter_")}
         return {"adapter": files, "base": identity(adapter_base(path))}
     if path.is_dir():
-        return {"files": {p.name: file_sha256(p) for p in sorted(path.iterdir())
-                          if p.is_file() and not p.name.startswith(".")}}
+        return {"files": store.fingerprint(path)}
     return {"hub": ref, "revision": revision}
 
 
@@ -139,14 +126,13 @@ def cache_key(ref: str, revision: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------ materialising
-def local_folder(ref: str, revision: str | None = None, cache=None) -> str:
+def local_folder(ref: str, revision: str | None = None, cache: Store | None = None) -> str:
     """A plain checkpoint folder for `ref`: `ref` itself unless it is a GGUF file or an adapter,
-    which are materialised once into the cache (see the module docstring)."""
+    which are materialised once into the store (`cache`, default the cache root's; see the
+    module docstring)."""
     if not is_derived(ref):
         return ref
-    from eapcore.runs.cache import Cache
-
-    cache = cache or Cache()
+    cache = cache or Store()
     key = cache_key(ref, revision)
     write = (lambda out: _dequantize(gguf_path(ref, revision), out)) if split_gguf(ref) else \
         (lambda out: _merge(Path(ref).expanduser(), out, cache))
@@ -163,8 +149,8 @@ def load_config(ref: str, revision: str | None = None):
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         _drop_quantization(config)
         return config
-    return load_config(adapter_base(ref)) if is_derived(adapter_base(ref)) else \
-        AutoConfig.from_pretrained(adapter_base(ref))
+    base = adapter_base(ref)
+    return load_config(base) if is_derived(base) else modelfiles.load_config(base)
 
 
 def _drop_quantization(config) -> None:
@@ -216,13 +202,12 @@ def _dequantize(path: Path, out: Path) -> None:
     _save(fresh.eval(), tokenizer, out)
 
 
-def _merge(adapter: Path, out: Path, cache) -> None:
+def _merge(adapter: Path, out: Path, cache: Store) -> None:
     """Adapter folder -> its base with the adapter merged, float32, computed on the CPU."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_folder = local_folder(adapter_base(adapter), cache=cache)
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32, device_map=None)
+    base = modelfiles.load_causal_lm(base_folder, dtype=torch.float32, device_map=None)
     merged = PeftModel.from_pretrained(base, str(adapter), is_trainable=False).merge_and_unload()
-    _save(merged.eval(), AutoTokenizer.from_pretrained(base_folder), out)
+    _save(merged.eval(), modelfiles.load_tokenizer(base_folder), out)

@@ -2,7 +2,8 @@
 
 `python -m eapcore lab --out demo/` trains everything on CPU in minutes (see `eapcore.lab.run`).
 
-May import: `eapcore.answers` (grading's `last_boxed`) and the shared top-level modules.
+May import: `eapcore.answers` (grading's `last_boxed`), the shared top-level modules, and for the
+real lab (`smollm2`) `eapcore.engine.checkpoints` and `eapcore.runs` (its sweep runs the pipeline).
 """
 from __future__ import annotations
 

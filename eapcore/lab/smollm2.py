@@ -127,7 +127,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, obj: Any) -> None:
-    from eapcore.runs.cache import write_json_atomic
+    from eapcore.files import write_json_atomic
 
     write_json_atomic(path, obj)
 
@@ -443,7 +443,7 @@ def stage_sweep(out: Path, cfg: Config, log=print) -> dict[str, Any]:
 
 def stage_pack(out: Path, cfg: Config, log=print) -> dict[str, Any]:
     from eapcore.runs import commands
-    from eapcore.runs.cache import sha256_file
+    from eapcore.store import sha256_file
 
     argv = _shipped_grid(out, cfg)
     if commands.command_export([*[a for a in argv if a != "--quiet"], "--out", str(out / "runs.zip")]) != 0:
@@ -457,7 +457,7 @@ def stage_pack(out: Path, cfg: Config, log=print) -> dict[str, Any]:
 def run(out: Path, cfg: Config, stages: tuple[str, ...], deadline: float | None, gsm8k: Path | None,
         log=print) -> dict[str, Any]:
     """Run `stages` in order, each skipped once the deadline is near (see the module docstring)."""
-    from eapcore.runs.cache import sha256_file
+    from eapcore.store import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "lab_results.json"

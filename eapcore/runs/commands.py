@@ -11,7 +11,7 @@ from typing import Sequence
 
 from eapcore.runs import registry
 from eapcore.files import read_json_or_none
-from eapcore.runs.cache import Cache, CacheError
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.keys import check_spec
 from eapcore.runs.memory import predict_memory
@@ -20,6 +20,7 @@ from eapcore.runs.sweeps import PRESETS, label, sweep_specs
 from eapcore.runs.workers import FINAL
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, PairSpec,
                            RunSpec, SelectionSettings, choices, from_dict, spec_key)
+from eapcore.store import CacheError
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:

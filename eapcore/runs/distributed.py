@@ -29,12 +29,13 @@ from typing import Any, Callable, Sequence
 
 from eapcore.files import write_json_atomic
 from eapcore.runs import registry, runner, stages
-from eapcore.runs.cache import MANIFEST, Cache
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.registry import RegistryError
 from eapcore.runs.keys import check_spec, stage_keys
 from eapcore.runs.workers import Reporter
 from eapcore.specs import ModelSpec, RunSpec, spec_key, to_dict
+from eapcore.store import MANIFEST
 
 RETRIES = 3  # attempts after a worker's death (an exception raised by the code is not retried)
 POLL_S = 1.0  # seconds between the driver's progress and cancel checks

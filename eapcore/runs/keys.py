@@ -17,17 +17,16 @@ local file's sha256). The scoring settings are granularity, ablation, ig_steps, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from eapcore import modelfiles
 from eapcore.answers.selection import settings_problems
 from eapcore.runs import registry
-from eapcore.runs.cache import Cache, sha256_file
 from eapcore.runs.errors import RunError
 from eapcore.specs import (IG_RULE, SCORING_VERSION, AttributionSettings, DatasetSpec, ModelSpec, RunSpec,
                            SelectionSettings, spec_key, to_dict)
+from eapcore.store import Store, sha256_file
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
 
@@ -35,15 +34,6 @@ SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
 def digest(obj: Any) -> str:
     """32-hex sha256 of the canonical JSON of obj."""
     return spec_key(obj, length=32)
-
-
-def path_fingerprint(path: str | os.PathLike) -> dict[str, str]:
-    """{name: sha256} of a file, or of the files directly in a folder (a HF checkpoint): whole
-    contents, each hashed once per file version (Cache.file_sha256's memo in the cache root)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    cache = Cache()
-    return {f.name: cache.file_sha256(f) for f in files}
 
 
 def hub_revision(model: ModelSpec) -> str | None:
@@ -75,14 +65,14 @@ def model_identity(model: ModelSpec) -> dict[str, Any]:
     if checkpoints.is_derived(local):
         return {**checkpoints.identity(local, model.revision), "trust_remote_code": model.trust_remote_code}
     if Path(local).is_dir():
-        return {"files": path_fingerprint(local), "trust_remote_code": model.trust_remote_code}
+        return {"files": Store().fingerprint(local), "trust_remote_code": model.trust_remote_code}
     return {"hub": model.name_or_path, "revision": hub_revision(model), "trust_remote_code": model.trust_remote_code}
 
 
 def dataset_identity(ds: DatasetSpec) -> dict[str, Any]:
     local = registry.resolve_path(ds.source) if ds.source else ""
     if local and Path(local).is_file():
-        return {"file": path_fingerprint(local), "limit": ds.limit}
+        return {"file": Store().fingerprint(local), "limit": ds.limit}
     return {"name": ds.name, "source": ds.source, "split": ds.split, "limit": ds.limit}
 
 
@@ -130,7 +120,7 @@ def import_key(which: str, spec: RunSpec) -> str:
     """Key of `which` model's answers imported from the spec's joined file: the file's content,
     the answer group its rows are declared to be, and the dataset limit (first rows only)."""
     return digest({"stage": "generations", "format": "joined", "which": which, "group": spec.selection.group,
-                   "imported": path_fingerprint(registry.resolve_path(spec.answers.joined)),
+                   "imported": Store().fingerprint(registry.resolve_path(spec.answers.joined)),
                    "limit": spec.dataset.limit})
 
 

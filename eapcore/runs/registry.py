@@ -302,7 +302,8 @@ def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any]
     from eapcore import modelfiles
     from eapcore.engine import checkpoints
     from eapcore.engine.models import check_architecture, load_config
-    from eapcore.runs.cache import MANIFEST, Cache
+    from eapcore.runs.cache import Cache
+    from eapcore.store import MANIFEST
 
     name = model.name_or_path
     if not isinstance(name, str) or not name.strip():

@@ -18,12 +18,13 @@ from pathlib import Path
 from eapcore.files import cache_root_problem, read_json_or_none, shorten, write_bytes_atomic, write_json_atomic
 from eapcore.modelfiles import CheckpointError
 from eapcore.runs import registry, stages
-from eapcore.runs.cache import MANIFEST, Cache, CacheError
+from eapcore.runs.cache import Cache
 from eapcore.runs.errors import Cancelled, RunError
 from eapcore.runs.registry import RegistryError
 from eapcore.runs.keys import check_spec, stage_keys
 from eapcore.runs.workers import MUTABLE_FILES, Progress, Reporter
 from eapcore.specs import RunSpec, spec_key, to_dict
+from eapcore.store import MANIFEST, CacheError
 
 
 def is_done(cache: Cache, key: str, selection: str) -> bool:
