@@ -3,8 +3,9 @@
     streamlit run app.py            # cache: ./cache, or $EAP_CACHE_DIR
 
 Pages only read finished runs through eapcore.views and hand new run specs to eapcore.runs; the
-page list is pages/common.py's NAVIGATION. On start, a cache with no run gets the demo runs shipped
-in demo/runs.zip; "/" opens the default pair's heatmaps.
+page list is pages/common.py's NAVIGATION. On start, a cache with no run gets the runs shipped in
+demo/smollm2/runs.zip and demo/runs.zip; "/" opens the default pair's heatmaps (the SmolLM2 GRPO
+pair when its runs are cached: eapcore.runs.registry.FEATURED_PAIRS).
 """
 import sys
 from pathlib import Path

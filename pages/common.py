@@ -132,7 +132,7 @@ def no_runs_message(what: str = "this view") -> None:
                  query_params={"pair": "demo: SFT vs GRPO", "dataset": "demo"})
 
 
-@st.cache_resource(show_spinner="Importing the demo runs shipped in demo/runs.zip…")
+@st.cache_resource(show_spinner="Importing the runs shipped in demo/smollm2/runs.zip and demo/runs.zip…")
 def _shipped_runs(root: str) -> dict | None:
     from eapcore.runs import shipped
 
@@ -140,17 +140,18 @@ def _shipped_runs(root: str) -> dict | None:
 
 
 def import_shipped_runs() -> None:
-    """The dashboard's start: once per server and cache folder, import the shipped demo runs into
-    a cache that has no run (eapcore.runs.shipped); the session that did it shows a note."""
+    """The dashboard's start: once per server and cache folder, import the shipped runs (SmolLM2
+    and demo pairs) into a cache that has no run (eapcore.runs.shipped); the session that did it
+    shows a note."""
     try:
         done = _shipped_runs(str(query.cache_root()))
     except Exception as err:  # noqa: BLE001  (a damaged bundle must not stop the dashboard)
-        st.warning(f"Could not import the shipped demo runs: {err}")
+        st.warning(f"Could not import the shipped runs: {err}")
         return
     if done and not done.get("announced"):  # the first session after the import says so
         done["announced"] = True
-        st.toast(f"The cache had no runs: imported the {done['runs']} demo runs shipped in demo/runs.zip "
-                 f"into {query.cache_root()}.", icon=":material/inventory_2:")
+        st.toast(f"The cache had no runs: imported the {done['runs']} runs shipped in "
+                 f"{' and '.join(done['bundles'])} into {query.cache_root()}.", icon=":material/inventory_2:")
 
 
 def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = True) -> query.RunInfo | None:
@@ -214,11 +215,16 @@ def run_page_params(key: str, **overrides: str) -> dict[str, str]:
 
 
 def run_caption(data: query.RunData) -> str:
-    info = data.info
+    """The run's settings (bold line), then what its pair is: models, algorithm, notes, accuracy."""
+    info, pair = data.info, query.pair_context(data)
+    accuracy = (f" · accuracy on the {pair['n_graded']} questions of {info.dataset}: base "
+                f"{pair['base_accuracy']:.1f}% → tuned {pair['tuned_accuracy']:.1f}%" if pair["n_graded"] else "")
+    notes = f" ({pair['notes']})" if pair["notes"] else ""
     return (f"**{info.pair}** on **{info.dataset}** · α = {info.alpha:g} (T_cut = {data.t_cut} answer tokens) · "
             f"group: {query.GROUP_LABELS.get(info.group, info.group)} · {info.granularity} graph "
             f"({len(data.base.graph['forward'])} sources × {len(data.base.graph['backward'])} destinations, "
-            f"{int(data.mask.sum())} real edges) · n = {len(data.sample_ids)} questions")
+            f"{int(data.mask.sum())} real edges) · n = {len(data.sample_ids)} questions  \n"
+            f"base `{pair['base']}` → tuned `{pair['tuned']}`, {pair['algorithm'] or 'tuned'}{notes}{accuracy}")
 
 
 @st.cache_resource(max_entries=RUNS_IN_MEMORY, show_spinner=False)
@@ -300,8 +306,10 @@ def map_controls(granularity: str) -> tuple[str, str, float | None, bool]:
                        format_func=lambda v: "off: colour every cell" if v == "off" else v,
                        help="Benjamini-Hochberg over the cells of the map; expected share of false discoveries "
                             "among the coloured cells at most this level")
-    log_color = url_select("Colour scale of the two sides", ["linear", "log"], "scale", container=c2,
-                           horizontal_radio=True) == "log"
+    # log by default: mean |s| spans orders of magnitude across layers (a real model's first MLP
+    # outweighs the rest), so a linear scale leaves most cells one colour
+    log_color = url_select("Colour scale of the two sides", ["log", "linear"], "scale", container=c2,
+                           horizontal_radio=True, default="log") == "log"
     kind = ""
     if view == "layers":
         kind = url_select("Destination module", list(maps.KINDS["layers"]), "kind", container=c3, default="mlp",

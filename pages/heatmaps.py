@@ -20,7 +20,8 @@ st.markdown(map_summary(grids, level))
 st.caption(
     "Base and tuned maps: the mean over the cell's real edges of the per-edge mean |s| over the "
     f"n = {len(data.sample_ids)} questions (s: first-order change of the truncated self-cross-entropy when the "
-    "edge is removed, in nats). Relative change of a cell: 100·(Σ tuned − Σ base)/Σ base over its edges; red: "
+    "edge is removed, in nats), on one colour scale: log10 of mean |s| (floored at its 1st percentile) or, with "
+    "'linear', 0 to the largest cell. Relative change of a cell: 100·(Σ tuned − Σ base)/Σ base over its edges; red: "
     "the tuned model relies more on these edges, blue: less. Colour only where the change passes: each cell is "
     "tested across questions (its per-question sum of |s|, tuned minus base: Wilcoxon signed-rank, exact p up to "
     "50 non-zero differences without ties, normal approximation beyond) and the p-values of the map's cells are "

@@ -50,7 +50,7 @@ for col, model in zip(cols, ("base", "tuned")):
         ok = part["correct"]
         badge = {True: ":green-badge[correct]", False: ":red-badge[wrong]"}.get(ok, ":gray-badge[ungraded]")
         st.markdown(f"#### {model.capitalize()} model {badge}")
-        loss = "–" if part["loss"] is None else f"{part['loss']:.3f}"
+        loss = "–" if part["loss"] is None else f"{part['loss']:.3g}"
         pred = f"prediction `{part['pred']}`" if part["pred"] not in (None, "") else "no boxed answer"
         st.caption(f"`{part['model']}` · {pred} · {part['n_tokens']} answer tokens "
                    f"({part['n_prompt_tokens']} prompt tokens) · clean loss on the scored part {loss} nats")

@@ -214,21 +214,22 @@ def test_deep_link_to_a_fresh_server_is_routed_by_app_py(fake_cache, browser, tm
         pg.close()
 
 
-def test_bare_start_on_an_empty_cache_shows_the_demo_heatmaps(browser, tmp_path):
-    """`streamlit run app.py` with no runs cached: the shipped demo runs are imported at start and
-    "/" lands on the default pair's heatmaps at their own address; /home is the Home page."""
+def test_bare_start_on_an_empty_cache_shows_the_default_heatmaps(browser, tmp_path):
+    """`streamlit run app.py` with no runs cached: the shipped runs are imported at start and "/"
+    lands on the default pair's heatmaps (SmolLM2, SFT vs GRPO) at their own address; the toy demo
+    pairs stay listed; /home is the Home page."""
     (tmp_path / "log").mkdir()
     with _streamlit(tmp_path / "empty-cache", tmp_path / "log") as url:
         pg = _new_page(browser)
         _open(pg, url, "Heatmaps: where the circuitry changes", timeout=60_000)
         _wait_title(pg, "destination layer and module")
-        assert "/heatmaps?" in pg.url and "pair=demo" in pg.url, pg.url
-        assert pg.get_by_text("demo: SFT vs GRPO").count() >= 1
+        assert "/heatmaps?" in pg.url and "pair=SmolLM2" in pg.url, pg.url
+        assert pg.get_by_text("SmolLM2: SFT vs GRPO").count() >= 1
         _check(pg, "first_screen", n_charts=2)
         _open(pg, f"{url}/home", "Open the default view")
         assert pg.get_by_text("Page not found").count() == 0
         pg.close()
-    assert len(list((tmp_path / "empty-cache" / "runs").iterdir())) == 14
+    assert len(list((tmp_path / "empty-cache" / "runs").iterdir())) == 20
 
 
 # ---- significance, comparison, labels and layout (issue 16) -------------------------------------------

@@ -458,8 +458,9 @@ def test_run_page_cancel_stops_the_worker_and_keeps_samples(monkeypatch, run_lab
 # ---- first screen, the Run page's specs and links (issue 14) ------------------------------------------
 
 def test_first_screen_imports_the_shipped_runs_and_opens_the_default_heatmaps(monkeypatch, tmp_path):
-    """A bare start on an empty cache: the demo runs shipped in demo/runs.zip are imported (a note
-    says so, once), and "/" shows the default pair's heatmaps."""
+    """A bare start on an empty cache: the runs shipped in demo/smollm2/runs.zip and demo/runs.zip
+    are imported (a note says so, once), and "/" shows the default pair's heatmaps: the SmolLM2
+    GRPO pair, both correct, alpha 0.5."""
     from streamlit.testing.v1 import AppTest
 
     from eapcore.runs import shipped
@@ -470,12 +471,16 @@ def test_first_screen_imports_the_shipped_runs_and_opens_the_default_heatmaps(mo
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception, [e.message for e in at.exception]
     assert [t.value for t in at.title] == ["Heatmaps: where the circuitry changes"]
-    assert any("imported the 14 demo runs shipped in demo/runs.zip" in t.value for t in at.toast), [t.value for t in at.toast]
+    assert any("imported the 20 runs shipped in demo/smollm2/runs.zip and demo/runs.zip" in t.value for t in at.toast), \
+        [t.value for t in at.toast]
     params = {k: at.query_params[k] for k in ("pair", "dataset", "alpha", "group", "gran")}
     assert {k: v[0] if isinstance(v, list) else v for k, v in params.items()} == {
-        "pair": "demo: SFT vs GRPO", "dataset": "demo", "alpha": "0.5", "group": "both_correct", "gran": "layer"}
+        "pair": "SmolLM2: SFT vs GRPO", "dataset": "smollm2", "alpha": "0.5", "group": "both_correct", "gran": "layer"}
     assert any("destination layer and module" in t for t in _titles(at))
-    assert len(list((tmp_path / "fresh" / "runs").iterdir())) == 14
+    caption = " ".join(m.value for m in at.markdown)  # what the pair is, beside the run's settings
+    assert "`demo/smollm2/sft` → tuned `demo/smollm2/grpo`, GRPO (SmolLM2-135M-Instruct" in caption, caption
+    assert "accuracy on the 500 questions of smollm2: base " in caption
+    assert len(list((tmp_path / "fresh" / "runs").iterdir())) == 20
     assert not Cache(tmp_path / "fresh").verify_run(next((tmp_path / "fresh" / "runs").iterdir()).name)
     again = AppTest.from_file(APP, default_timeout=60).run()  # a later session: no note, nothing imported
     assert not again.exception and not again.toast

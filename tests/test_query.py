@@ -136,6 +136,19 @@ def test_groups_summary_accuracy(cache):
     assert query.pairs_caveat(pts) == analysis.few_pairs_caveat(2) and "only 2 pairs" in query.pairs_caveat(pts)
     assert analysis.few_pairs_caveat(analysis.SMALL_N_PAIRS) == ""
 
+    # the run caption's pair context: its accuracies are the answer files' own scores
+    data = query.load_run(keys["Demo-Tiny/gsm8k/0.5"], root)
+    ctx = query.pair_context(data)
+    files = {m: {json.loads(line)["idx"]: json.loads(line)["score"] for line in
+                 (data.info.path / f"answers_{m}.jsonl").read_text().splitlines()} for m in ("base", "tuned")}
+    both = files["base"].keys() & files["tuned"].keys()
+    assert ctx["n_graded"] == len(both) == row["n"] > 0
+    for m in ("base", "tuned"):
+        right = sum(bool(v[0] if isinstance(v, list) else v) for i, v in files[m].items() if i in both)
+        assert ctx[f"{m}_accuracy"] == pytest.approx(100 * right / len(both)) == row[f"{m}_accuracy"]
+    assert (ctx["base"], ctx["tuned"], ctx["algorithm"]) == (data.info._get("pair", "base", "name_or_path"),
+                                                             data.info._get("pair", "tuned", "name_or_path"), "GRPO")
+
 
 def test_sample_view(cache):
     root, keys = cache

@@ -76,14 +76,20 @@ def save(model, tokenizer, folder: Path) -> None:
     model.generation_config.save_pretrained(folder)
 
 
-def save_adapter(peft_model, folder: Path, base_ref: str) -> None:
+def save_adapter(peft_model, folder: Path, base_ref: str, tokenizer=None) -> None:
     """A peft model's LoRA adapter in bfloat16 (half the bytes; merged in float32 when loaded,
-    eapcore.engine.checkpoints), its base recorded as `base_ref` (a model reference, e.g. "../sft")."""
+    eapcore.engine.checkpoints), its base recorded as `base_ref` (a model reference, e.g. "../sft"),
+    and, when `tokenizer` is given (an adapter over a GGUF file, which holds no tokenizer.json), its
+    tokenizer.json beside it: the dashboard decodes answers with it, also for the adapters over
+    this one (eapcore.views.query.load_tokenizer). An adapter's identity is its adapter_* files
+    only, so the tokenizer changes no key."""
     import torch
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
     weights = folder / "adapter_model.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}, weights)
     cfg_path = folder / "adapter_config.json"
@@ -217,7 +223,7 @@ def sft(model, tok, problems: Sequence[Problem], out: Path, steps: int, batch_si
             break
     model.eval()
     if base_ref is not None:
-        save_adapter(model, out, base_ref)
+        save_adapter(model, out, base_ref, tok)
     else:
         save(model, tok, out)
     return {"seconds": time.time() - t0, "logs": logs, "steps": step + 1}

@@ -362,25 +362,29 @@ def command_export(argv: list[str]) -> int:
 
 
 def command_import(argv: list[str]) -> int:
-    """`python -m eapcore import FILE.zip [--overwrite]`."""
+    """`python -m eapcore import FILE.zip [FILE.zip ...] [--overwrite]`."""
     from eapcore.runs.cache import import_bundle
 
     p = argparse.ArgumentParser(prog="python -m eapcore import",
-                                description="Check a bundle's checksums and install its runs and entries in the cache.")
-    p.add_argument("bundle")
+                                description="Check bundles' checksums and install their runs and entries in the cache.")
+    p.add_argument("bundles", nargs="+", metavar="bundle")
     p.add_argument("--overwrite", action="store_true", help="replace runs that exist here already")
     args = p.parse_args(argv)
     cache = Cache()
-    try:
-        result = import_bundle(cache, args.bundle, overwrite=args.overwrite)
-    except CacheError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # a read-only or full cache
-        print(f"error: {explain(err, 'import', cache)}", file=sys.stderr)
-        return 1
-    for line in result["stale"]:
-        print(f"warning: {line}", file=sys.stderr)
-    print(f"installed {len(result['installed'])}, kept {len(result['kept'])} existing, "
-          f"refused {len(result['stale'])} stale run(s), in {cache.root}")
-    return 1 if result["stale"] and not (result["installed"] or result["kept"]) else 0
+    status = 0
+    for bundle in args.bundles:
+        try:
+            result = import_bundle(cache, bundle, overwrite=args.overwrite)
+        except CacheError as err:
+            print(f"error: {bundle}: {err}", file=sys.stderr)
+            return 1
+        except OSError as err:  # a read-only or full cache
+            print(f"error: {explain(err, 'import', cache)}", file=sys.stderr)
+            return 1
+        for line in result["stale"]:
+            print(f"warning: {line}", file=sys.stderr)
+        print(f"{bundle}: installed {len(result['installed'])}, kept {len(result['kept'])} existing, "
+              f"refused {len(result['stale'])} stale run(s), in {cache.root}")
+        if result["stale"] and not (result["installed"] or result["kept"]):
+            status = 1  # nothing of this bundle could be used
+    return status

@@ -114,6 +114,9 @@ FAMILY_PAIRS: tuple[PairSpec, ...] = (
                            "RLVR": "allenai/OLMo-2-0425-1B-Instruct"}, "olmo2-1b", 2048, "olmo2", _OLMO2_DATA),
 )
 BUILTIN_PAIRS: tuple[PairSpec, ...] = PAPER_PAIRS + SMALL_PAIRS + FAMILY_PAIRS + DEMO_PAIRS + SMOLLM2_PAIRS
+# The pairs whose runs ship with the project (eapcore.runs.shipped), in the order the dashboard's
+# first screen prefers them (eapcore.views.query.default_view): the first is its default view.
+FEATURED_PAIRS: tuple[str, ...] = tuple(p.name for p in SMOLLM2_PAIRS + DEMO_PAIRS)
 
 # The SmolLM2 lab's held-out problems (half of them, as for the demo).
 SMOLLM2_DATASET = DatasetSpec("smollm2", source="demo/smollm2/problems_test.jsonl", limit=500)

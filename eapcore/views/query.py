@@ -5,6 +5,7 @@ the cache.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -57,16 +58,20 @@ def clock_frame(info: RunInfo) -> pd.DataFrame:
 
 
 def default_view(runs: Iterable[RunInfo]) -> dict[str, str] | None:
-    """The URL parameters of the first screen: the heatmaps of the default pair (the first
-    registered demo pair's both-correct run at alpha 0.5 and layer granularity when cached, else
-    the closest finished run); None without finished runs."""
+    """The URL parameters of the first screen: the heatmaps of the default pair (the first of
+    registry.FEATURED_PAIRS that has a finished run, the SmolLM2 GRPO pair when its shipped runs are
+    cached: its both-correct run at alpha 0.5 and layer granularity, else the closest), else the
+    closest finished run of the registered pairs; None without finished runs."""
+    from eapcore.runs.registry import FEATURED_PAIRS
+
     finished = [r for r in runs if r.finished]
     if not finished:
         return None
     order = {name: i for i, name in enumerate(p.name for p in registered("pairs"))}
 
     def rank(r: RunInfo) -> tuple:
-        return (not r.pair.lower().startswith("demo"), r.group != "both_correct", r.granularity != "layer",
+        featured = FEATURED_PAIRS.index(r.pair) if r.pair in FEATURED_PAIRS else len(FEATURED_PAIRS)
+        return (featured, r.group != "both_correct", r.granularity != "layer",
                 abs(r.alpha - 0.5), order.get(r.pair, len(order)), r.pair, r.dataset)
 
     best = min(finished, key=rank)
@@ -306,6 +311,22 @@ def _scores_of(answers: dict) -> dict:
     return out
 
 
+def pair_context(data: RunData) -> dict[str, Any]:
+    """What the run's pair is, for the pages' run caption: base and tuned model references,
+    algorithm, the pair's notes (as the run's spec stores them), and the accuracy (%) of each
+    model's graded answers on the questions of the run's dataset graded for both (n_graded; 0.0
+    when none is)."""
+    from eapcore.answers.grading import accuracy
+
+    scores = {m: _scores_of(data.answers[m]) for m in ("base", "tuned")}
+    both = scores["base"].keys() & scores["tuned"].keys()
+    return {"base": data.info._get("pair", "base", "name_or_path", default=""),
+            "tuned": data.info._get("pair", "tuned", "name_or_path", default=""),
+            "algorithm": data.info._get("pair", "algorithm", default=""),
+            "notes": data.info._get("pair", "notes", default=""), "n_graded": len(both),
+            **{f"{m}_accuracy": 100 * accuracy({i: scores[m][i] for i in both})["accuracy"] for m in scores}}
+
+
 def accuracy_table(runs: Iterable[RunInfo]) -> pd.DataFrame:
     """Per pair and dataset (answers of its latest run): graded questions, base and tuned accuracy
     (%), gain (percentage points) and the size of each answer group."""
@@ -353,17 +374,40 @@ def pairs_caveat(points: pd.DataFrame) -> str:
 _TOKENIZERS: "OrderedDict[str, Any]" = OrderedDict()
 
 
+def _tokenizer_file(folder: Path) -> Path:
+    """folder/tokenizer.json; for a LoRA adapter folder without one, its base's when
+    adapter_config.json names the base by a relative path (the shipped "../sft"), followed a few
+    levels. The path returned may not exist."""
+    path = folder / "tokenizer.json"
+    for _ in range(4):
+        if path.is_file():
+            break
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            break
+        if not (isinstance(base, str) and base.startswith(".")):
+            break
+        folder = (folder / base).resolve()
+        path = folder / "tokenizer.json"
+    return path
+
+
 def load_tokenizer(name_or_path: str) -> Any | None:
-    """A `tokenizers.Tokenizer` for a local model folder or a hub id already in the local Hugging
-    Face cache (never downloads); None if there is none."""
+    """A `tokenizers.Tokenizer` for a local model folder (a relative one as the registry resolves
+    it; a LoRA adapter folder through its base, `_tokenizer_file`) or a hub id already in the local
+    Hugging Face cache (never downloads); None if there is none."""
     if name_or_path in _TOKENIZERS:
         return _TOKENIZERS[name_or_path]
     tok = None
     try:
         from tokenizers import Tokenizer
 
-        path = Path(name_or_path) / "tokenizer.json"
-        if not path.is_file() and not Path(name_or_path).exists():
+        from eapcore.runs.registry import resolve_path
+
+        folder = Path(resolve_path(name_or_path))
+        path = _tokenizer_file(folder)
+        if not path.is_file() and not folder.exists():
             from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(name_or_path, "tokenizer.json")
