@@ -82,6 +82,30 @@ def run_files(folder: Path) -> dict[str, str]:
             for name in ("base/scores.safetensors", "tuned/scores.safetensors", "metrics.json")}
 
 
+def differences(serial: Path, ray: Path) -> dict:
+    """What differs between two run folders of one spec: the files compared by `run_files`, the
+    selection, and per model the largest |difference| of the scores and of the loss and how many
+    samples differ."""
+    from safetensors.torch import load_file
+
+    a, b = run_files(serial), run_files(ray)
+    out = {"files": sorted(n for n in a if a[n] != b[n]),
+           "selection_equal": (serial / "selection.json").read_bytes() == (ray / "selection.json").read_bytes()}
+    for which in ("base", "tuned"):
+        x, y = (load_file(str(f / which / "scores.safetensors")) for f in (serial, ray))
+        row = {}
+        for name in sorted(set(x) | set(y)):
+            if name not in x or name not in y or x[name].shape != y[name].shape:
+                row[name] = "shapes differ"
+                continue
+            d = (x[name].double() - y[name].double()).abs()
+            row[name] = {"max_abs": d.max().item(), "max_abs_ref": x[name].double().abs().max().item(),
+                         "samples_differing": int((d.reshape(len(d), -1) > 0).any(1).sum()) if d.dim() else int(d > 0),
+                         "samples": len(d) if d.dim() else 1}
+        out[which] = row
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU: the demo pair, 2 Ray CPU workers against one thread")
@@ -145,6 +169,8 @@ def main(argv=None) -> int:
                    ray_phase_first_report_s=began,
                    identical=not errors and all(run_files(a) == run_files(f)
                                                 for a, (_, f, _) in zip(serial_folders[phase], runs)))
+        if not row["identical"] and not errors:
+            row["differences"] = [differences(a, f) for a, (_, f, _) in zip(serial_folders[phase], runs)]
         print(f"{phase}: Ray {row['ray_s']} s, speed-up {row['speedup']}x, identical {row['identical']}", flush=True)
         save()
     ray.shutdown()

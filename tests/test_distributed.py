@@ -81,6 +81,9 @@ def test_ray_sweep_equals_the_serial_sweep(cluster, spec, tmp_path, monkeypatch)
     assert len(gens) == 2 and all(e["pid"] != os.getpid() for e in gens + scores)
     assert len({e["pid"] for e in scores}) == 2
     assert sorted(e["key"] for e in scores) == sorted(set(e["key"] for e in score_events(serial)))
+    # each sample from the batch the serial sweep computed it in (its companions change bf16 scores)
+    batch_of = lambda c: {e["key"]: c.get("scores", e["key"]).meta["batch"] for e in score_events(c)}  # noqa: E731
+    assert batch_of(cache) == batch_of(serial)
 
     # a second call finds every run done and computes nothing
     assert [f for _, f, _ in distributed.run_specs(specs, cache=cache)] == [f for _, f, _ in results]

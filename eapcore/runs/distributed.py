@@ -11,7 +11,8 @@ The driver works in four phases over all the specs at once (a run is a sweep of 
     from that device's free memory, as a serial run on it computes it);
  3. attribute - the planned batches of every spec, pooled per model and split into one chunk
     per GPU (interleaved, longest first), each chunk a task that loads its model once and writes
-    each sample's score entry as soon as its batch is done. A task whose worker dies is retried
+    each sample's score entry as soon as its batch is done; a sample in the batches of several
+    specs is written by the one a serial sweep computes it in (`stages.first_writers`). A task whose worker dies is retried
     (Ray's max_retries) and skips the batches already cached: a death loses the batch in hand;
  4. assemble - `runner.run` of each spec on the driver, every stage now cached: run folders,
     metrics and the seal are the serial runner's own, and the scores equal a serial run's bit
@@ -228,13 +229,14 @@ class _Driver:
         for r in self.live():
             r.rep.stage("attribute", total=len(r.score_keys), done=sum(map(self._present, r.score_keys)),
                         message=f"on Ray, {self.slots} {'GPU' if self.gpus else 'CPU'} slot(s)")
-            for w in r.work.values():
-                for b in w.batches:
-                    if all(map(self._present, b.keys)):
-                        continue
-                    group = groups.setdefault((w.model, b.settings.dtype, b.settings.device, b.devices), {})
-                    batch, runs = group.setdefault(b.keys, (b, []))
-                    runs.append(r)
+        owned = [(r, w.model, b) for r in self.live() for w in r.work.values() for b in w.batches]
+        # each sample from the batch a serial sweep computes it in (specs in order), whatever runs first
+        for (r, model, _), b in zip(owned, stages.first_writers(b for _, _, b in owned)):
+            if all(self._present(k) or not w for k, w in zip(b.keys, b.writes)):
+                continue
+            group = groups.setdefault((model, b.settings.dtype, b.settings.device, b.devices), {})
+            batch, runs = group.setdefault(b.keys, (b, []))
+            runs.append(r)
         tasks = {}
         for (model, _, _, devices), group in groups.items():
             pooled = sorted(group.values(), key=lambda br: -len(br[0].samples) * _tokens(br[0]))  # longest first

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from eapcore.runs import registry
 from eapcore.files import read_json_or_none, replace_dir, write_json_atomic
@@ -358,6 +358,21 @@ class ScoreBatch:
     cut_len: int
     settings: AttributionSettings
     devices: int = 1  # GPUs the model's layers are spread over (plan.json; memory.predict_memory)
+    writes: tuple[bool, ...] | None = None  # which keys this batch writes (None: all); `first_writers`
+
+
+def first_writers(batches: Iterable[ScoreBatch]) -> list[ScoreBatch]:
+    """The batches (in the order given: a serial sweep's, spec after spec) with `writes` set so each
+    score key is written by the first batch that holds it, as a serial sweep writes it (a later
+    batch finds it cached). Scores depend on a batch's companions in the last bits (bf16 on a GPU),
+    so an executor that runs the batches of several specs at once needs this to equal the serial
+    scores bit for bit. A batch whose keys all come first elsewhere gets all False."""
+    batches = list(batches)
+    owner: dict[str, tuple[str, ...]] = {}
+    for b in batches:
+        for k in b.keys:
+            owner.setdefault(k, b.keys)
+    return [dataclasses.replace(b, writes=tuple(owner[k] == b.keys for k in b.keys)) for b in batches]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +436,8 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
     from eapcore.engine.attribution import attribute
     from eapcore.engine.models import load_model
 
-    todo = [(b, [cache.get("scores", k) is not None for k in b.keys]) for b in batches]
+    todo = [(b, [not w or cache.get("scores", k) is not None for k, w in zip(b.keys, b.writes or [True] * len(b.keys))])
+            for b in batches]
     todo = [(b, present) for b, present in todo if not all(present)]
     if not todo:
         return 0
@@ -446,7 +462,7 @@ def score_batches(cache: Cache, model_spec: ModelSpec, batches: Sequence[ScoreBa
             for j in new:
                 tensors = {"scores": part.scores[j].contiguous(), "loss": part.loss[j: j + 1].contiguous()}
                 cache.put("scores", batch.keys[j], lambda dest, t=tensors: save_file(t, str(dest / "scores.safetensors")),
-                          {**meta, "idx": batch.samples[j].idx, "seconds": seconds})
+                          {**meta, "idx": batch.samples[j].idx, "seconds": seconds, "batch": digest(batch.keys)[:16]})
             del part
         written += len(new)
         on_batch(len(new))
