@@ -159,3 +159,15 @@ def test_model_spread_over_two_gpus_equals_one_gpu(tmp_path, granularity):
         ref, ref_loss = attribute_batch(one, batch, graph)
         out, loss = attribute_batch(two, batch, graph)
         assert torch.equal(out.cpu(), ref.cpu()) and torch.equal(loss.cpu(), ref_loss.cpu()), dtype
+
+
+@pytest.mark.parametrize("arch,window", [("qwen2", None), ("mistral", 128), ("olmo2", None)])
+def test_the_same_batch_twice_gives_the_same_bits(arch, window):
+    """Attribution on CUDA is deterministic: the same batch attributed twice gives the same scores
+    and loss bit for bit, in bfloat16 and float32 (resumed runs and the Ray executor rely on it)."""
+    batch, graph, _, _ = batch_and_reference(arch, "head", window)
+    for dtype in (torch.bfloat16, torch.float32):
+        model = small_model(arch, dtype, "cuda", window)
+        (a, la), (b, lb) = attribute_batch(model, batch, graph), attribute_batch(model, batch, graph)
+        assert torch.equal(a, b) and torch.equal(la, lb), (arch, dtype, (a - b).abs().max().item(),
+                                                           (la - lb).abs().max().item())
