@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -342,17 +341,19 @@ def test_cli_refuses_unpaired_or_different_graphs(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_paper_sized_metrics_are_fast():
-    """N=100 samples of the 28-layer paper graph (57 x 113): all three metrics, every option."""
+def test_paper_sized_metrics_are_defined_under_every_option():
+    """N=100 samples of the 28-layer paper graph (57 x 113): all three metrics, every option, finite
+    (their time is benchmarks/stats_speed.py's)."""
     rng = np.random.default_rng(9)
     graph = make_graph(28)
     mask = make_mask(graph)
     assert mask.shape == (57, 113) and mask.sum() == 4 * 28 ** 2 + 3 * 28 + 1
     s = M.real_edge_scores(random_scores(rng, 100, graph), mask)
-    start = time.perf_counter()
+    assert s.shape == (100, mask.sum())
     for settings in OPTIONS:
-        M.compute_metrics(s, settings)
-    assert time.perf_counter() - start < 1.0
+        values = M.compute_metrics(s, settings)
+        assert len(values) == 3
+        assert all(math.isfinite(v) for v in values.values()), settings
 
 
 def test_undefined_values_are_null_in_strict_json(tmp_path, capsys):

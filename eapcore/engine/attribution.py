@@ -152,11 +152,13 @@ LossFn = Callable[[Adapter, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tens
 
 def self_ce_loss(adapter: Adapter, x: torch.Tensor, batch: Batch, chunk: int = LOSS_CHUNK):
     """Mean cross-entropy of each sample's target tokens, computed on target positions only and in
-    chunks of `chunk` positions, so the [positions, vocab] logits never exist all at once."""
+    chunks of `chunk` positions, so the [positions, vocab] logits never exist all at once. Each
+    position's term is put in its own cell and summed per sample at the end (no atomic adds), so
+    the loss has the same bits on every run."""
     B = x.shape[0]
     pos = (batch.targets != IGNORE).nonzero(as_tuple=False)  # [n, 2] (b, t)
     counts = torch.bincount(pos[:, 0], minlength=B).clamp(min=1).to(torch.float32)
-    loss = torch.zeros(B, dtype=torch.float32, device=x.device)
+    terms = torch.zeros(batch.targets.shape, dtype=torch.float32, device=x.device)  # [B, T]
     grad = torch.zeros_like(x)
     norm = adapter.ln_final()
     for i in range(0, len(pos), chunk):
@@ -166,9 +168,9 @@ def self_ce_loss(adapter: Adapter, x: torch.Tensor, batch: Batch, chunk: int = L
             logits = adapter.unembed(norm(xs)).float()
             ce = torch.nn.functional.cross_entropy(logits, batch.targets[b, t], reduction="none") / counts[b]
             (g,) = torch.autograd.grad(ce.sum(), xs)
-        loss.index_add_(0, b, ce.detach())
+        terms[b, t] = ce.detach()
         grad[b, t] = g
-    return loss, grad
+    return terms.sum(1), grad
 
 
 def metric_loss(metric: Callable[[torch.Tensor, Batch], torch.Tensor]) -> LossFn:

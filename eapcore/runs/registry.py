@@ -23,7 +23,6 @@ with the same name never replaces the file behind a dataset saved from an earlie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import tempfile
 import uuid
@@ -426,7 +425,7 @@ def store_upload(file_name: str, data: bytes) -> Path:
     from eapcore.answers.data import read_problems_file
 
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(file_name).name).lstrip(".") or "upload.jsonl"
-    target = uploads_dir() / hashlib.sha256(data).hexdigest()[:16] / name[-120:]
+    target = uploads_dir() / sha256(data).hexdigest()[:16] / name[-120:]
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
