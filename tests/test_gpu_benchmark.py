@@ -96,3 +96,20 @@ def test_bf16_agreement_script_small(checkpoints, tmp_path):
         for diff in row["ours"]["differences"] + row["alone"]["differences"]:
             assert diff["first_difference"] < 5 and "question" in diff
     assert "| float32 | 3/3 | 2/2 | 2/2 |" in r.stdout
+
+
+def test_spread_benchmark_tiny_mode(tmp_path):
+    """benchmarks/gpu_spread.py --tiny: the model on one device and spread over cpu:0/cpu:1 gives
+    the same scores and loss bit for bit; the model made in place on each layer's device (the 70B
+    path) passes the adapter's conformance check and attributes."""
+    out = tmp_path / "spread.json"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_spread.py", "--tiny", "--reps", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    spread = [row for row in result["rows"] if len(row["devices"]) == 2]
+    assert len(result["rows"]) == 5 and len(spread) == 3
+    assert all(row["equal_to_one_device"] for row in spread if "equal_to_one_device" in row)
+    assert sum("equal_to_one_device" in row for row in spread) == 2
+    assert result["big"]["layers_per_device"] == {"cpu:0": 2, "cpu:1": 2}
+    assert all(row["seconds"] > 0 for row in result["rows"])
