@@ -9,12 +9,16 @@
    place on each layer's device (a meta-device model, then each placed module materialised and
    filled there), since a 141 GB checkpoint fits neither this machine's disk nor one GPU; the
    placement map, dispatch and the adapter's conformance check are the engine's own.
-Random bf16 weights (normal, std 0.02; norms 1, biases 0): speed and memory do not depend on
+3. "kept" (one device): the 7B at the first length with every layer's graph kept, half, or none
+   (recomputed in the backward) and, at head granularity, contraction blocks of 512 or 256
+   positions: which of these choices, made from free memory by default, change the bits.
+Random bf16 weights (normal, std min(0.02, fan_in^-1/2); norms 1, biases 0): speed and memory do not depend on
 them. One sample per call (prompt 256 tokens, the rest answer, T_cut = the answer), a warm-up call
 first, best of --reps. The JSON is rewritten after each row, so a call cut short keeps its rows.
 
     python benchmarks/gpu_spread.py --out $OUT/gpu_spread.json           # 2 GPUs, about 5 minutes
     python benchmarks/gpu_spread.py --tiny --out /tmp/gpu_spread.json    # CPU: cpu:0 and cpu:1, tiny shapes
+    python benchmarks/gpu_spread.py --parts kept --out $OUT/kept.json    # one GPU: part 3 only
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eapcore.engine import placement  # noqa: E402
-from eapcore.engine.attribution import attribute  # noqa: E402
+from eapcore.engine.attribution import EngineOptions, attribute  # noqa: E402
 from eapcore.engine.models import LoadedModel, check_conformance, make_adapter  # noqa: E402
 from eapcore.harness import Sample  # noqa: E402
 from eapcore.specs import AttributionSettings  # noqa: E402
@@ -62,11 +66,12 @@ def config(shape: str):
 
 
 def fill_(module: torch.nn.Module) -> None:
-    """Random weights in place: matrices normal(0, 0.02), vectors named weight 1 (norms), biases 0."""
+    """Random weights in place: matrices [out, in] normal(0, min(0.02, in^-1/2)) (so a deep stack
+    neither blows up nor vanishes in bf16), vectors named weight 1 (norms), biases 0."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.02)
+                p.normal_(0, min(0.02, p.shape[1] ** -0.5))
             elif name.endswith("bias"):
                 p.zero_()
             else:
@@ -124,8 +129,20 @@ def sync_all() -> None:
         torch.cuda.synchronize(i)
 
 
+def fixed_work(model: LoadedModel, length: int, granularity: str, dtype: str, device: str):
+    """(scores [F, B], loss) of one sample with the engine's memory-dependent choices fixed (every
+    layer's graph kept, contraction blocks of 512 positions): the same kernels on the same shapes
+    on one device or several, so the bits can be compared."""
+    s, cut = sample(length, model.hf.config.vocab_size)
+    settings = AttributionSettings(granularity=granularity, dtype=dtype, device=device, max_batch_tokens=sys.maxsize)
+    out = attribute(model, [s], cut, settings, opts=EngineOptions(position_chunk=512,
+                                                                 keep_graph_layers=model.adapter.n_layers))
+    return out.scores[0].cpu(), out.loss.cpu()
+
+
 def timed(model: LoadedModel, length: int, granularity: str, dtype: str, device: str, reps: int):
-    """(best seconds, scores [F, B] float32, loss) of one sample, after a warm-up call."""
+    """(best seconds, scores [F, B] float32, loss) of one sample with the engine's defaults (what
+    fits free memory), after a warm-up call."""
     s, cut = sample(length, model.hf.config.vocab_size)
     settings = AttributionSettings(granularity=granularity, dtype=dtype, device=device, max_batch_tokens=sys.maxsize)
     attribute(model, [s], cut, settings)
@@ -158,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     gpu = not args.tiny
-    if gpu and torch.cuda.device_count() < 2:
+    if gpu and torch.cuda.device_count() < 2 and args.parts != "kept":
         print("error: needs 2 CUDA GPUs (or --tiny)", file=sys.stderr)
         return 2
     one, two = (["cuda:0"], ["cuda:0", "cuda:1"]) if gpu else (["cpu"], ["cpu:0", "cpu:1"])
@@ -179,7 +196,7 @@ def main(argv=None) -> int:
         for length, gran in runs7:
             reset_peaks() if gpu else None
             seconds, scores, loss = timed(model, length, gran, dtype, device, args.reps)
-            single[(length, gran)] = (scores, loss)
+            single[(length, gran)] = (scores, loss, fixed_work(model, length, gran, dtype, device))
             result["rows"].append({"model": small, "devices": one, "tokens": length, "granularity": gran,
                                    "seconds": round(seconds, 3), "peak_gib": peaks() if gpu else None})
             log(result["rows"][-1])
@@ -194,25 +211,53 @@ def main(argv=None) -> int:
         for length, gran in runs7:
             reset_peaks() if gpu else None
             seconds, scores, loss = timed(model, length, gran, dtype, device, args.reps)
-            ref_scores, ref_loss = single[(length, gran)]
+            ref_scores, ref_loss, ref_fixed = single[(length, gran)]
+            same_work = fixed_work(model, length, gran, dtype, device)
             result["rows"].append({"model": small, "devices": two, "layers_per_device": {d: layers.count(d) for d in two},
                                    "tokens": length, "granularity": gran, "seconds": round(seconds, 3),
                                    "peak_gib": peaks() if gpu else None,
-                                   "equal_to_one_device": bool(torch.equal(scores, ref_scores) and torch.equal(loss, ref_loss))})
+                                   "equal_to_one_device": bool(torch.equal(scores, ref_scores) and torch.equal(loss, ref_loss)),
+                                   "scores_max_rel_diff": ((scores - ref_scores).abs().max() / ref_scores.abs().max()).item(),
+                                   "loss_diff": (loss - ref_loss).abs().max().item(),
+                                   "equal_with_the_same_work": all(map(torch.equal, same_work, ref_fixed))})
             log(result["rows"][-1])
             save()
         del model, single
         if gpu:
             torch.cuda.empty_cache()
 
+    if "kept" in args.parts:  # one device: do the memory-dependent choices change the bits?
+        model = built_on(small, one[0], tdtype)
+        L = model.adapter.n_layers
+        s, cut = sample(runs7[0][0], model.hf.config.vocab_size)
+        result["kept"] = []
+        for gran in ("layer", "head"):
+            settings = AttributionSettings(granularity=gran, dtype=dtype, device=device, max_batch_tokens=sys.maxsize)
+            outs = {(k, c): attribute(model, [s], cut, settings, opts=EngineOptions(position_chunk=c, keep_graph_layers=k))
+                    for k in (0, L // 2, L) for c in ((512,) if gran == "layer" else (512, 256))}
+            ref = outs[(L, 512)]
+            for (k, c), o in outs.items():
+                result["kept"].append({"granularity": gran, "tokens": runs7[0][0], "keep_graph_layers": k, "position_chunk": c,
+                                       "scores_equal": torch.equal(o.scores, ref.scores), "loss_equal": torch.equal(o.loss, ref.loss),
+                                       "scores_max_rel_diff": ((o.scores - ref.scores).abs().max() / ref.scores.abs().max()).item()})
+                log(result["kept"][-1])
+            save()
+        del model
+        if gpu:
+            torch.cuda.empty_cache()
+
     if "70b" in args.parts:
         t = time.perf_counter()
         model = built_spread(big, two, tdtype)
-        check_conformance(model)
+        try:
+            conformance = check_conformance(model)
+        except Exception as err:  # noqa: BLE001  (recorded: the timing does not depend on it)
+            conformance = f"{type(err).__name__}: {err}"
         params = sum(p.numel() for p in model.hf.parameters())
         layers = [str(d) for d in model.adapter.device_map]
         result["big"] = {"model": big, "params": params, "gib": round(params * 2 / 2**30, 1),
-                         "build_s": round(time.perf_counter() - t, 1), "layers_per_device": {d: layers.count(d) for d in two}}
+                         "build_s": round(time.perf_counter() - t, 1), "layers_per_device": {d: layers.count(d) for d in two},
+                         "conformance": conformance}
         log(result["big"])
         save()
         for length, gran in runs70:

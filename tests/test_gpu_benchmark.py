@@ -109,7 +109,7 @@ def test_spread_benchmark_tiny_mode(tmp_path):
     result = json.loads(out.read_text())
     spread = [row for row in result["rows"] if len(row["devices"]) == 2]
     assert len(result["rows"]) == 5 and len(spread) == 3
-    assert all(row["equal_to_one_device"] for row in spread if "equal_to_one_device" in row)
+    assert all(row["equal_to_one_device"] and row["equal_with_the_same_work"] for row in spread if "equal_to_one_device" in row)
     assert sum("equal_to_one_device" in row for row in spread) == 2
     assert result["big"]["layers_per_device"] == {"cpu:0": 2, "cpu:1": 2}
     assert all(row["seconds"] > 0 for row in result["rows"])
