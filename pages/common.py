@@ -1,16 +1,20 @@
-"""Shared page helpers: URL-backed pickers, the dashboard's one cache layer over eapcore.views,
-export buttons.
+"""Shared page helpers: URL-backed pickers, the dashboard's one memo layer, export buttons.
 
-Not a page itself (app.py lists the pages with st.navigation). Caching happens here only:
-loaded runs in st.cache_resource (one shared copy, read-only arrays, at most RUNS_IN_MEMORY) and
-the tables and figures derived from them in st.cache_data; every cached function takes the run
-key and the run's file signature (mtimes and sizes), so a rewritten run is never served stale;
-caches are bounded (max_entries).
+Not a page itself (app.py lists the pages with st.navigation). Caching happens here only
+(tests/test_pages.py checks that no other page file uses st.cache_data or st.cache_resource):
+loaded runs in st.cache_resource (one shared copy, read-only arrays, at most RUNS_IN_MEMORY); the
+tables and figures eapcore.views derives from loaded runs or from the run list in st.cache_data
+(`cached`, `cached_over_runs`, `cached_figure`, `map_view`), keyed by each run's key and file
+signature (mtimes and sizes), so a rewritten run is never served stale; checks of what lies
+outside the cache (model files, configs) in st.cache_data for a time to live (`recent`); the
+run list re-read at most every 2 s. These caches are bounded (max_entries).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
+import time
 from typing import Any, Callable, Sequence
 
 import pandas as pd
@@ -258,29 +262,96 @@ def open_run(what: str) -> query.RunData:
     return data
 
 
-# ---- bounded caches over query (keyed by run key + file signature) ------------------------------------
+# ---- bounded caches over eapcore (keyed by run key + file signature, or by time) -----------------------
+
+def _qualified(fn: Callable[..., Any], package: str) -> str:
+    """"module:name" of `fn`, a module-level function of `package` (the caches below call it by name)."""
+    module = getattr(fn, "__module__", "")
+    if not module.startswith(package) or getattr(importlib.import_module(module), fn.__name__, None) is not fn:
+        raise ValueError(f"pages.common caches functions of {package.rstrip('.')} only, not {fn!r}")
+    return f"{module}:{fn.__name__}"
+
+
+def _function(name: str) -> Callable[..., Any]:
+    module, func = name.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _run_keys(infos: Sequence[query.RunInfo]) -> tuple[tuple[str, tuple], ...]:
+    return tuple((i.key, i.signature) for i in infos)
+
+
+def _spinning(text: str | None) -> Any:
+    """st.spinner(text) (shown only if the call inside takes over half a second: a cache miss), or nothing."""
+    return st.spinner(text) if text else contextlib.nullcontext()
+
 
 @st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
-def _cached_call(name: str, root: str, runs: tuple, *args: Any) -> Any:
-    module, func = name.split(":")
-    loaded = [_loaded(root, key, signature) for key, signature in runs]
-    return getattr(importlib.import_module(module), func)(*loaded, *args)
+def _cached_call(name: str, root: str, runs: tuple, _listed: list | None, *args: Any) -> Any:
+    """The views function `name` of the loaded runs `runs` ((key, signature) each), then *args; or,
+    given `_listed` (the RunInfo list that `runs` identifies), `name(_listed, *args)`."""
+    inputs = [_listed] if _listed is not None else [_loaded(root, key, signature) for key, signature in runs]
+    return _function(name)(*inputs, *args)
 
 
-def cached(fn: Callable[..., Any], n_runs: int = 1) -> Callable[..., Any]:
+def cached(fn: Callable[..., Any], n_runs: int = 1, spinner: str | None = None) -> Callable[..., Any]:
     """`fn(data, *args)` of an eapcore.views module (`fn(data_a, data_b, *args)` with n_runs=2) as a
     bounded st.cache_data call keyed by (function, cache root, each run's key and file signature,
-    *args); the wrapper takes RunInfo objects in place of the loaded runs."""
-    module = getattr(fn, "__module__", "")
-    if not module.startswith("eapcore.views.") or getattr(importlib.import_module(module), fn.__name__, None) is not fn:
-        raise ValueError(f"cached() wraps eapcore.views functions only, not {fn!r}")
+    *args); the wrapper takes RunInfo objects in place of the loaded runs. `spinner`: text shown
+    while it computes."""
+    name = _qualified(fn, "eapcore.views.")
 
     def call(*infos_and_args: Any) -> Any:
         infos, args = infos_and_args[:n_runs], infos_and_args[n_runs:]
-        return _cached_call(f"{module}:{fn.__name__}", str(query.cache_root()),
-                            tuple((i.key, i.signature) for i in infos), *args)
+        with _spinning(spinner):
+            return _cached_call(name, str(query.cache_root()), _run_keys(infos), None, *args)
 
     return call
+
+
+def cached_over_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(runs, *args)` of an eapcore.views module over a list of RunInfo (Summary's tables, the
+    comparable runs), cached as `cached` does, keyed by (function, cache root, every listed run's
+    key and file signature in order, *args): a new, removed or rewritten run gives a fresh call."""
+    name = _qualified(fn, "eapcore.views.")
+
+    def call(runs: Sequence[query.RunInfo], *args: Any) -> Any:
+        return _cached_call(name, str(query.cache_root()), _run_keys(runs), list(runs), *args)
+
+    return call
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _cached_figure(figure: str, name: str, root: str, runs: tuple, args: tuple, figure_args: tuple,
+                   options: tuple) -> Any:
+    return _function(figure)(_cached_call(name, root, runs, None, *args), *figure_args, **dict(options))
+
+
+def cached_figure(figure_fn: Callable[..., Any], fn: Callable[..., Any], infos: Sequence[query.RunInfo],
+                  args: tuple, *figure_args: Any, **options: Any) -> Any:
+    """`figure_fn(fn(*loaded runs, *args), *figure_args, **options)`, both of eapcore.views, cached
+    under `cached`'s key of the view plus the figure's name and arguments."""
+    return _cached_figure(_qualified(figure_fn, "eapcore.views."), _qualified(fn, "eapcore.views."),
+                          str(query.cache_root()), _run_keys(infos), args, figure_args, tuple(sorted(options.items())))
+
+
+@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
+def _recent_call(name: str, key: Any, window: int, _arg: Any, errors: tuple) -> tuple[Any, str | None]:
+    """(`name(_arg)`, None), or (None, message) for an error of `errors`; `key` identifies `_arg`."""
+    try:
+        return _function(name)(_arg), None
+    except errors as err:
+        return None, str(err)
+
+
+def recent(fn: Callable[[Any], Any], arg: Any, *, key: Any, ttl: int, spinner: str,
+           errors: tuple[type[Exception], ...] = (Exception,)) -> tuple[Any, str | None]:
+    """`fn(arg)` of eapcore (a check of what lies outside the run cache: model files, configs, the
+    hub) as (its result, None), or (None, the message) if it raised one of `errors`; reused per
+    (function, `key`) for at most `ttl` seconds (the clock's current ttl-long window is part of the
+    key), so a changed file is seen within `ttl`. `spinner`: text shown while it computes."""
+    with _spinning(spinner):
+        return _recent_call(_qualified(fn, "eapcore."), key, int(time.time() // ttl), arg, errors)
 
 
 # ---- relative-change maps (Heatmaps and Compare pages) ---------------------------------------------
@@ -319,20 +390,12 @@ def map_controls(granularity: str) -> tuple[str, str, float | None, bool]:
     return view, kind, None if level == "off" else float(level), log_color
 
 
-@st.cache_data(max_entries=CACHE_ENTRIES, show_spinner=False)
-def _map_figure(name: str, root: str, runs: tuple, args: tuple, n_layers: int, options: tuple) -> Any:
-    return figures.map_view_figure(_cached_call(name, root, runs, *args), n_layers, **dict(options))
-
-
 def map_view(fn: Callable[..., Any], infos: Sequence[query.RunInfo], args: tuple, n_layers: int,
              **options: Any) -> tuple[dict[str, Any], Any]:
     """A map of eapcore.views (`fn(*loaded runs, *args)`, cached as `cached` does) and its figure
-    (figures.map_view_figure(grids, n_layers, **options), cached under the same key plus options)."""
+    (figures.map_view_figure(grids, n_layers, **options), cached as `cached_figure` does)."""
     grids = cached(fn, len(infos))(*infos, *args)
-    runs = tuple((i.key, i.signature) for i in infos)
-    fig = _map_figure(f"{fn.__module__}:{fn.__name__}", str(query.cache_root()), runs, args, n_layers,
-                      tuple(sorted(options.items())))
-    return grids, fig
+    return grids, cached_figure(figures.map_view_figure, fn, infos, args, n_layers, **options)
 
 
 def map_summary(grids: dict[str, Any], level: float | None) -> str:

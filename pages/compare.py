@@ -2,8 +2,8 @@
 import streamlit as st
 
 from eapcore.views import compare, maps, query
-from pages.common import (finished_runs, load, map_controls, map_summary, map_view, no_runs_message, page_header,
-                          show_figure, show_table, url_select)
+from pages.common import (cached_over_runs, finished_runs, load, map_controls, map_summary, map_view, no_runs_message,
+                          page_header, show_figure, show_table, url_select)
 
 page_header("Compare two runs",
             "The quick what-if: the tuned (or base) model of run B against the same model of run A, edge by edge, "
@@ -16,15 +16,8 @@ if len(runs) < 2:
     no_runs_message("a comparison of two runs")
     st.stop()
 
-
-@st.cache_data(max_entries=16, show_spinner=False)
-def _comparable(signatures: tuple) -> dict[str, list[str]]:
-    """Run key -> keys of the other finished runs on the same graph (re-read when any run's files change)."""
-    return compare.comparable(runs)
-
-
 by_key = {r.key: r for r in runs}
-partners = _comparable(tuple((r.key, r.signature) for r in runs))
+partners = cached_over_runs(compare.comparable)(runs)  # run key -> keys of the other runs on the same graph
 if not partners:
     st.info("No two finished runs share a graph: runs are compared edge by edge, so both need the same nodes "
             "(one model architecture at one granularity).")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (cached, open_run, page_header, show_figure, show_table, url_select)
+from pages.common import cached, cached_figure, open_run, page_header, show_figure, show_table, url_select
 
 page_header("Distributions: base vs tuned, question by question",
             "Each metric computed on every question alone (same settings as the run's pooled metrics), "
@@ -24,11 +24,6 @@ conf = data.metrics.get("confidence", 0.95)
 n_boot, n_perm = data.metrics.get("bootstrap"), data.metrics.get("permutations")
 
 
-@st.cache_data(max_entries=48, show_spinner=False)
-def _fig(key: str, signature: tuple, metric: str, kind: str):
-    return figures.per_sample_figure(per, metric, kind)
-
-
 def _num(v, fmt="{:.4g}"):
     return "–" if v is None or not np.isfinite(v) else fmt.format(v)
 
@@ -38,7 +33,7 @@ for metric in query.METRICS:
     st.subheader(query.METRIC_LABELS[metric])
     left, right = st.columns([3, 1.25])
     with left:
-        show_figure(_fig(info.key, info.signature, metric, kind),
+        show_figure(cached_figure(figures.per_sample_figure, query.per_sample, [info], (), metric, kind),
                     f"{metric}_{kind}_{info.pair}_{info.dataset}_a{info.alpha:g}", f"dist_{metric}")
     with right:
         st.metric("Relative change (pooled, tuned vs base)", _num(r["relative_change"], "{:+.2f} %"),

@@ -1,10 +1,9 @@
 """Correct vs incorrect: the four answer groups of a pair compared on every metric."""
-import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (PAGES, finished_runs, load, loaded_run, no_runs_message, page_header, run_page_params,
-                          run_picker, show_figure, show_table, url_select)
+from pages.common import (PAGES, cached, finished_runs, load, no_runs_message, page_header, run_page_params, run_picker,
+                          show_figure, show_table, url_select)
 
 page_header("Correct vs incorrect answers",
             "The same pair, dataset and α run on each answer group (both correct, both wrong, only base "
@@ -64,14 +63,7 @@ ga = url_select("Group A (reference)", present, "ga", container=c2, format_func=
 gb = url_select("Group B", [g for g in present if g != ga], "gb", container=c3, format_func=query.GROUP_LABELS.get,
                 default="both_correct")
 
-
-@st.cache_data(max_entries=16, show_spinner="Bootstrap and permutation tests…")
-def _compare(key_a: str, sig_a: tuple, key_b: str, sig_b: tuple, model: str) -> pd.DataFrame:
-    return query.compare_groups(loaded_run(key_a, sig_a), loaded_run(key_b, sig_b), model)
-
-
-ra, rb = siblings[ga], siblings[gb]
-cmp = _compare(ra.key, ra.signature, rb.key, rb.signature, model)
+cmp = cached(query.compare_groups, 2, spinner="Bootstrap and permutation tests…")(siblings[ga], siblings[gb], model)
 cmp["metric"] = cmp["metric"].map(query.METRIC_LABELS)
 cmp["p (Mann-Whitney)"] = cmp["p_value"].map(query.fmt_p)
 cmp["p (permutation)"] = cmp["p_value_permutation"].map(query.fmt_p)

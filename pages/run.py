@@ -13,7 +13,7 @@ import streamlit as st
 from eapcore.views import query
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec,
                            PairSpec, QuickSettings, RunSpec, SelectionSettings, choices, spec_key, to_dict)
-from pages.common import PAGES, all_runs, page_header, show_table, url_select
+from pages.common import PAGES, all_runs, page_header, recent, show_table, url_select
 
 page_header("Run an attribution",
             "Generate both models' answers, grade them, select and truncate the questions (paper Eq. 10-12), "
@@ -130,18 +130,9 @@ pair = pairs[pair_name]
 st.caption(f"base `{pair.base.name_or_path}` → tuned `{pair.tuned.name_or_path}` · {pair.algorithm} · "
            f"template `{pair.template}` · up to {pair.max_new_tokens} new tokens")
 
-
-@st.cache_data(max_entries=16, ttl=60, show_spinner="Checking the pair's models…")
-def _pair_problem(pair: PairSpec) -> str | None:
-    """Why base and tuned cannot be compared (registry.check_pair on what is on this machine)."""
-    try:
-        registry.check_pair(pair)
-    except registry.RegistryError as err:
-        return str(err)
-    return None
-
-
-pair_problem = _pair_problem(pair) if registry is not None else None
+# why base and tuned cannot be compared (registry.check_pair on what is on this machine), re-checked each minute
+pair_problem = recent(registry.check_pair, pair, key=pair, ttl=60, spinner="Checking the pair's models…",
+                      errors=(registry.RegistryError,))[1] if registry is not None else None
 if pair_problem:
     st.error(pair_problem)
 
@@ -264,15 +255,6 @@ with c1:
         st.caption("Not cached yet.")
 
 
-
-@st.cache_data(max_entries=16, ttl=600, show_spinner="Predicting memory from the model configs…")
-def _memory(key: str, _spec: RunSpec) -> dict:
-    try:
-        return memory.predict_memory(_spec)
-    except Exception as err:  # noqa: BLE001  (no config offline, unknown architecture, …)
-        return {"error": str(err)}
-
-
 def _configs_local(spec: RunSpec) -> bool:
     """Both models' configs are on this machine (folder or Hugging Face cache): no hub traffic."""
     for m in (spec.pair.base, spec.pair.tuned):
@@ -296,9 +278,11 @@ with c2:
             st.session_state[f"mem_{key}"] = True
             st.rerun()
     elif workers is not None:
-        mem = _memory(key, spec)
-        if "error" in mem:
-            st.warning(f"Memory prediction unavailable: {mem['error']}")
+        # any error (no config offline, unknown architecture, …) is shown, not raised
+        mem, error = recent(memory.predict_memory, spec, key=key, ttl=600,
+                            spinner="Predicting memory from the model configs…")
+        if error:
+            st.warning(f"Memory prediction unavailable: {error}")
         else:
             st.metric(f"Predicted memory ({mem['device']})", f"{mem['bytes_needed'] / 1e9:.2f} GB",
                       delta=f"{mem['bytes_available'] / 1e9:.1f} GB free", delta_color="off")

@@ -4,7 +4,7 @@ import html
 import streamlit as st
 
 from eapcore.views import figures, maps, query
-from pages.common import cached, loaded_run, open_run, page_header, show_figure, show_table, url_select
+from pages.common import cached, cached_figure, open_run, page_header, show_figure, show_table, url_select
 
 page_header("Samples: one question at a time",
             "Each model's own greedy answer to the question; the highlighted part (the first T_cut answer "
@@ -67,14 +67,7 @@ show_table(query.sample_metrics(view), f"sample_{sample}_metrics_{info.pair}", "
 st.caption("Per-question values: mean |s| over real edges, Shannon entropy (nats) of the normalised |s|, and "
            "kurtosis of the scores, each for this question alone.")
 
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def _sample_fig(key: str, signature: tuple, position: int, n_layers: int, sample):
-    grids = maps.run_map(loaded_run(key, signature), "dst", sample=position)
-    return figures.map_view_figure(grids, n_layers, tested=False,
-                                   title=f"Question {sample}: mean |s| by destination layer and module")
-
-
-show_figure(_sample_fig(info.key, info.signature, view["position"], data.graph.n_layers, sample),
-            f"sample_{sample}_heatmap_{info.pair}", "sample_heatmap")
+fig = cached_figure(figures.map_view_figure, maps.run_map, [info], ("dst", "", view["position"]), data.graph.n_layers,
+                    tested=False, title=f"Question {sample}: mean |s| by destination layer and module")
+show_figure(fig, f"sample_{sample}_heatmap_{info.pair}", "sample_heatmap")
 st.caption("This question's scores only (no averaging over questions), aggregated as on the Heatmaps page.")

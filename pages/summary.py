@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from eapcore.views import figures, query
-from pages.common import (finished_runs, no_runs_message, page_header, show_figure, show_table, url_select)
+from pages.common import cached_over_runs, finished_runs, no_runs_message, page_header, show_figure, show_table, url_select
 
 page_header("Summary across pairs, datasets and α",
             "The paper's Table 1 split into one table per metric: relative change (%) of the tuned model's "
@@ -14,19 +14,7 @@ if not runs:
     no_runs_message("the summary")
     st.stop()
 
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def _rows(signatures: tuple) -> pd.DataFrame:
-    return query.summary_rows(runs)
-
-
-@st.cache_data(max_entries=8, show_spinner=False)
-def _accuracy(signatures: tuple) -> pd.DataFrame:
-    return query.accuracy_table(runs)
-
-
-sig = tuple((r.key, r.signature) for r in runs)
-rows = _rows(sig)
+rows = cached_over_runs(query.summary_rows)(runs)
 c1, c2 = st.columns(2)
 groups = [g for g in query.GROUPS if g in set(rows["group"])]
 group = url_select("Answer group", groups, "group", default="both_correct", container=c1,
@@ -58,7 +46,7 @@ for metric in query.METRICS:
     st.caption(note)
 
 st.subheader("Accuracy")
-acc = _accuracy(sig)
+acc = cached_over_runs(query.accuracy_table)(runs)
 if acc.empty:
     st.caption("No graded answers in the cache.")
 else:

@@ -651,3 +651,85 @@ def test_a_family_runs_pages_link_its_comparisons(monkeypatch, family_cache):
     info = " ".join(i.value for i in at.info)
     assert "one family (Fam)" in info and "tuned: " in info and "base models are the ones to compare." in info
     assert _figures(at)[0]["layout"]["annotations"][0]["text"] == "Run A: base model"
+
+
+def _memo_uses(source: str) -> list[str]:
+    """Where `source` uses Streamlit's memo decorators: `x.cache_data` / `x.cache_resource` attributes
+    (decorators, calls, .clear()) and names imported as `from streamlit import cache_data`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in ("cache_data", "cache_resource"):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("streamlit"):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name in ("cache_data", "cache_resource")]
+    return found
+
+
+def test_pages_common_is_the_only_memo_layer():
+    """Layout rule (docs/DESIGN.md "Caching"): no page file nor app.py memoizes by itself; the check
+    finds the decorators of pages/common.py and ignores a comment or a string naming them."""
+    files = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]
+    uses = {p.relative_to(ROOT).as_posix(): _memo_uses(p.read_text()) for p in files}
+    assert len(uses) > 8 and len(uses.pop("pages/common.py")) >= 5
+    assert {name: found for name, found in uses.items() if found} == {}
+    assert _memo_uses("import streamlit as st\n# st.cache_data\nx = 'st.cache_resource'\n") == []
+    assert _memo_uses("from streamlit import cache_resource as memo\n@memo\ndef f(): pass\n"
+                      "@st.cache_data(ttl=60)\ndef g(): pass\n") == ["line 1: import cache_resource",
+                                                                    "line 4: .cache_data"]
+
+
+def test_cached_over_runs_is_keyed_by_every_runs_files(monkeypatch, own_cache):
+    """A view of the run list is computed once per (root, runs' keys and signatures, args): not again
+    while the files stay, again once one run's files change, and the new table has the change."""
+    import functools
+    import os
+
+    from eapcore.views import query
+    from pages import common
+
+    root, _ = own_cache
+    monkeypatch.setenv("EAP_CACHE_DIR", str(root))
+    calls, real = [], query.summary_rows
+    monkeypatch.setattr(query, "summary_rows", functools.wraps(real)(lambda runs: calls.append(1) or real(runs)))
+    rows = common.cached_over_runs(query.summary_rows)
+    first = rows(query.finished_runs())
+    assert first.equals(real(query.finished_runs())) and rows(query.finished_runs()).equals(first)
+    assert len(calls) == 1
+    p = query.finished_runs()[0].path / "metrics.json"
+    metrics = json.loads(p.read_text())
+    metrics["activation_intensity"]["tuned"] *= 2
+    p.write_text(json.dumps(metrics))
+    os.utime(p, ns=(p.stat().st_mtime_ns + 10**9,) * 2)
+    again = rows(query.finished_runs())
+    assert len(calls) == 2 and again.equals(real(query.finished_runs())) and not again.equals(first)
+    with pytest.raises(ValueError, match="caches functions of eapcore.views only"):
+        common.cached_over_runs(sorted)
+
+
+def test_recent_reuses_a_check_for_its_time_to_live(monkeypatch, own_cache):
+    """`recent`: one result per (function, key) within the ttl-long window of the clock, a fresh call
+    in the next one; an error of `errors` is returned as its message, another one raised."""
+    from types import SimpleNamespace
+
+    from eapcore.views import query
+    from pages import common
+
+    root, (key, _) = own_cache
+    monkeypatch.setenv("EAP_CACHE_DIR", str(root))
+    clock = SimpleNamespace(now=60 * 16_667.0)  # the start of a minute
+    monkeypatch.setattr(common, "time", SimpleNamespace(time=lambda: clock.now))
+    check = dict(key=key, ttl=60, spinner="Checking…")
+    info, error = common.recent(query.get_run, key, **check)
+    assert error is None and info.key == key and info.signature
+    (root / "runs" / key / "metrics.json").unlink()  # the run's files change
+    clock.now += 59
+    assert common.recent(query.get_run, key, **check)[0].signature == info.signature  # within the minute: reused
+    clock.now += 1
+    assert common.recent(query.get_run, key, **check)[0].signature != info.signature  # the next minute: checked again
+    missing = "0" * 16
+    result, error = common.recent(query.load_run, missing, key=missing, ttl=60, spinner="", errors=(KeyError,))
+    assert result is None and error == f"\"no run '{missing}' in {root / 'runs'}\""
+    with pytest.raises(KeyError, match=missing):
+        common.recent(query.load_run, missing, key=missing, ttl=60, spinner="", errors=(query.RunNotReady,))
