@@ -100,8 +100,10 @@ if from_pair and from_pair[0] not in pairs:
 # ---- pair ------------------------------------------------------------------------------------------
 st.subheader("1. Model pair")
 names = list(pairs) + [NEW]
-demo_default = next((n for n in pairs if n.lower().startswith("demo")), names[0])
-pair_name = url_select("Pair", names, "pair", default=demo_default,
+# the pair the first screen shows (SmolLM2 once its shipped runs are cached), else a demo pair
+view = query.default_view(r for r in all_runs() if r.finished) or {}
+default_pair = view["pair"] if view.get("pair") in pairs else next((n for n in pairs if n.lower().startswith("demo")), names[0])
+pair_name = url_select("Pair", names, "pair", default=default_pair,
                        format_func=lambda n: n if n == NEW else f"{n} ({pairs[n].algorithm})")
 if pair_name == NEW:
     with st.form("new_pair"):
@@ -142,7 +144,8 @@ source = url_select("Source", list(SOURCES), "dsrc", horizontal_radio=True, form
 dataset, answers = None, None
 if source == "registered":
     ds_name = url_select("Dataset", list(datasets), "dataset",
-                         default="demo" if pair_name.lower().startswith("demo") else None)
+                         default=view["dataset"] if pair_name == view.get("pair")
+                         else "demo" if pair_name.lower().startswith("demo") else None)
     dataset = datasets.get(ds_name)
 else:
     c1, c2, c3 = st.columns([2, 3, 1])

@@ -485,6 +485,9 @@ def test_first_screen_imports_the_shipped_runs_and_opens_the_default_heatmaps(mo
     again = AppTest.from_file(APP, default_timeout=60).run()  # a later session: no note, nothing imported
     assert not again.exception and not again.toast
     assert shipped.import_if_empty(Cache(tmp_path / "fresh")) is None
+    run = AppTest.from_file(str(ROOT / "pages/run.py"), default_timeout=60).run()  # the sidebar's Run link
+    assert not run.exception, [e.message for e in run.exception]
+    assert (run.selectbox(key="w_pair").value, run.selectbox(key="w_dataset").value) == ("SmolLM2: SFT vs GRPO", "smollm2")
 
 
 def _spec_json(root: Path, spec) -> str:
