@@ -24,7 +24,9 @@ if not partners:
     st.stop()
 sb = st.sidebar
 sb.markdown("**Runs**")
-a_key = url_select("Run A (the reference)", list(partners), "a", container=sb, format_func=lambda k: by_key[k].label)
+first = (query.default_view(runs) or {}).get("run")  # the first screen's run: its family sibling becomes B
+a_key = url_select("Run A (the reference)", list(partners), "a", container=sb, format_func=lambda k: by_key[k].label,
+                   default=first if first in partners else None)
 family = query.family_comparisons(by_key[a_key], runs).set_index("key")  # A's family's other pairs, listed first
 family = family[family.index.isin(partners[a_key])]
 others = list(family.index) + [k for k in partners[a_key] if k not in family.index]

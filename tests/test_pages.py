@@ -654,6 +654,13 @@ def test_a_family_runs_pages_link_its_comparisons(monkeypatch, family_cache):
     info = " ".join(i.value for i in at.info)
     assert "one family (Fam)" in info and "tuned: " in info and "base models are the ones to compare." in info
     assert _figures(at)[0]["layout"]["annotations"][0]["text"] == "Run A: base model"
+    # with no link: A is the first screen's run (query.default_view), B a pair of its family
+    from eapcore.views import query
+
+    bare = _app(monkeypatch, root, "pages/compare.py")
+    first = query.default_view(query.finished_runs(root))["run"]
+    assert bare.selectbox(key="w_a").value == first and first in keys.values()
+    assert bare.selectbox(key="w_b").options[0].endswith("· same family")
 
 
 def _memo_uses(source: str) -> list[str]:
