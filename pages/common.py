@@ -199,13 +199,15 @@ def run_picker(runs: list[query.RunInfo] | None = None, *, pick_group: bool = Tr
 
 
 def family_links(info: query.RunInfo, runs: list[query.RunInfo], container: Any = None) -> None:
-    """Links to the Compare page: run `info` against each run of another pair of its family on the
-    same settings (query.family_comparisons), at the side where the two pairs' models differ."""
+    """Links to the Compare page: run `info` against each run of another pair of its family (or of
+    its base model, query.kin) on the same settings (query.family_comparisons), at the side where
+    the two pairs' models differ."""
     siblings = query.family_comparisons(info, runs)
     if siblings.empty:
         return
     container = container or st.sidebar
-    container.markdown(f"**Family: {info.spec_dict['pair']['family']}**")
+    kind, name = query.kin(info)
+    container.markdown(f"**{kind.capitalize()}: {name}**")
     for row in siblings.itertuples():
         container.page_link(PAGES["compare"], label=f"Compare with {row.pair} ({row.side} models)",
                             icon=":material/compare_arrows:", query_params={"a": info.key, "b": row.key, "side": row.side},

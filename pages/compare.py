@@ -27,7 +27,7 @@ sb.markdown("**Runs**")
 first = (query.default_view(runs) or {}).get("run")  # the first screen's run: its family sibling becomes B
 a_key = url_select("Run A (the reference)", list(partners), "a", container=sb, format_func=lambda k: by_key[k].label,
                    default=first if first in partners else None)
-family = query.family_comparisons(by_key[a_key], runs).set_index("key")  # A's family's other pairs, listed first
+family = query.family_comparisons(by_key[a_key], runs).set_index("key")  # A's kin's other pairs, listed first
 family = family[family.index.isin(partners[a_key])]
 others = list(family.index) + [k for k in partners[a_key] if k not in family.index]
 b_key = url_select("Run B (compared with A)", others, "b", container=sb,
@@ -42,7 +42,7 @@ if data_a is None or load(info_b) is None:
 st.markdown(f"**A** · {info_a.label}  \n**B** · {info_b.label}")
 if b_key in family.index:
     sib = family.loc[b_key]
-    st.info(f"A and B are pairs of one family ({info_a.spec_dict['pair']['family']}) with the same settings: B "
+    st.info("A and B are pairs of one {} ({}) with the same settings: B ".format(*query.kin(info_a)) +
             f"({sib['pair']}, {sib['algorithm']}) shares a model with A ({sib['shared']}), so their {sib['side']} "
             "models are the ones to compare" + ("." if side == sib["side"] else f"; the {side} models are shown."))
 view, kind, level, log_color = map_controls(info_a.granularity)
@@ -50,7 +50,8 @@ grids, fig = map_view(compare.compare_map, [info_a, info_b], (side, view, kind),
                       names=(f"Run A: {side} model", f"Run B: {side} model"), change_name="Relative change (B vs A)",
                       level=level, log_color=log_color)
 meta = grids["meta"]
-st.markdown("The runs differ in: " + ("; ".join(f"`{d}`" for d in meta["differences"]) or "nothing (the same spec)"))
+st.markdown("The runs differ in: " + ("; ".join(f"`{d.replace('`', '')}`" for d in meta["differences"])
+                                      or "nothing (the same spec)"))
 (st.success if meta["paired"] else st.warning)(meta["pairing"].capitalize() + ".")
 
 show_figure(fig, f"compare_{a_key[:8]}_{b_key[:8]}_{side}_{view}{kind}", "compare_map")

@@ -220,6 +220,7 @@ def test_a_familys_runs_are_listed_together(family_checkpoints, tmp_path, monkey
     specs = sweeps.sweep_specs([p.name for p in pairs], ["tiny-q"], [0.5], template)
     lone = dataclasses.replace(specs[0], pair=dataclasses.replace(pairs[0], name="no family", family=""))
     other_alpha = dataclasses.replace(specs[2], selection=dataclasses.replace(specs[2].selection, alpha=0.25))
+    same_base = dataclasses.replace(specs[1], pair=dataclasses.replace(pairs[1], name="no family either", family=""))
     for spec in (*specs, lone, other_alpha):
         runner.run(spec)
     runs = query.finished_runs()
@@ -236,6 +237,13 @@ def test_a_familys_runs_are_listed_together(family_checkpoints, tmp_path, monkey
          "side": "tuned", "key": sft_dpo.key},
         {"pair": pairs[2].name, "algorithm": "RLVR", "base": dpo, "tuned": rlvr, "shared": f"tuned: {rlvr}",
          "side": "base", "key": dpo_rlvr.key}]
+    # pairs with no family are siblings when they share the base model (GRPO and DPO from one SFT model)
+    runner.run(same_base)
+    runs = query.finished_runs()
+    assert [r.pair for r in query.family_siblings(info[spec_key(lone)], runs)] == ["no family either"]
+    assert query.kin(info[spec_key(lone)]) == ("base model", sft)
+    assert query.kin(sft_dpo) == ("family", "tiny OLMo 2")
+    assert [r.pair for r in query.family_siblings(sft_dpo, runs)] == [pairs[1].name, pairs[2].name]
 
 
 def test_pairs_command_adds_and_lists_a_family(family_checkpoints, tmp_path, monkeypatch, capsys):

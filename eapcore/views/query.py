@@ -203,20 +203,25 @@ def group_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> dict[str, RunInfo]
 
 # ---- families (registry.FAMILY_PAIRS: the SFT -> DPO -> RLVR stages of one base) ----------------
 
-def family_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> list[RunInfo]:
-    """Finished runs of the other pairs of `info`'s family (PairSpec.family) that differ from it only
-    in the pair (same dataset, alpha, group, granularity and every other setting): the latest run
-    per pair, in the registry's order of the family's pairs; [] for a run of a pair with no family."""
+def kin(info: RunInfo) -> tuple[str, str]:
+    """What makes pairs siblings: ("family", PairSpec.family), or for a pair with no family
+    ("base model", its base model's path or id): GRPO and DPO tuned from one SFT model."""
     family = info._get("pair", "family", default="")
-    if not family:
-        return []
+    return ("family", family) if family else ("base model", info._get("pair", "base", "name_or_path", default="?"))
+
+
+def family_siblings(info: RunInfo, runs: Iterable[RunInfo]) -> list[RunInfo]:
+    """Finished runs of the other pairs of `info`'s kin (`kin`: its family, or with no family the
+    pairs without one that share its base model) that differ from it only in the pair (same
+    dataset, alpha, group, granularity and every other setting): the latest run per pair, in the
+    registry's order of the pairs."""
+    mine = kin(info)
     want = info.settings_without(("pair", None))
     latest: dict[str, RunInfo] = {}
     for r in sorted(runs, key=lambda r: r.updated):
-        if (r.finished and r.pair != info.pair and r._get("pair", "family", default="") == family
-                and r.settings_without(("pair", None)) == want):
+        if r.finished and r.pair != info.pair and kin(r) == mine and r.settings_without(("pair", None)) == want:
             latest[r.pair] = r
-    order = {name: i for i, name in enumerate(p.name for p in registered("pairs") if getattr(p, "family", "") == family)}
+    order = {name: i for i, name in enumerate(p.name for p in registered("pairs"))}
     return sorted(latest.values(), key=lambda r: (order.get(r.pair, len(order)), r.pair))
 
 
