@@ -641,6 +641,13 @@ def test_run_command_source_file_default_alpha_and_empty_group(spec, lab, capsys
                      *opts[4:]]) == 1
     err = capsys.readouterr().err
     assert "group 'both_correct' (both correct) is empty; groups with questions: both wrong (both_wrong): 8" in err
+    # one question is not a run: refused as a setting (--n 1), or when only one passes, before attribution
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--n", "1", *opts[2:]]) == 1
+    assert "n must be 0 (every question that passes) or at least 2" in capsys.readouterr().err
+    scores = len(list((Cache().root / "scores").iterdir()))
+    assert cli.main(["run", "--pair", "tiny", "--dataset", "tiny-set", "--limit", "1", *opts]) == 1
+    assert "only 1 question of group 'both_wrong' passes the selection rules" in capsys.readouterr().err
+    assert len(list((Cache().root / "scores").iterdir())) == scores  # nothing attributed
 
 
 # ---- quick runs ------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def test_select_that_keeps_no_question_fails_and_writes_nothing(tmp_path, capsys
                      "--low", "1.4", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no question of group 'both_correct' passes the selection rules (T_ref ")
-    assert err.rstrip().endswith(f"relax beta/low/high or use a larger dataset; nothing was written to {out}")
+    assert err.rstrip().endswith("relax beta/low/high, choose another group (--group) or use a larger dataset; "
+                                 f"nothing was written to {out}")
     assert not out.exists()
 
 

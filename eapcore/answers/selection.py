@@ -128,11 +128,14 @@ def select(lengths: Mapping[Any, Lengths], settings: SelectionSettings) -> Selec
     return Selection(t_ref, t_cut, drawn, counts, asdict(settings))
 
 
-def none_kept(selection: Selection) -> str:
-    """The message for a selection that kept no question."""
-    return (f"no question of group {selection.settings['group']!r} passes the selection rules (T_ref "
-            f"{selection.t_ref:.1f}, T_cut {selection.t_cut}, removed per rule {selection.counts['removed']}); "
-            "relax beta/low/high or use a larger dataset")
+def none_kept(selection: Selection, needed: int = 1) -> str:
+    """The message for a selection that kept fewer than `needed` questions."""
+    kept = len(selection.idx)
+    what = "no question" if not kept else f"only {kept} question{'s' if kept > 1 else ''}"
+    return (f"{what} of group {selection.settings['group']!r} pass{'es' if kept < 2 else ''} the selection rules "
+            f"(T_ref {selection.t_ref:.1f}, T_cut {selection.t_cut}, removed per rule {selection.counts['removed']})"
+            + (f", and a run's metrics need at least {needed}" if needed > 1 else "")
+            + "; relax beta/low/high, choose another group (--group) or use a larger dataset")
 
 
 def empty_group_message(group: str, sizes: Mapping[str, int]) -> str:

@@ -31,6 +31,7 @@ from eapcore.specs import (IG_RULE, SCORING_VERSION, AttributionSettings, Datase
 from eapcore.store import Store, sha256_file
 
 SCORE_SETTINGS = ("granularity", "ablation", "ig_steps", "loss", "dtype")
+MIN_QUESTIONS = 2  # a run's metrics compare questions (Wilcoxon signed-rank, bootstrap): one is not enough
 
 
 def digest(obj: Any) -> str:
@@ -161,6 +162,9 @@ def check_spec(spec: RunSpec) -> None:
     if a.ig_steps < 0 or a.max_batch_tokens < 0:
         problems.append("ig_steps and max_batch_tokens must be >= 0")
     problems += settings_problems(s)
+    if isinstance(s.n, int) and s.n != 0 and s.n < MIN_QUESTIONS:
+        problems.append(f"n must be 0 (every question that passes) or at least {MIN_QUESTIONS}: a run's metrics "
+                        f"compare questions, not {s.n}")
     if max_new_tokens(spec) < 1 or spec.generation.batch_size < 0:
         problems.append("max_new_tokens must be >= 1 and the generation batch size >= 0 (0: from free memory)")
     if spec.quick is not None and (spec.answers is not None or s.n <= 0 or spec.quick.chunk < 0):

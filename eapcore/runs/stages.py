@@ -30,7 +30,7 @@ from eapcore.runs import registry
 from eapcore.files import read_json_or_none, replace_dir, write_json_atomic
 from eapcore.runs.cache import Cache
 from eapcore.runs.errors import RunError
-from eapcore.runs.keys import digest, max_new_tokens, model_identity, score_key, stage_keys
+from eapcore.runs.keys import MIN_QUESTIONS, digest, max_new_tokens, model_identity, score_key, stage_keys
 from eapcore.runs.memory import predict_memory
 from eapcore.runs.workers import Reporter
 from eapcore.specs import AttributionSettings, ModelSpec, RunSpec
@@ -308,8 +308,8 @@ def stage_select(cache: Cache, spec: RunSpec, keys: dict, graded: dict[str, Path
             selection = select(group_lengths(base, tuned, spec.selection.group)[0], spec.selection)
         except ValueError as err:
             raise RunError(f"{err}; choose another group (--group) or a larger dataset") from None
-        if not selection.idx:
-            raise RunError(none_kept(selection))
+        if len(selection.idx) < MIN_QUESTIONS:  # before any attribution: the metrics' tests need two
+            raise RunError(none_kept(selection, MIN_QUESTIONS))
         write_selection(folder, base, tuned, selection, {"base": keys["grades"]["base"], "tuned": keys["grades"]["tuned"]})
 
     entry, _ = cache.get_or_compute("selections", keys["selection"], write,
