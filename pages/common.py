@@ -123,7 +123,8 @@ def finished_runs() -> list[query.RunInfo]:
     return [r for r in all_runs() if r.finished]
 
 
-OFFLINE_START = ("The demo pair's results ship with the project: `eapcore import demo/runs.zip` puts them in the "
+OFFLINE_START = ("The runs of the SmolLM2 and demo pairs ship with the project: `python -m eapcore import "
+                 "demo/smollm2/runs.zip demo/runs.zip`, run in the project folder, puts them in the "
                  "cache (the dashboard does it by itself when the cache holds no run). Or start a run on the "
                  "Run page: the demo pair (`demo: SFT vs GRPO` on `demo`) runs here with no network and no GPU "
                  "(about a minute on a CPU).")

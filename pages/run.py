@@ -108,7 +108,7 @@ pair_name = url_select("Pair", names, "pair", default=default_pair,
 if pair_name == NEW:
     with st.form("new_pair"):
         st.caption("Two Hugging Face hub ids or local checkpoint folders of the same architecture. Saved in the "
-                   "registry (registry.json) so it appears in every list (`eapcore pairs add` does the same).")
+                   "registry (registry.json) so it appears in every list (`python -m eapcore pairs add` does the same).")
         c1, c2 = st.columns(2)
         name = c1.text_input("Name", placeholder="my-sft-vs-grpo")
         algo = c2.text_input("RL algorithm (label)", placeholder="GRPO")
@@ -154,14 +154,14 @@ else:
     if source == "file":
         path = c2.text_input("Path of a .jsonl/.csv file (or a jsonl URL, a hub id)", key="ds_path",
                              help="harness format, or records with a question and an answer; used as it is, "
-                                  "without registering it (as `eapcore run --source FILE`)")
+                                  "without registering it (as `python -m eapcore run --source FILE`)")
         st.session_state.setdefault("ds_split", DatasetSpec("").split)
         split = c3.text_input("Split (hub ids)", key="ds_split")
     elif source == "joined":
         path = c2.text_input("Path of a joined answers file (the authors' all_correct.jsonl)", key="ds_path",
                              help="both models' prompt and answer tokens per question; its rows are the "
                                   "questions of the answer group chosen below; nothing is generated "
-                                  "(as `eapcore run --joined FILE`)")
+                                  "(as `python -m eapcore run --joined FILE`)")
     else:
         up = c2.file_uploader("jsonl file", type=["jsonl", "json"], key="ds_upload")
         path = ""
@@ -245,7 +245,7 @@ st.subheader("4. Check and launch")
 c1, c2 = st.columns(2)
 with c1:
     st.markdown(f"Run key `{key}`")
-    with st.expander("This spec as JSON (for `eapcore run --spec-json FILE`)"):
+    with st.expander("This spec as JSON (for `python -m eapcore run --spec-json FILE`)"):
         st.code(json.dumps(to_dict(spec), indent=1), language="json")
     if existing is not None and existing.finished:
         st.success("Already cached: the pages show it at once.")

@@ -68,7 +68,7 @@ metric = url_select("Metric", list(query.METRICS), "metric", format_func=query.M
                     horizontal_radio=True)
 show_figure(figures.change_vs_gain_figure(points, metric, query.pairs_caveat(points)), f"change_vs_gain_{metric}", "cvg")
 st.caption("One point per pair × dataset × α. The reviewer asked whether larger metric changes go with larger "
-           "accuracy gains; with the few pairs here, read it as a picture, not a test.")
+           "accuracy gains; the correlations below are across pairs (the figure says when there are too few).")
 if not corr.empty:
     c = corr[corr["metric"] == metric].copy()
     c["metric"] = c["metric"].map(query.METRIC_LABELS)

@@ -87,7 +87,12 @@ def test_import_refuses_runs_of_another_scoring_version(cache, tmp_path, capsys,
     err = capsys.readouterr()
     said = ("warning: runs/oldrun: computed with scoring version '0' while this code computes "
             f"'{SCORING_VERSION}': its scores are stale, so it is not imported; run its spec again here")
-    assert err.err.strip() == said and "installed 3, kept 0 existing, refused 1 stale run(s)" in err.out
+    assert err.err.strip() == said and "installed 3 cache entries (1 run), kept 0 cache entries (0 runs) already there, refused 1 stale run(s)" \
+        in err.out
+    (tmp_path / "not.zip").write_text("not a zip")
+    assert cli.main(["import", str(tmp_path / "not.zip")]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {tmp_path / 'not.zip'}: not a readable zip bundle") and line.count("not.zip") == 1
     other = Cache(tmp_path / "other")
     assert sorted(p.name for p in (other.root / "runs").iterdir()) == ["newrun"]
     assert other.get("scores", "s1") is not None and not other.entry_path("scores", "old-only").exists()

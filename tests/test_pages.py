@@ -214,7 +214,7 @@ def test_no_runs_yet(monkeypatch, tmp_path):
         if page not in ("pages/run.py",):
             assert "No finished runs" in text, page
             # guidance names only steps that work offline: import the shipped runs, or run the demo pair
-            assert "eapcore import demo/runs.zip" in text and "no network" in text, page
+            assert "python -m eapcore import demo/smollm2/runs.zip demo/runs.zip" in text and "no network" in text, page
         assert "eapcore lab" not in " ".join(m.value for m in [*at.info, *at.markdown, *at.caption]), page
 
 

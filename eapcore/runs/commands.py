@@ -376,14 +376,18 @@ def command_import(argv: list[str]) -> int:
         try:
             result = import_bundle(cache, bundle, overwrite=args.overwrite)
         except CacheError as err:
-            print(f"error: {bundle}: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)  # the message names the bundle
             return 1
         except OSError as err:  # a read-only or full cache
             print(f"error: {explain(err, 'import', cache)}", file=sys.stderr)
             return 1
         for line in result["stale"]:
             print(f"warning: {line}", file=sys.stderr)
-        print(f"{bundle}: installed {len(result['installed'])}, kept {len(result['kept'])} existing, "
+        def counted(labels: list[str]) -> str:
+            runs = sum(label.startswith("runs/") for label in labels)
+            return f"{len(labels)} cache entries ({runs} run{'' if runs == 1 else 's'})"
+
+        print(f"{bundle}: installed {counted(result['installed'])}, kept {counted(result['kept'])} already there, "
               f"refused {len(result['stale'])} stale run(s), in {cache.root}")
         if result["stale"] and not (result["installed"] or result["kept"]):
             status = 1  # nothing of this bundle could be used

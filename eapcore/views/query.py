@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -376,9 +375,6 @@ def pairs_caveat(points: pd.DataFrame) -> str:
 
 # ---- one sample ----------------------------------------------------------------------------------
 
-_TOKENIZERS: "OrderedDict[str, Any]" = OrderedDict()
-
-
 def _tokenizer_file(folder: Path) -> Path:
     """folder/tokenizer.json; for a LoRA adapter folder without one, its base's when
     adapter_config.json names the base by a relative path (the shipped "../sft"), followed a few
@@ -401,9 +397,8 @@ def _tokenizer_file(folder: Path) -> Path:
 def load_tokenizer(name_or_path: str) -> Any | None:
     """A `tokenizers.Tokenizer` for a local model folder (a relative one as the registry resolves
     it; a LoRA adapter folder through its base, `_tokenizer_file`) or a hub id already in the local
-    Hugging Face cache (never downloads); None if there is none."""
-    if name_or_path in _TOKENIZERS:
-        return _TOKENIZERS[name_or_path]
+    Hugging Face cache (never downloads); None if there is none. Not memoised here (the pages'
+    cache keeps each sample view that uses it)."""
     tok = None
     try:
         from tokenizers import Tokenizer
@@ -421,9 +416,6 @@ def load_tokenizer(name_or_path: str) -> Any | None:
             tok = Tokenizer.from_file(str(path))
     except Exception:  # noqa: BLE001  (no tokenizer: the page shows token ids)
         tok = None
-    _TOKENIZERS[name_or_path] = tok
-    while len(_TOKENIZERS) > 8:
-        _TOKENIZERS.popitem(last=False)
     return tok
 
 
