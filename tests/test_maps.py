@@ -220,15 +220,17 @@ def test_map_figure_marks_cells_that_do_not_pass(runs):
     assert len([t for t in one.data if t.type == "heatmap"]) == 3  # no tests, no noise floor
 
 
-def test_full_matrix_labels_every_node_of_a_30_layer_model(tmp_path):
-    key = make_run(tmp_path, n_layers=30, n_heads=9, n_kv_heads=3, n=8, n_questions=40, n_bootstrap=20,
+@pytest.mark.parametrize("n_layers", [30, 40])  # SmolLM2; OLMo 2 13B (161 destinations)
+def test_full_matrix_labels_every_node(tmp_path, n_layers):
+    key = make_run(tmp_path, n_layers=n_layers, n_heads=9, n_kv_heads=3, n=8, n_questions=40, n_bootstrap=20,
                    n_permutations=99)
     data = query.load_run(key, tmp_path)
-    fig = figures.map_view_figure(maps.run_map(data, "full"), 30, level=0.05)
-    assert len(fig.data[0].x) == 121 and len(fig.data[0].y) == 61  # 4L + 1 destinations, 2L + 1 sources
+    fig = figures.map_view_figure(maps.run_map(data, "full"), n_layers, level=0.05)
+    L = n_layers
+    assert len(fig.data[0].x) == 4 * L + 1 and len(fig.data[0].y) == 2 * L + 1  # destinations, sources
     for axis in ("xaxis", "xaxis4", "yaxis", "yaxis3"):
         assert fig.layout[axis].dtick == 1, axis  # every category labelled (Plotly skips some otherwise)
-    assert {"a29", "m29"} <= set(fig.data[0].y) and {"a29.k", "m29", "logits"} <= set(fig.data[0].x)
+    assert {f"a{L - 1}", f"m{L - 1}"} <= set(fig.data[0].y) and {f"a{L - 1}.k", f"m{L - 1}", "logits"} <= set(fig.data[0].x)
     assert fig.layout.xaxis.tickangle == -90
 
 
@@ -242,6 +244,7 @@ def test_compare_command_text_json_csv_and_errors(runs, monkeypatch, capsys):
     assert cli.main(["compare", keys["a01"][:8], keys["a05"][:8]]) == 0
     out = capsys.readouterr().out
     assert "paired: both runs scored the same 16 questions" in out and "selection.alpha: 0.1 → 0.5" in out
+    assert "(noise floor, sides swapped per question at random: " in out
     assert cli.main(["compare", keys["a01"], keys["a05"], "--json", "--side", "base"]) == 0
     doc = json.loads(capsys.readouterr().out)
     want = compare.compare_edges(data["a01"], data["a05"], "base", 0.05)
@@ -257,6 +260,8 @@ def test_compare_command_text_json_csv_and_errors(runs, monkeypatch, capsys):
     assert list(table.columns) == ["src", "dst", "a_mean_abs", "b_mean_abs", "relative_change", "p_value", "q_value",
                                    "passes"]
     assert len(table) == int(data["a01"].mask.sum())
+    assert cli.main(["compare", keys["a01"], keys["math"]]) == 0  # unpaired: the noise floor reshuffles questions
+    assert "(noise floor, questions reshuffled between the runs at random: " in capsys.readouterr().out
     assert cli.main(["compare", "nonexistent", keys["a05"]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("eapcore compare: no finished run with key 'nonexistent'") and "\n" not in err

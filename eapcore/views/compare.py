@@ -163,7 +163,8 @@ def command(argv: list[str]) -> int:
     test = "Wilcoxon signed-rank per edge" if meta["paired"] else "Mann-Whitney U per edge"
     print(f"{meta['pairing']} ({test}, Benjamini-Hochberg over the edges)")
     print(f"{summary['n_pass']} of {len(rows)} edges pass at FDR {args.level:g} "
-          f"(noise floor, sides swapped at random: {summary['noise_n_pass']}); change = B vs A of mean |s|")
+          f"(noise floor, {'sides swapped per question' if meta['paired'] else 'questions reshuffled between the runs'} "
+          f"at random: {summary['noise_n_pass']}); change = B vs A of mean |s|")
     passing = table[table["passes"]]
     top = passing.loc[passing["relative_change"].abs().sort_values(ascending=False).index].head(args.top)
     if len(top):

@@ -56,11 +56,12 @@ def symmetric_limit(values: Any, pct: float = 98.0) -> float:
 
 
 def _category_ticks(fig: go.Figure, axis: str, n: int, **kw: Any) -> None:
-    """Label every category of an axis (Plotly skips some when crowded) up to 130 of them, in a
-    font small enough to fit; x labels turn vertical past 12 categories."""
-    if n > 130:
+    """Label every category of an axis (Plotly skips some when crowded) up to 200 of them (the
+    full matrix of a 49-layer model at layer granularity: 4L + 1 destinations), in a font small
+    enough to fit; x labels turn vertical past 12 categories."""
+    if n > 200:
         return
-    style = {"dtick": 1, "tickfont": {"size": 8 if n > 100 else 9 if n > 40 else 11}}
+    style = {"dtick": 1, "tickfont": {"size": 7 if n > 130 else 8 if n > 100 else 9 if n > 40 else 11}}
     if axis == "x" and n > 12:
         style["tickangle"] = -90
     (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**style, **kw)
