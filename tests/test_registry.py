@@ -181,7 +181,7 @@ def test_pairs_and_datasets_commands_say_what_the_user_can_do(checkpoints, user_
     out, err = capsys.readouterr()
     assert json.loads(out)["tuned"]["name_or_path"] == "nonexist/folder" and registry.unchecked(registry.get_pair("hub")) \
         == ["tuned 'nonexist/folder'"]
-    assert err == ("note: not checked yet: tuned 'nonexist/folder', not downloaded here (a hub id not in the local "
+    assert err == ("note: not checked yet: tuned 'nonexist/folder', not downloaded here (not in the local "
                    "Hugging Face cache); a run checks them when it starts, after downloading them\n")
 
     data = json.loads(user_registry.read_text())

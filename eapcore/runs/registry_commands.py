@@ -104,7 +104,7 @@ def _command(section: str, argv: list[str], add_args: Callable, new: Callable,
                   f"{registry.registry_path()}")
             later = registry.unchecked(saved) if section == "pairs" else []
             if later:
-                print(f"note: not checked yet: {' and '.join(later)}, not downloaded here (a hub id not in the local "
+                print(f"note: not checked yet: {' and '.join(later)}, not downloaded here (not in the local "
                       "Hugging Face cache); a run checks them when it starts, after downloading them", file=sys.stderr)
         else:
             remove(args.name)
