@@ -15,7 +15,8 @@
   and a crash or power loss after the write keeps it) and a tolerant JSON reader for files another
   process may be writing.
 - shorten(): a value echoed in a message, cut to a readable length.
-- cache_root_problem(): why the cache root cannot be written (read-only, not a folder), if so.
+- cache_root_problem(): why the cache root cannot be written (read-only, not a folder) or read
+  (not a folder), if so.
 """
 from __future__ import annotations
 
@@ -57,16 +58,17 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def cache_root_problem(root: str | os.PathLike | None = None) -> str | None:
+def cache_root_problem(root: str | os.PathLike | None = None, write: bool = True) -> str | None:
     """Why nothing can be written to the cache root (not a folder, read-only), or None if it can
-    (a missing root can be: it is created on first use). Finished runs stay readable either way."""
+    (a missing root can be: it is created on first use). Finished runs stay readable when it is
+    read-only, so with `write=False` only a root that is not a folder is a problem."""
     root = cache_root(root)
     existing = next((p for p in (root, *root.parents) if p.exists()), None)
     if existing is None:
         return None
     if not existing.is_dir():
         return f"the cache root {root} is not a folder ({existing} is a file); set EAP_CACHE_DIR to a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if write and not os.access(existing, os.W_OK | os.X_OK):
         return (f"the cache root {root} is read-only: finished runs can be viewed, but no run can start or "
                 "resume; set EAP_CACHE_DIR to a writable folder (or copy the cache there) to compute")
     return None

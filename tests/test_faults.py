@@ -258,6 +258,10 @@ def test_a_cache_root_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
     said = f"the cache root {not_a_folder} is not a folder ({not_a_folder} is a file); set EAP_CACHE_DIR to a folder"
     assert cli.main(["run", "--spec-json", str(spec), "--quiet"]) == 1
     assert said in one_error_line(capsys.readouterr().err)
+    for action in (["list"], ["size"]):  # not "0 item(s) in" a file
+        assert cli.main(["cache", *action]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and one_error_line(err) == f"error: {said}"
     with pytest.raises(RunError, match="is not a folder"):
         workers.start(load_spec_json(str(spec)))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)

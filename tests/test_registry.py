@@ -69,15 +69,19 @@ def test_add_and_remove_user_pair(checkpoints, user_registry):
     assert registry.get_pair("mine") == saved
     data = json.loads(user_registry.read_text())  # plain JSON
     assert data["pairs"][0]["base"]["name_or_path"] == str(checkpoints["llama"]) and data["datasets"] == []
-    with pytest.raises(RegistryError, match="exists already"):
+    with pytest.raises(RegistryError, match=re.escape("exists already; remove it first, or replace it (`--replace` "
+                                                      "on the command line, replace=True in Python)")):
         registry.add_pair(pair)
     registry.add_pair(PairSpec("mine", pair.base, pair.tuned, "mistral", 512), replace=True)
     assert registry.get_pair("mine").max_new_tokens == 512
     registry.remove_pair("mine")
-    with pytest.raises(RegistryError, match="unknown pair 'mine'.*DeepSeek-Math"):
+    with pytest.raises(RegistryError, match="unknown pair 'mine'.*DeepSeek-Math.*Add one with `eapcore pairs add "
+                                            "NAME --base MODEL --tuned MODEL`"):
         registry.get_pair("mine")
     with pytest.raises(RegistryError, match="no user pair named 'mine'"):
         registry.remove_pair("mine")
+    with pytest.raises(RegistryError, match="^pair 'DeepSeek-Math' is built in and cannot be removed$"):
+        registry.remove_pair("DeepSeek-Math")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -146,8 +150,51 @@ def test_user_datasets(tmp_path):
     with pytest.raises(RegistryError, match="built in"):
         registry.add_dataset(DatasetSpec("gsm8k", str(good)))
     registry.remove_dataset("my set")
-    with pytest.raises(RegistryError, match="unknown dataset 'my set'"):
+    with pytest.raises(RegistryError, match="unknown dataset 'my set'.*`eapcore datasets add NAME --source FILE`"):
         registry.get_dataset("my set")
+    with pytest.raises(RegistryError, match="^dataset 'gsm8k' is built in and cannot be removed$"):
+        registry.remove_dataset("gsm8k")
+
+
+def test_pairs_and_datasets_commands_say_what_the_user_can_do(checkpoints, user_registry, capsys):
+    """`eapcore pairs|datasets`: a name taken names `--replace`, a built-in cannot be removed, hub
+    ids not downloaded yet are saved with a note that they are not checked yet, and a broken
+    registry.json is a warning on stderr while `list` still lists (stdout stays JSON with --json)."""
+    from eapcore import cli
+
+    local = str(checkpoints["llama"])
+    add = ["pairs", "add", "mine", "--base", local, "--tuned", local, "--template", "mistral"]
+    assert cli.main(add) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("saved pair 'mine'") and err == ""  # both checked: no note
+    assert cli.main(add) == 1
+    assert capsys.readouterr().err == ("error: a pair named 'mine' exists already; remove it first, or replace it "
+                                       "(`--replace` on the command line, replace=True in Python)\n")
+    assert cli.main([*add, "--max-new-tokens", "64", "--replace"]) == 0 and registry.get_pair("mine").max_new_tokens == 64
+    capsys.readouterr()
+    for section, builtin in (("pairs", "DeepSeek-Math"), ("datasets", "gsm8k")):
+        assert cli.main([section, "remove", builtin]) == 1
+        assert capsys.readouterr().err == f"error: {section[:-1]} {builtin!r} is built in and cannot be removed\n"
+
+    assert cli.main(["pairs", "add", "hub", "--base", local, "--tuned", "nonexist/folder", "--template", "mistral",
+                     "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tuned"]["name_or_path"] == "nonexist/folder" and registry.unchecked(registry.get_pair("hub")) \
+        == ["tuned 'nonexist/folder'"]
+    assert err == ("note: not checked yet: tuned 'nonexist/folder', not downloaded here (not in the local "
+                   "Hugging Face cache); a run checks them when it starts, after downloading them\n")
+
+    data = json.loads(user_registry.read_text())
+    user_registry.write_text(json.dumps({"pairs": [{"name": "x", "base": 3}, *data["pairs"]], "datasets": [7]}))
+    assert cli.main(["pairs", "list", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert {"DeepSeek-Math", "mine", "hub"} <= {row["name"] for row in json.loads(out)}
+    assert err.splitlines() == [f"warning: {p}" for p in registry.problems()] and len(err.splitlines()) == 2
+    assert "pairs[0].base: a model must be" in err and "datasets[0]: expected a JSON object" in err
+    user_registry.write_text("{not json")
+    assert cli.main(["datasets", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert "gsm8k" in out and err == f"warning: {registry.problems()[0]}\n" and "is not valid JSON" in err
 
 
 def _retokenized(src: Path, dst: Path, order) -> Path:

@@ -541,6 +541,20 @@ def test_a_non_finite_sample_stops_the_run_and_is_never_cached(spec, monkeypatch
         runner.run(other, cache=cache)
 
 
+@pytest.mark.parametrize("command, option", [("run", "--alpha"), ("select", "--alpha"), ("sweep", "--alphas")])
+def test_alpha_help_states_its_default(command, option, capsys):
+    """`--help` of run and select says --alpha defaults to 0.5; sweep's --alphas has none and says so."""
+    from eapcore import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    help_ = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert stop.value.code == 0 and SelectionSettings().alpha == 0.5
+    said = {"--alpha": "--alpha ALPHA T_cut = max(floor(alpha * T_ref), 1); default 0.5",
+            "--alphas": "no default here: give them or --preset (`eapcore run --alpha` defaults to 0.5)"}[option]
+    assert said in help_
+
+
 def test_cli_run_sweep_and_cache_commands(spec, capsys):
     from eapcore import cli
 
@@ -555,7 +569,7 @@ def test_cli_run_sweep_and_cache_commands(spec, capsys):
     assert cli.main(["sweep", "--preset", "demo", "--dry-run"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2 * 1 * 4 + 2 * 3  # + 3 more groups per pair
     assert cli.main(["run", "--pair", "nope", "--dataset", "tiny-set", "--alpha", "0.5"]) == 1
-    assert "unknown pair 'nope'" in capsys.readouterr().err
+    assert "unknown pair 'nope'" in (err := capsys.readouterr().err) and "`eapcore pairs add NAME --base" in err
 
     assert cli.main(["cache", "list"]) == 0
     listing = capsys.readouterr().out

@@ -206,7 +206,7 @@ def command(argv: list[str]) -> int:
     ap.add_argument("--tuned", help="tuned model answers jsonl (harness format)")
     ap.add_argument("--joined", help="instead of --base/--tuned: one joined file of both models' answers "
                                      "(the authors' all_correct.jsonl); its rows are the questions of --group")
-    ap.add_argument("--alpha", type=float, default=d.alpha, help="T_cut = max(floor(alpha * T_ref), 1)")
+    ap.add_argument("--alpha", type=float, default=d.alpha, help="T_cut = max(floor(alpha * T_ref), 1); default %(default)s")
     ap.add_argument("--beta", type=float, default=d.beta, help="max |len_b - len_t| / mean")
     ap.add_argument("--low", type=float, default=d.low, help="mean length >= floor(low * T_ref)")
     ap.add_argument("--high", type=float, default=d.high, help="mean length <= floor(high * T_ref)")

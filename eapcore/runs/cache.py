@@ -264,6 +264,10 @@ def command(argv: list[str]) -> int:
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     args = p.parse_args(argv or ["list"])
     cache = Cache()
+    unreadable = cache_root_problem(cache.root, write=False)
+    if unreadable:  # else `list` would say "0 item(s) in" a file
+        print(f"error: {unreadable}", file=sys.stderr)
+        return 2
     try:
         if args.action == "list":
             rows = cache.list_entries()

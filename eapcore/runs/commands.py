@@ -189,7 +189,7 @@ def command_run(argv: list[str]) -> int:
     p.add_argument("--joined", help="import both models' answers from a joined file (the authors' "
                                     "all_correct.jsonl) instead of generating them; its rows are the questions "
                                     "of --group")
-    p.add_argument("--alpha", type=float, default=SelectionSettings().alpha, help="T_cut = max(floor(alpha * T_ref), 1)")
+    p.add_argument("--alpha", type=float, default=SelectionSettings().alpha, help="T_cut = max(floor(alpha * T_ref), 1); default %(default)s")
     p.add_argument("--spec-json", help="a whole spec as JSON text or file (replaces the options)")
     _add_settings(p)
     p.add_argument("--predict", action="store_true", help="only print the memory prediction")
@@ -238,7 +238,9 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named grid (its parts can be overridden)")
     p.add_argument("--pairs", nargs="+", help="pair names")
     p.add_argument("--datasets", nargs="+", help="dataset names")
-    p.add_argument("--alphas", nargs="+", type=float, help="alpha values")
+    p.add_argument("--alphas", nargs="+", type=float,
+                   help="alpha values (T_cut = max(floor(alpha * T_ref), 1)); no default here: give them or "
+                        f"--preset (`eapcore run --alpha` defaults to {SelectionSettings().alpha})")
 
 
 def _parse_with_preset(p: argparse.ArgumentParser, argv: list[str]):

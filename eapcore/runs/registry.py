@@ -256,8 +256,10 @@ def datasets() -> dict[str, DatasetSpec]:
 
 def _unknown(what: str, name: str, known: dict) -> RegistryError:
     broken = "".join(f" Note: {p}" for p in problems())
+    how = "NAME --base MODEL --tuned MODEL" if what == "pair" else "NAME --source FILE"
     return RegistryError(f"unknown {what} {shorten(repr(name), 100)}; known {what}s: {', '.join(known)}. "
-                         f"Add one with registry.add_{what} or in registry.json.{broken}")
+                         f"Add one with `eapcore {what}s add {how}` (in Python registry.add_{what}, or by hand "
+                         f"in registry.json).{broken}")
 
 
 def get_pair(name: str) -> PairSpec:
@@ -293,6 +295,21 @@ def _check_name(name: Any, what: str) -> None:
                             "without leading or trailing spaces")
 
 
+def _on_this_machine(model: ModelSpec) -> bool:
+    """Whether check_pair can check the model without downloading it: a local path, or a hub id
+    whose config is in the local Hugging Face cache."""
+    from eapcore import modelfiles
+
+    return looks_local(model.name_or_path) or modelfiles.in_local_cache(model.name_or_path, model.revision)
+
+
+def unchecked(pair: PairSpec) -> list[str]:
+    """The pair's models that check_pair (without download) skips, e.g. ["tuned 'org/rl'"]: hub ids
+    not in the local Hugging Face cache; a run checks them when it starts (after downloading them)."""
+    return [f"{which} {shorten(repr(m.name_or_path), 100)}" for which, m in (("base", pair.base), ("tuned", pair.tuned))
+            if not _on_this_machine(m)]
+
+
 def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any] | None:
     """(config, tokenizer) of a model after the checks of eapcore.modelfiles and the engine's
     architecture check (a GGUF file or an adapter: of the folder it becomes; before it is made,
@@ -307,9 +324,9 @@ def _model_files(model: ModelSpec, what: str, download: bool) -> tuple[Any, Any]
     name = model.name_or_path
     if not isinstance(name, str) or not name.strip():
         raise RegistryError(f"{what} model is empty: give a hub id (org/name) or a checkpoint folder")
-    local = looks_local(name)
-    if not (local or download or modelfiles.in_local_cache(name, model.revision)):
+    if not (download or _on_this_machine(model)):
         return None
+    local = looks_local(name)
     name = resolve_path(name)
     try:
         if checkpoints.is_derived(name):  # a GGUF file or an adapter: the plain folder it becomes
@@ -456,7 +473,8 @@ def _edit(section: str, name: str, new: dict | None, replace: bool) -> None:
     builtin = {p.name for p in BUILTIN_PAIRS} if section == "pairs" else {d.name for d in BUILTIN_DATASETS}
     what = section[:-1]
     if name in builtin:
-        raise RegistryError(f"{what} {name!r} is built in and cannot be changed; choose another name")
+        raise RegistryError(f"{what} {name!r} is built in and cannot be removed" if new is None else
+                            f"{what} {name!r} is built in and cannot be changed; choose another name")
     with _lock():
         data = _read(path)
         present = [e for e in data[section] if isinstance(e, dict) and e.get("name") == name]
@@ -464,7 +482,8 @@ def _edit(section: str, name: str, new: dict | None, replace: bool) -> None:
             known = [e.get("name") for e in data[section] if isinstance(e, dict)]
             raise RegistryError(f"no user {what} named {name!r}; user {section}: {known or 'none'}")
         if new is not None and present and not replace:
-            raise RegistryError(f"a {what} named {name!r} exists already; remove it first or pass replace=True")
+            raise RegistryError(f"a {what} named {name!r} exists already; remove it first, or replace it "
+                                "(`--replace` on the command line, replace=True in Python)")
         data[section] = [e for e in data[section] if not (isinstance(e, dict) and e.get("name") == name)]
         if new is not None:
             data[section].append(new)

@@ -4,7 +4,9 @@ checkpoint folder's config and architecture, a dataset file's problems).
 
 `--json` prints one JSON value on stdout for scripts: `list` an array of entries (each `to_dict`
 of the spec plus `"builtin"`), `add` the entry as saved, `remove` `{"removed": NAME}`. Errors go
-to stderr as one line, exit status 1 (2 for bad options).
+to stderr as one line, exit status 1 (2 for bad options). Notes go to stderr too, with status 0:
+`list` warns of what it skipped in a broken registry.json (registry.problems()), `add` names the
+hub models it could not check yet (not downloaded; a run checks them when it starts).
 """
 from __future__ import annotations
 
@@ -92,12 +94,18 @@ def _command(section: str, argv: list[str], add_args: Callable, new: Callable,
     args = p.parse_args(argv)
     try:
         if args.action == "list":
+            for problem in registry.problems():  # the built-ins and the readable entries are listed anyway
+                print(f"warning: {problem}", file=sys.stderr)
             rows = _rows(section)
             print(json.dumps(rows, indent=1) if args.json else _table(section, rows))
         elif args.action == "add":
             saved = add(new(args), replace=args.replace)
             print(json.dumps(to_dict(saved), indent=1) if args.json else f"saved {what} {saved.name!r} in "
                   f"{registry.registry_path()}")
+            later = registry.unchecked(saved) if section == "pairs" else []
+            if later:
+                print(f"note: not checked yet: {' and '.join(later)}, not downloaded here (not in the local "
+                      "Hugging Face cache); a run checks them when it starts, after downloading them", file=sys.stderr)
         else:
             remove(args.name)
             print(json.dumps({"removed": args.name}) if args.json else f"removed {what} {args.name!r}")
