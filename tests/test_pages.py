@@ -13,8 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_runs import make_run, make_small_cache  # noqa: E402
 
 APP = str(ROOT / "app.py")
-PAGES = ["pages/home.py", "pages/run.py", "pages/heatmaps.py", "pages/distributions.py", "pages/groups.py",
-         "pages/summary.py", "pages/samples.py", "pages/compare.py"]
+sys.path.insert(0, str(ROOT))
+from pages.common import PAGES as NAVIGATED  # noqa: E402  (the app's page list: a new page is tested too)
+
+PAGES = list(NAVIGATED.values())
 
 
 @pytest.fixture(scope="module")
