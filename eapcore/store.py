@@ -61,6 +61,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _fingerprinted(path: Path) -> list[Path]:
+    """The files a fingerprint covers: the file itself, or those directly in a folder (no dot files)."""
+    return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def checksum_tree(folder: Path, skip: Iterable[str] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
     """{posix relpath: {"sha256", "size"}} of every regular file under `folder` except `skip`."""
     skip = set(skip)
@@ -275,9 +280,20 @@ class Store:
     def fingerprint(self, path: str | os.PathLike) -> dict[str, str]:
         """{name: sha256} of a file, or of the files directly in a folder (a checkpoint; dot files
         left out): whole contents, each hashed once per file version (`file_sha256`)."""
-        path = Path(path)
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        return {f.name: self.file_sha256(f) for f in files}
+        return {f.name: self.file_sha256(f) for f in _fingerprinted(Path(path))}
+
+    def unhashed_bytes(self, path: str | os.PathLike) -> int:
+        """Bytes that `fingerprint(path)` would read now: the sizes of its files whose version the
+        memo lacks (0 for a path that does not exist)."""
+        if not Path(path).exists():
+            return 0
+        self._read_hashes()
+        total = 0
+        for f in _fingerprinted(Path(path)):
+            st = f.resolve().stat()
+            if (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) not in _HASHES:
+                total += st.st_size
+        return total
 
     def _read_hashes(self) -> None:
         try:

@@ -664,6 +664,28 @@ def test_run_command_source_file_default_alpha_and_empty_group(spec, lab, capsys
     assert len(list((Cache().root / "scores").iterdir())) == scores  # nothing attributed
 
 
+def test_run_command_says_when_it_first_hashes_model_files(spec, lab, tmp_path, capsys, monkeypatch):
+    """Before a run's first status, local model files are read whole for their sha256 (the cache
+    keys): the command says so when that is more than HASH_NOTE_BYTES, and not once they are known."""
+    import shutil
+
+    from eapcore import cli
+    from eapcore.runs import commands
+
+    base, tuned = shutil.copytree(lab.base, tmp_path / "b"), shutil.copytree(lab.tuned, tmp_path / "t")  # new files
+    registry.add_pair(PairSpec("copied", ModelSpec(str(base)), ModelSpec(str(tuned)), "deepseek-math", 8, "GRPO"))
+    size = sum(f.stat().st_size for folder in (base, tuned) for f in folder.iterdir() if f.is_file())
+    assert Cache().unhashed_bytes(base) + Cache().unhashed_bytes(tuned) == size
+    monkeypatch.setattr(commands, "HASH_NOTE_BYTES", 0)
+    opts = ["--pair", "copied", "--dataset", "tiny-set", "--n", "0", "--group", "both_wrong", "--device", "cpu",
+            "--gen-dtype", "float32", "--max-batch-tokens", "1", "--quiet"]
+    assert cli.main(["run", *opts]) == 0
+    assert f"note: reading {size / 1e9:.1f} GB of local model files once for their sha256" in capsys.readouterr().err
+    assert Cache().unhashed_bytes(base) == 0
+    assert cli.main(["run", *opts, "--alpha", "0.3"]) == 0
+    assert "note: reading" not in capsys.readouterr().err
+
+
 # ---- quick runs ------------------------------------------------------------------------------------
 
 def _by_hand(answers: dict[str, dict], idx: list, settings: SelectionSettings) -> tuple[float, set]:

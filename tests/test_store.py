@@ -178,10 +178,12 @@ def test_file_hashes_are_memoised_per_file_version_across_processes(cache, tmp_p
     assert out.stdout.strip() == hashlib.sha256(weights.read_bytes()).hexdigest()
     monkeypatch.setattr(store_module, "_HASHES", {})
     monkeypatch.setattr(store_module, "sha256_file", lambda path: pytest.fail(f"{path} hashed again"))
+    assert cache.unhashed_bytes(weights) == 0 and cache.unhashed_bytes(tmp_path / "nothing") == 0
     assert cache.file_sha256(weights) == out.stdout.strip()  # from the other process's line
     data = bytearray(weights.read_bytes())
     data[2048] ^= 1  # a change in the middle
     weights.write_bytes(bytes(data))
+    assert cache.unhashed_bytes(weights) == cache.unhashed_bytes(tmp_path) == 4096  # the new version, alone in it
     monkeypatch.setattr(store_module, "sha256_file", lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest())
     assert cache.file_sha256(weights) == hashlib.sha256(bytes(data)).hexdigest() != out.stdout.strip()
 

@@ -168,6 +168,20 @@ def _run_on_ray(specs: list[RunSpec], args) -> list[tuple[RunSpec, Path | None, 
         bars.close()
 
 
+HASH_NOTE_BYTES = 10 ** 9  # local model files to hash before a run starts, above which the command says so
+
+
+def _note_hashing(spec: RunSpec, cache: Cache) -> None:
+    """Say so when the run will first read whole local model files for its cache keys (a 7B folder:
+    about 15 GB, 15 s at 1 GB/s; once per file version, hashes.jsonl), which it does before any
+    status or progress exists."""
+    paths = {registry.resolve_path(m.name_or_path) for m in (spec.pair.base, spec.pair.tuned)}
+    pending = sum(cache.unhashed_bytes(path) for path in paths)
+    if pending > HASH_NOTE_BYTES:
+        print(f"note: reading {pending / 1e9:.1f} GB of local model files once for their sha256 (the cache keys; "
+              "about 1 GB/s, remembered per file version)", file=sys.stderr)
+
+
 def _print_metrics(folder: Path) -> None:
     quick = read_json_or_none(folder / "quick.json")
     if isinstance(quick, dict):
@@ -212,6 +226,7 @@ def command_run(argv: list[str]) -> int:
         cache = Cache()
         signal.signal(signal.SIGTERM, _on_sigterm(cache.run_dir(key)))
         print(f"run {key}: {label(spec)}", file=sys.stderr)
+        _note_hashing(spec, cache)
         if args.executor == "ray":
             ((_, folder, error),) = _run_on_ray([spec], args)
             if error:
