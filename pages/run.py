@@ -103,8 +103,10 @@ names = list(pairs) + [NEW]
 # the pair the first screen shows (SmolLM2 once its shipped runs are cached), else a demo pair
 view = query.default_view(r for r in all_runs() if r.finished) or {}
 default_pair = view["pair"] if view.get("pair") in pairs else next((n for n in pairs if n.lower().startswith("demo")), names[0])
+if "select_pair" in st.session_state:  # a pair just saved by the form below
+    st.session_state["w_pair"] = st.session_state.pop("select_pair")
 pair_name = url_select("Pair", names, "pair", default=default_pair,
-                       format_func=lambda n: n if n == NEW else f"{n} ({pairs[n].algorithm})")
+                       format_func=lambda n: f"{n} ({pairs[n].algorithm})" if n != NEW and pairs[n].algorithm else n)
 if pair_name == NEW:
     with st.form("new_pair"):
         st.caption("Two Hugging Face hub ids or local checkpoint folders of the same architecture. Saved in the "
@@ -122,15 +124,21 @@ if pair_name == NEW:
             try:
                 saved = registry.add_pair(PairSpec(name.strip(), ModelSpec(base.strip()), ModelSpec(tuned.strip()),
                                                    template=template, max_new_tokens=int(max_new), algorithm=algo))
-                st.session_state["w_pair"] = saved.name
-                st.success(f"Saved pair {saved.name!r}.")
+                st.session_state["select_pair"] = saved.name  # the selectbox takes it before it is drawn
+                unchecked = registry.unchecked(saved)  # shown after the rerun (a message here would vanish)
+                st.session_state["saved_pair"] = f"Saved pair {saved.name!r}." + (
+                    f" Not checked yet: {', '.join(unchecked)}, not downloaded here; a run checks them when it "
+                    "starts, after downloading them." if unchecked else "")
                 st.rerun()
             except Exception as err:  # noqa: BLE001  (RegistryError and friends: show the message)
                 st.error(str(err))
     st.stop()
 pair = pairs[pair_name]
-st.caption(f"base `{pair.base.name_or_path}` → tuned `{pair.tuned.name_or_path}` · {pair.algorithm} · "
-           f"template `{pair.template}` · up to {pair.max_new_tokens} new tokens")
+if "saved_pair" in st.session_state:
+    st.success(st.session_state.pop("saved_pair"))
+st.caption(" · ".join([f"base `{pair.base.name_or_path}` → tuned `{pair.tuned.name_or_path}`",
+                        *([pair.algorithm] if pair.algorithm else []),
+                        f"template `{pair.template}`", f"up to {pair.max_new_tokens} new tokens"]))
 
 # why base and tuned cannot be compared (registry.check_pair on what is on this machine), re-checked each minute
 pair_problem = recent(registry.check_pair, pair, key=pair, ttl=60, spinner="Checking the pair's models…",

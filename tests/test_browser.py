@@ -3,6 +3,7 @@ Playwright driving Debian's /usr/bin/chromium. Screenshots of every page go to t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -347,3 +348,33 @@ def test_layout_at_1600_px(server, browser):
     pg.locator('[data-testid="stMarkdownContainer"]').filter(has_text="T_cut=").first.screenshot(
         path=str(OUT / "samples_answer_1600.png"))
     pg.close()
+
+
+def test_saving_a_pair_on_the_run_page(browser, tmp_path, monkeypatch):
+    """The Run page's custom-pair form saves to the registry, the page moves to the new pair and
+    says what it could not check (a hub id not downloaded here), with no Streamlit exception
+    (setting the pair selectbox's state after it was drawn raised one, after the save)."""
+    from urllib.parse import quote
+
+    monkeypatch.setenv("EAP_REGISTRY", str(tmp_path / "registry.json"))
+    monkeypatch.setenv("EAP_SHIPPED_RUNS", "off")
+    with _streamlit(tmp_path / "cache", tmp_path) as url:
+        page = _new_page(browser)
+        try:
+            _open(page, f"{url}/run?pair={quote('➕ custom pair…')}", "Save pair")
+            page.get_by_label("Name").fill("mine")
+            page.get_by_label("RL algorithm (label)").fill("GRPO")
+            page.get_by_label("Base (SFT) model: hub id or folder").fill("demo/sft")
+            page.get_by_label("Tuned model: hub id or folder").fill("nobody/not-downloaded")
+            page.get_by_role("button", name="Save pair").click()
+            page.get_by_text("Saved pair 'mine'.", exact=False).first.wait_for(timeout=30_000)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert page.get_by_text("Not checked yet: tuned 'nobody/not-downloaded', not downloaded here",
+                                    exact=False).count() == 1
+            assert "pair=mine" in page.url
+            page.screenshot(path=str(OUT / "run_pair_saved.png"), full_page=False)
+        finally:
+            page.close()
+    saved = json.loads((tmp_path / "registry.json").read_text())["pairs"]
+    assert [(p["name"], p["base"]["name_or_path"], p["tuned"]["name_or_path"]) for p in saved] == [
+        ("mine", "demo/sft", "nobody/not-downloaded")]
