@@ -37,9 +37,20 @@ ALPHAS = ["0.03", "0.1", "0.3", "0.5", "1.0"]
 G, S, A, Q = GenerationSettings(), SelectionSettings(), AttributionSettings(), QuickSettings()
 
 
-def _from_run() -> RunSpec | None:
-    """The spec of the run named by ?from=<key> (None without one, or if it is unreadable)."""
+def _source_key() -> str | None:
+    """The run whose spec the page starts from: ?from=<key>, or, on a bare first visit (no pair in
+    the URL, nothing prefilled in this session), the first screen's run when it is a featured pair's
+    (the shipped SmolLM2 runs, made to run on a CPU), so that a new α or group for the pair on
+    screen reuses its answers instead of generating anew."""
     key = st.query_params.get("from")
+    if key or registry is None or "pair" in st.query_params or "prefilled_from" in st.session_state:
+        return key
+    view = query.default_view(r for r in all_runs() if r.finished)
+    return view["run"] if view and view["pair"] in registry.FEATURED_PAIRS else None
+
+
+def _from_run(key: str | None) -> RunSpec | None:
+    """The spec of run `key` (None without one, or if it is unreadable)."""
     info = query.get_run(key) if key else None
     if key and (info is None or info.spec is None):
         st.warning(f"Run {key} is not in the cache ({query.cache_root()}) or its spec is unreadable; "
@@ -88,9 +99,10 @@ def _settings(g: GenerationSettings, s: SelectionSettings, a: AttributionSetting
                 run_quick_chunk=(q or Q).chunk)
 
 
-source_spec = _from_run()
-if source_spec is not None and st.session_state.get("prefilled_from") != st.query_params.get("from"):
-    _prefill(source_spec, st.query_params["from"])
+source_key = _source_key()
+source_spec = _from_run(source_key)
+if source_spec is not None and st.session_state.get("prefilled_from") != source_key:
+    _prefill(source_spec, source_key)
 for k, v in _settings(G, S, A, None).items():  # widgets start at the specs' defaults (the command line's)
     st.session_state.setdefault(k, v)
 from_pair = st.session_state.get("from_pair")
@@ -358,6 +370,8 @@ def progress(key: str) -> None:
         st.caption("Stage clock: " + " · ".join(
             f"{name} {'running' if c['seconds'] is None else query.format_duration(c['seconds'])} on {c['device']}"
             for name, c in clock))
+    if stage in workers.FINAL and stage != st.session_state.get(f"page_stage_{key}"):
+        st.rerun(scope="app")  # the run just ended: the whole page (its notes, past runs) shows it too
     if stage == "error":
         st.error(s.get("error") or s.get("message") or "failed")
     if stage == "done":
@@ -371,6 +385,7 @@ def progress(key: str) -> None:
 
 if active and workers is not None:
     st.subheader("Progress")
+    st.session_state[f"page_stage_{active}"] = (workers.status(active) or {}).get("stage")
     progress(active)
 
 st.subheader("Past runs")

@@ -487,9 +487,13 @@ def test_first_screen_imports_the_shipped_runs_and_opens_the_default_heatmaps(mo
     again = AppTest.from_file(APP, default_timeout=60).run()  # a later session: no note, nothing imported
     assert not again.exception and not again.toast
     assert shipped.import_if_empty(Cache(tmp_path / "fresh")) is None
-    run = AppTest.from_file(str(ROOT / "pages/run.py"), default_timeout=60).run()  # the sidebar's Run link
+    # the sidebar's Run link: the page starts from the first screen's run, so a new alpha reuses its answers
+    run = AppTest.from_file(APP, default_timeout=60)
+    run.switch_page("pages/run.py").run()
     assert not run.exception, [e.message for e in run.exception]
     assert (run.selectbox(key="w_pair").value, run.selectbox(key="w_dataset").value) == ("SmolLM2: SFT vs GRPO", "smollm2")
+    shown = next(m.value for m in run.markdown if m.value.startswith("Run key")).split("`")[1]
+    assert shown == (at.query_params["run"][0] if isinstance(at.query_params["run"], list) else at.query_params["run"])
 
 
 def _spec_json(root: Path, spec) -> str:
