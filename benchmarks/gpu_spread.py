@@ -9,16 +9,12 @@
    place on each layer's device (a meta-device model, then each placed module materialised and
    filled there), since a 141 GB checkpoint fits neither this machine's disk nor one GPU; the
    placement map, dispatch and the adapter's conformance check are the engine's own.
-3. "kept" (one device): the 7B at the first length with every layer's graph kept, half, or none
-   (recomputed in the backward) and, at head granularity, contraction blocks of 512 or 256
-   positions: which of these choices, made from free memory by default, change the bits.
 Random bf16 weights (normal, std min(0.02, fan_in^-1/2); norms 1, biases 0): speed and memory do not depend on
 them. One sample per call (prompt 256 tokens, the rest answer, T_cut = the answer), a warm-up call
 first, best of --reps. The JSON is rewritten after each row, so a call cut short keeps its rows.
 
     python benchmarks/gpu_spread.py --out $OUT/gpu_spread.json           # 2 GPUs, about 5 minutes
     python benchmarks/gpu_spread.py --tiny --out /tmp/gpu_spread.json    # CPU: cpu:0 and cpu:1, tiny shapes
-    python benchmarks/gpu_spread.py --parts kept --out $OUT/kept.json    # one GPU: part 3 only
 """
 from __future__ import annotations
 
@@ -175,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     gpu = not args.tiny
-    if gpu and torch.cuda.device_count() < 2 and args.parts != "kept":
+    if gpu and torch.cuda.device_count() < 2:
         print("error: needs 2 CUDA GPUs (or --tiny)", file=sys.stderr)
         return 2
     one, two = (["cuda:0"], ["cuda:0", "cuda:1"]) if gpu else (["cpu"], ["cpu:0", "cpu:1"])
@@ -223,26 +219,6 @@ def main(argv=None) -> int:
             log(result["rows"][-1])
             save()
         del model, single
-        if gpu:
-            torch.cuda.empty_cache()
-
-    if "kept" in args.parts:  # one device: do the memory-dependent choices change the bits?
-        model = built_on(small, one[0], tdtype)
-        L = model.adapter.n_layers
-        s, cut = sample(runs7[0][0], model.hf.config.vocab_size)
-        result["kept"] = []
-        for gran in ("layer", "head"):
-            settings = AttributionSettings(granularity=gran, dtype=dtype, device=device, max_batch_tokens=sys.maxsize)
-            outs = {(k, c): attribute(model, [s], cut, settings, opts=EngineOptions(position_chunk=c, keep_graph_layers=k))
-                    for k in (0, L // 2, L) for c in ((512,) if gran == "layer" else (512, 256))}
-            ref = outs[(L, 512)]
-            for (k, c), o in outs.items():
-                result["kept"].append({"granularity": gran, "tokens": runs7[0][0], "keep_graph_layers": k, "position_chunk": c,
-                                       "scores_equal": torch.equal(o.scores, ref.scores), "loss_equal": torch.equal(o.loss, ref.loss),
-                                       "scores_max_rel_diff": ((o.scores - ref.scores).abs().max() / ref.scores.abs().max()).item()})
-                log(result["kept"][-1])
-            save()
-        del model
         if gpu:
             torch.cuda.empty_cache()
 

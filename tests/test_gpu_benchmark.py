@@ -113,3 +113,13 @@ def test_spread_benchmark_tiny_mode(tmp_path):
     assert sum("equal_to_one_device" in row for row in spread) == 2
     assert result["big"]["layers_per_device"] == {"cpu:0": 2, "cpu:1": 2}
     assert all(row["seconds"] > 0 for row in result["rows"])
+
+
+def test_determinism_script_tiny_mode():
+    """benchmarks/gpu_determinism.py --tiny: on the CPU in float32 every case gives the same bits twice."""
+    for what, lines in (("kept", 2), ("twice", 3)):
+        r = subprocess.run([sys.executable, "benchmarks/gpu_determinism.py", what, "--tiny"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = [line for line in r.stdout.splitlines() if line.startswith(what)]
+        assert len(out) == lines and all("equal True" in line for line in out), r.stdout
