@@ -13,7 +13,7 @@ import streamlit as st
 from eapcore.views import query
 from eapcore.specs import (GROUPS, AnswersSpec, AttributionSettings, DatasetSpec, GenerationSettings, ModelSpec,
                            PairSpec, QuickSettings, RunSpec, SelectionSettings, choices, spec_key, to_dict)
-from pages.common import PAGES, all_runs, page_header, recent, show_table, url_select
+from pages.common import PAGES, all_runs, finished_runs, page_header, recent, show_table, url_select
 
 page_header("Run an attribution",
             "Generate both models' answers, grade them, select and truncate the questions (paper Eq. 10-12), "
@@ -45,8 +45,7 @@ def _source_key() -> str | None:
     key = st.query_params.get("from")
     if key or registry is None or "pair" in st.query_params or "prefilled_from" in st.session_state:
         return key
-    view = query.default_view(r for r in all_runs() if r.finished)
-    return view["run"] if view and view["pair"] in registry.FEATURED_PAIRS else None
+    return first_view["run"] if first_view.get("pair") in registry.FEATURED_PAIRS else None
 
 
 def _from_run(key: str | None) -> RunSpec | None:
@@ -99,6 +98,7 @@ def _settings(g: GenerationSettings, s: SelectionSettings, a: AttributionSetting
                 run_quick_chunk=(q or Q).chunk)
 
 
+first_view = query.default_view(finished_runs()) or {}  # the first screen's run (its URL parameters)
 source_key = _source_key()
 source_spec = _from_run(source_key)
 if source_spec is not None and st.session_state.get("prefilled_from") != source_key:
@@ -113,8 +113,8 @@ if from_pair and from_pair[0] not in pairs:
 st.subheader("1. Model pair")
 names = list(pairs) + [NEW]
 # the pair the first screen shows (SmolLM2 once its shipped runs are cached), else a demo pair
-view = query.default_view(r for r in all_runs() if r.finished) or {}
-default_pair = view["pair"] if view.get("pair") in pairs else next((n for n in pairs if n.lower().startswith("demo")), names[0])
+default_pair = first_view["pair"] if first_view.get("pair") in pairs else \
+    next((n for n in pairs if n.lower().startswith("demo")), names[0])
 if "select_pair" in st.session_state:  # a pair just saved by the form below
     st.session_state["w_pair"] = st.session_state.pop("select_pair")
 pair_name = url_select("Pair", names, "pair", default=default_pair,
@@ -164,7 +164,7 @@ source = url_select("Source", list(SOURCES), "dsrc", horizontal_radio=True, form
 dataset, answers = None, None
 if source == "registered":
     ds_name = url_select("Dataset", list(datasets), "dataset",
-                         default=view["dataset"] if pair_name == view.get("pair")
+                         default=first_view["dataset"] if pair_name == first_view.get("pair")
                          else "demo" if pair_name.lower().startswith("demo") else None)
     dataset = datasets.get(ds_name)
 else:
