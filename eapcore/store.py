@@ -61,6 +61,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _version(path: Path) -> tuple[str, int, int, int]:
+    """The hash memo's key of a (resolved) file: (path, size, mtime_ns, inode)."""
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def _fingerprinted(path: Path) -> list[Path]:
     """The files a fingerprint covers: the file itself, or those directly in a folder (no dot files)."""
     return [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -263,8 +269,7 @@ class Store:
         size, mtime_ns, inode) in this process and in hashes.jsonl, which other processes share
         (best effort: in a read-only cache the memo stays in memory)."""
         path = Path(path).resolve()
-        st = path.stat()
-        version = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        version = _version(path)
         if version not in _HASHES:
             self._read_hashes()
         if version not in _HASHES:
@@ -288,12 +293,8 @@ class Store:
         if not Path(path).exists():
             return 0
         self._read_hashes()
-        total = 0
-        for f in _fingerprinted(Path(path)):
-            st = f.resolve().stat()
-            if (str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) not in _HASHES:
-                total += st.st_size
-        return total
+        versions = [_version(f.resolve()) for f in _fingerprinted(Path(path))]
+        return sum(v[1] for v in versions if v not in _HASHES)
 
     def _read_hashes(self) -> None:
         try:
